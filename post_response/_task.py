@@ -1,0 +1,229 @@
+"""The task record, which is also the handle `add_task()` returns, and `add_task()` itself."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, ParamSpec
+
+from . import _context
+from ._errors import (
+    ConfigurationError,
+    InvalidTaskError,
+    OutsideRequestError,
+    RequestFinishedError,
+    TaskLimitError,
+    TaskStartedError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextvars import Context
+
+__all__ = ["UNSET", "TaskHandle", "TaskState", "add_task", "check_timeout"]
+
+P = ParamSpec("P")
+logger = logging.getLogger("post_response")
+
+
+class TaskState(str, enum.Enum):
+    """Where a task is. Every task ends in exactly one of the last five states."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"  # raised an exception
+    TIMED_OUT = "timed_out"  # ran longer than its timeout and was cancelled
+    SKIPPED = "skipped"  # not run because of the request's outcome (the policy)
+    CANCELLED = "cancelled"  # cancelled by `TaskHandle.cancel()` or by the server
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+UNSET = _Unset.UNSET  # "not given": for a task's timeout, "the middleware's default"
+_PENDING = TaskState.PENDING
+
+
+class TaskHandle:
+    """A task added by `add_task()`: its options, its state, and a way to cancel it.
+
+    Options are set with `set()` on the handle, so they never collide with the
+    keyword arguments meant for the task itself::
+
+        add_task(send_email, to, subject="Welcome").set(name="welcome", timeout=10)
+    """
+
+    __slots__ = (
+        "_name",
+        "always",
+        "args",
+        "context",
+        "func",
+        "kwargs",
+        "owner",
+        "state",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        func: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        owner: _context.RequestTasks,
+    ) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.owner = owner
+        self.context: Context = _context.snapshot()
+        self.state = _PENDING
+        self.always = False
+        self.timeout: float | _Unset | None = UNSET
+        self._name: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name given with `set(name=...)`, else the callable's `module.qualname`."""
+        return self._name or _describe(self.func)
+
+    @property
+    def request(self) -> str:
+        """The request that added the task, as logs name it (`GET /path`)."""
+        return self.owner.label
+
+    def set(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | _Unset | None = UNSET,
+        always: bool | None = None,
+    ) -> TaskHandle:
+        """Set this task's options; returns the handle, so it chains onto `add_task()`.
+
+        Args:
+            name: The name used in logs and given to the error hook.
+            timeout: Seconds the task may run before it is cancelled and reported as
+                timed out; `None` for no limit. Defaults to the middleware's `timeout`.
+            always: Run the task whatever the request's outcome, even when the policy
+                would skip it (the app raised, or answered 5xx).
+
+        Raises:
+            TaskStartedError: The task has already started (or ended).
+            ConfigurationError: An option has an invalid value.
+        """
+        if self.state is not _PENDING:
+            msg = (
+                f"Task {self.name!r} is already {self.state.value}; set its options in the "
+                "same statement as `add_task(...)`, e.g. `add_task(fn).set(timeout=5)`."
+            )
+            raise TaskStartedError(msg)
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                msg = f"A task name must be a non-empty string, got {name!r}."
+                raise ConfigurationError(msg)
+            self._name = name
+        if timeout is not UNSET:
+            self.timeout = check_timeout(timeout, "set(timeout=...)")
+        if always is not None:
+            self.always = bool(always)
+        return self
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started; returns whether it was cancelled."""
+        if self.state is not _PENDING:
+            return False
+        self.state = TaskState.CANCELLED
+        logger.info("Task %r of %s cancelled before it ran", self.name, self.request)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.name!r} {self.state.value}>"
+
+
+def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+    """Run `func(*args, **kwargs)` once the current response has been sent.
+
+    Works anywhere inside a request handled by `PostResponseMiddleware`: an endpoint,
+    a dependency, a sync view running in a worker thread, a library deep in the stack,
+    or another task (which runs the new task in the same drain). Async callables are
+    awaited on the event loop; sync ones run in a worker thread. The task sees the
+    context variables as they are now.
+
+    Returns:
+        A `TaskHandle`: `.set(name=..., timeout=..., always=...)`, `.cancel()`, `.state`.
+
+    Raises:
+        InvalidTaskError: `func` is not callable (a `TypeError`).
+        OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
+        RequestFinishedError: The request's tasks have all run already (a `RuntimeError`).
+        TaskLimitError: The request reached the middleware's `max_tasks` (a `RuntimeError`).
+    """
+    if not callable(func):
+        raise _not_callable(func)
+    tasks = _context.current()
+    if tasks is None:
+        raise OutsideRequestError(_OUTSIDE_REQUEST)
+    if tasks.phase is _context.Phase.CLOSED:
+        msg = (
+            f"add_task({_describe(func)}) was called after the tasks of {tasks.label} had "
+            "all run, so nothing would ever run this one. Call add_task() while the request "
+            "or one of its tasks is still running."
+        )
+        raise RequestFinishedError(msg)
+    if len(tasks.tasks) >= tasks.limit:
+        msg = (
+            f"{tasks.label} already added {tasks.limit} tasks, the `max_tasks` limit of "
+            f"PostResponseMiddleware, so {_describe(func)} was not added. A task that keeps "
+            "adding itself is the usual cause; otherwise raise the limit with "
+            "`PostResponseMiddleware(app, max_tasks=...)`."
+        )
+        raise TaskLimitError(msg)
+    task = TaskHandle(func, args, kwargs, tasks)
+    tasks.tasks.append(task)
+    return task
+
+
+_OUTSIDE_REQUEST = (
+    "add_task() was called outside a request handled by PostResponseMiddleware. "
+    "Wrap the ASGI app that serves the request: `app = PostResponseMiddleware(app)` "
+    "(Starlette/FastAPI: `app.add_middleware(PostResponseMiddleware)`; Django: "
+    "`PostResponseMiddleware(get_asgi_application())`; Quart: "
+    "`app.asgi_app = PostResponseMiddleware(app.asgi_app)`)."
+)
+
+
+def _not_callable(func: object) -> InvalidTaskError:
+    close = getattr(func, "close", None)
+    if hasattr(func, "__await__") and callable(close):
+        close()  # a coroutine object: close it so Python does not warn "never awaited"
+        name = getattr(func, "__qualname__", type(func).__qualname__)
+        msg = (
+            f"add_task() got an awaitable ({name}(...) was already called), not a function. "
+            f"Pass the function and its arguments instead: `add_task({name}, ...)`."
+        )
+    else:
+        msg = f"add_task() needs a callable as its first argument, got {func!r}."
+    return InvalidTaskError(msg)
+
+
+def _describe(func: object) -> str:
+    """`module.qualname` of a callable, seen through `functools.partial`."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
+
+
+def check_timeout(value: object, where: str) -> float | None:
+    """Return `value` as a timeout in seconds, or raise a `ConfigurationError` naming `where`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        msg = f"{where} must be a number of seconds above 0, or None for no limit; got {value!r}."
+        raise ConfigurationError(msg)
+    return float(value)
