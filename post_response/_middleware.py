@@ -10,7 +10,7 @@ from ._task import check_timeout
 
 if TYPE_CHECKING:
     from ._runner import ErrorHook
-    from ._types import ASGIApp, Message, Receive, Scope, Send
+    from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["POLICIES", "Policy", "PostResponseMiddleware"]
 
@@ -49,7 +49,7 @@ class PostResponseMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         policy: Policy = "no_server_error",
         concurrency: int = 1,

@@ -10,3 +10,7 @@ Message: TypeAlias = MutableMapping[str, Any]
 Receive: TypeAlias = Callable[[], Awaitable[Message]]
 Send: TypeAlias = Callable[[Message], Awaitable[None]]
 ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# What the middleware wraps: any ASGI 3 callable, whatever types it annotates its scope
+# and messages with (Starlette's mappings, or asgiref's TypedDicts as Quart does).
+AnyASGIApp: TypeAlias = Callable[[Any, Any, Any], Awaitable[None]]

@@ -1,0 +1,43 @@
+"""A one-file Django project served over ASGI and wrapped by PostResponseMiddleware.
+
+Run: python -m uvicorn tests.apps.django_app:app
+"""
+
+from __future__ import annotations
+
+import django
+from django.conf import settings
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="tests-only",
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+    MIDDLEWARE=[],
+    INSTALLED_APPS=[],
+)
+django.setup()
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.http import HttpRequest, HttpResponse  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from post_response import PostResponseMiddleware, add_task  # noqa: E402
+
+from .control import gated, with_controls  # noqa: E402
+
+
+async def async_view(request: HttpRequest) -> HttpResponse:
+    add_task(gated, request.GET["id"])
+    return HttpResponse("hello world")
+
+
+def sync_view(request: HttpRequest) -> HttpResponse:
+    """Django runs a sync view in a worker thread (sync_to_async)."""
+    add_task(gated, request.GET["id"])
+    return HttpResponse("hello world")
+
+
+urlpatterns = [path("work", async_view), path("sync-work", sync_view)]
+
+app = with_controls(PostResponseMiddleware(get_asgi_application()))

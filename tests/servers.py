@@ -1,0 +1,126 @@
+"""Start real servers on 127.0.0.1 for a test, talk to them, and stop them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import httpx
+
+ROOT = Path(__file__).parent.parent  # servers import the apps as `tests.apps.<module>`
+STARTUP_LIMIT = 30.0  # seconds a server may take to accept connections
+
+
+@dataclass
+class Server:
+    """A server process serving an app on 127.0.0.1."""
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        """Everything the server process wrote to stdout and stderr so far."""
+        return self.log.read_text(errors="replace")
+
+    def control(self, action: str, **params: str) -> Any:
+        """Call one of the app's `/_control/...` endpoints (see apps/control.py)."""
+        response = httpx.get(f"{self.url}/_control/{action}", params=params, timeout=40)
+        response.raise_for_status()
+        return response.json()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(argv: list[str], port: int) -> Iterator[Server]:
+    """Run `argv` (a server listening on `port`) until the block ends, then stop it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        server = Server(f"http://127.0.0.1:{port}", port, process, log)
+        try:
+            _wait_until_listening(server)
+            yield server
+        finally:
+            _stop(process)
+
+
+def uvicorn(target: str, *options: str) -> contextlib.AbstractContextManager[Server]:
+    """Serve `module:app` from tests/apps/ with uvicorn's CLI and its default logging."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", f"tests.apps.{target}", "--app-dir", str(ROOT)]
+    return serve([*argv, "--host", "127.0.0.1", "--port", str(port), *options], port)
+
+
+def _wait_until_listening(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_LIMIT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.output()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port)):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not listening after {STARTUP_LIMIT}s:\n{server.output()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Connection:
+    """One HTTP/1.1 keep-alive connection, to send requests one after another on it."""
+
+    def __init__(self, server: Server) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def request(self, method: str, target: str) -> tuple[int, bytes]:
+        """Send a request and read the whole response; fails if the server closed the connection."""
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        headers = [("host", "127.0.0.1")]
+        self.sock.sendall(
+            self.conn.send(h11.Request(method=method, target=target, headers=headers))
+        )
+        self.sock.sendall(self.conn.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("the server closed the connection")
+
+    def close(self) -> None:
+        self.sock.close()
