@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import socket
 import sys
 import threading
@@ -130,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="keep the server up for curl")
     parser.add_argument("--port", type=int, default=8000, help="port for --serve (8000)")
     args = parser.parse_args(argv)
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("uvicorn") is None:
         print("The demo runs on uvicorn: pip install 'post_response[demo]'", file=sys.stderr)
         return 2
     return serve(args.port) if args.serve else run_timeline()
