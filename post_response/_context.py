@@ -44,6 +44,16 @@ class RequestTasks:
         self.phase = Phase.COLLECTING
         self.scope = scope
 
+    def close(self) -> None:
+        """Accept no more tasks, and let go of those it holds.
+
+        Each task's context snapshot refers back to this object; holding on to the tasks
+        would leave every request that added one as a reference cycle for the garbage
+        collector, instead of being freed as soon as the last task ends.
+        """
+        self.phase = Phase.CLOSED
+        self.tasks.clear()
+
     @property
     def label(self) -> str:
         """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""

@@ -19,7 +19,6 @@ POLICIES: tuple[Policy, ...] = ("no_server_error", "no_error", "always")
 
 # The body-like messages that end a response unless trailers were announced.
 _BODY = {"http.response.body", "http.response.zerocopysend"}
-_CLOSED = _context.Phase.CLOSED
 _DRAINED = {"http", "websocket"}  # the scope types whose tasks this middleware runs
 
 
@@ -166,12 +165,12 @@ class PostResponseMiddleware:
             if tasks.tasks:
                 await _runner.drain(tasks.tasks, tasks.label, self.settings, skip_reason)
         finally:
-            tasks.phase = _CLOSED
+            tasks.close()
 
     def _abandon(self, tasks: _context.RequestTasks, reason: str) -> None:
         """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
-        tasks.phase = _CLOSED
         _runner.cancel_pending(tasks.tasks, tasks.label, reason)
+        tasks.close()
 
 
 def _check_count(value: object, name: str) -> None:

@@ -371,3 +371,26 @@ class TestAddingWhileDraining:
         await serve(endpoint(lambda: kept.append(contextvars.copy_context())))
         with pytest.raises(RequestFinishedError, match="had all run"):
             kept[0].run(add_task, print)
+
+
+async def test_a_finished_request_is_freed_without_the_garbage_collector() -> None:
+    """Once drained, nothing of a request's tasks is kept alive by a reference cycle."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+
+    async def task(item: Payload) -> None:
+        pass
+
+    gc.disable()
+    try:
+        await serve(endpoint(lambda: add_task(task, payload)))
+        del payload
+        assert alive() is None
+    finally:
+        gc.enable()
