@@ -381,16 +381,15 @@ async def test_a_finished_request_is_freed_without_the_garbage_collector() -> No
     class Payload:
         pass
 
-    payload = Payload()
-    alive = weakref.ref(payload)
+    payloads = [Payload()]
+    alive = weakref.ref(payloads[0])
 
     async def task(item: Payload) -> None:
         pass
 
     gc.disable()
     try:
-        await serve(endpoint(lambda: add_task(task, payload)))
-        del payload
+        await serve(endpoint(lambda: add_task(task, payloads.pop())))
         assert alive() is None
     finally:
         gc.enable()
