@@ -106,6 +106,27 @@ async def test_sync_tasks_run_in_a_worker_thread_async_ones_on_the_loop() -> Non
     assert threads["sync"] != loop_thread
 
 
+async def test_sync_tasks_do_not_take_the_threads_of_sync_endpoints() -> None:
+    """Sync tasks borrow from their own thread limiter, not anyio's default one that
+    frameworks run sync endpoints with, so long sync tasks cannot starve endpoints."""
+    running, release = threading.Event(), threading.Event()
+    borrowed: list[float] = []
+
+    def blocking() -> None:
+        running.set()
+        release.wait(10)
+
+    async def request() -> None:
+        await serve(endpoint(lambda: add_task(blocking)))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(request)
+        await anyio.to_thread.run_sync(running.wait, 10)
+        borrowed.append(anyio.to_thread.current_default_thread_limiter().borrowed_tokens)
+        release.set()
+    assert borrowed == [0]
+
+
 async def test_a_sync_callable_returning_a_coroutine_is_awaited() -> None:
     """`add_task(lambda: notify(x))` awaits the coroutine the lambda returns, not drops it."""
     seen: list[str] = []
