@@ -55,14 +55,14 @@ async def drain(
     If the drain itself is cancelled, every task it had not started is marked
     cancelled and logged, and the cancellation propagates.
     """
-    run = _Drain(tasks, label, settings, skip_reason)
+    batch = _Drain(tasks, label, settings, skip_reason)
     try:
         if settings.concurrency == 1:
-            await run.work()
+            await batch.work()
         else:
-            await run.work_concurrently()
+            await batch.work_concurrently()
     except BaseException:
-        cancel_pending(tasks[run.next :], label, "the drain was cancelled")
+        cancel_pending(tasks[batch.next :], label, "the drain was cancelled")
         raise
 
 
