@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ._task import TaskHandle
+    from ._task import Stats, TaskHandle
 
 __all__ = ["Phase", "RequestTasks", "activate", "current", "deactivate", "snapshot"]
 
@@ -36,13 +36,14 @@ class Phase(enum.Enum):
 class RequestTasks:
     """The tasks one request added, in order, with what the logs need to name it."""
 
-    __slots__ = ("limit", "phase", "scope", "tasks")
+    __slots__ = ("limit", "phase", "scope", "stats", "tasks")
 
-    def __init__(self, limit: int, scope: Mapping[str, Any]) -> None:
+    def __init__(self, limit: int, scope: Mapping[str, Any], stats: Stats) -> None:
         self.tasks: list[TaskHandle] = []
         self.limit = limit
         self.phase = Phase.COLLECTING
         self.scope = scope
+        self.stats = stats
 
     def close(self) -> None:
         """Accept no more tasks, and let go of those it holds.

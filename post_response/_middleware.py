@@ -1,18 +1,25 @@
-"""`PostResponseMiddleware`: find the end of each response, judge its outcome, drain its tasks."""
+"""`PostResponseMiddleware`: find the end of each response, judge its outcome, run its tasks."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Literal
+
+import anyio
+from anyio.lowlevel import RunVar
 
 from . import _context, _runner
 from ._errors import ConfigurationError
-from ._task import check_timeout
+from ._owner import Owner
+from ._task import Stats, TaskState, check_timeout
 
 if TYPE_CHECKING:
     from ._runner import ErrorHook
     from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["POLICIES", "Policy", "PostResponseMiddleware"]
+
+logger = logging.getLogger("post_response")
 
 Policy = Literal["no_server_error", "no_error", "always"]
 POLICIES: tuple[Policy, ...] = ("no_server_error", "no_error", "always")
@@ -41,6 +48,15 @@ class PostResponseMiddleware:
             tasks (default 1000). Past it, `add_task()` raises `TaskLimitError`.
         on_error: Called as `on_error(task, exc)` for each task that failed or timed
             out; may be sync (keep it quick: it runs on the event loop) or async.
+        detach: Hand a request's tasks to a worker-level owner once its response is
+            complete, so the app call returns and the server frees the request
+            (default True). False runs them inside the request's own app call.
+        shutdown_timeout: At `lifespan.shutdown`, seconds to wait for queued and
+            running tasks before cancelling them (default 20; None waits for ever).
+        max_running: How many tasks may run at once across all requests (default
+            None: no limit). Tasks beyond it wait their turn; responses never wait.
+        max_queued: How many tasks may wait to run across all requests (default None:
+            no limit). Past it, a request's tasks are dropped, each logged and counted.
 
     Raises:
         ConfigurationError: An option has an invalid value (a `ValueError`).
@@ -55,31 +71,50 @@ class PostResponseMiddleware:
         timeout: float | None = None,
         max_tasks: int = 1000,
         on_error: ErrorHook | None = None,
+        detach: bool = True,
+        shutdown_timeout: float | None = 20.0,
+        max_running: int | None = None,
+        max_queued: int | None = None,
     ) -> None:
         if policy not in POLICIES:
             msg = f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}."
             raise ConfigurationError(msg)
         _check_count(concurrency, "concurrency")
         _check_count(max_tasks, "max_tasks")
+        _check_count(max_running, "max_running", optional=True)
+        _check_count(max_queued, "max_queued", optional=True)
         _check_hook(on_error)
+        _check_flag(detach, "detach")
         self.app = app
         self.policy = policy
         self.max_tasks = max_tasks
+        self.detach = detach
+        self.shutdown_timeout = check_timeout(
+            shutdown_timeout, "PostResponseMiddleware(shutdown_timeout=...)"
+        )
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.stats = Stats()
         self.settings = _runner.Settings(
             concurrency=concurrency,
             timeout=check_timeout(timeout, "PostResponseMiddleware(timeout=...)"),
             on_error=on_error,
         )
+        self._owner: RunVar[Owner] = RunVar("post_response.owner")
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar("post_response.max_running")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "lifespan" and self.detach:
+            await self._lifespan(scope, receive, send)
+            return
         outer = _context.current()
         if kind not in _DRAINED or (outer is not None and outer.phase is _context.Phase.COLLECTING):
-            # Lifespan and unknown scopes pass through; so does a request that an
-            # outer PostResponseMiddleware already collects for (each task runs once).
+            # Unknown scopes pass through; so does a request that an outer
+            # PostResponseMiddleware already collects for (each task runs once).
             await self.app(scope, receive, send)
             return
-        tasks = _context.RequestTasks(self.max_tasks, scope)
+        tasks = _context.RequestTasks(self.max_tasks, scope, self.stats)
         token = _context.activate(tasks)
         try:
             if kind == "http":
@@ -88,6 +123,16 @@ class PostResponseMiddleware:
                 await self._websocket(scope, receive, send, tasks)
         finally:
             _context.deactivate(token)
+
+    async def join(self) -> None:
+        """Wait until the tasks handed off on this event loop have all ended.
+
+        Handy in tests and scripts that drive the app in-process: a request's call
+        returns as soon as its response is complete, before its tasks have run.
+        """
+        owner = self._owner.get(None)
+        if owner is not None:
+            await owner.join()
 
     async def _http(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
@@ -124,12 +169,12 @@ class PostResponseMiddleware:
             await self.app(scope, watch_receive, watch_send)
         except Exception:
             reason = self._skip_reason(status, complete, client_gone, raised=True)
-            await self._drain(tasks, reason)
+            await self._finish(tasks, reason)
             raise
         except BaseException:
             self._abandon(tasks, "the request was cancelled")
             raise
-        await self._drain(tasks, self._skip_reason(status, complete, client_gone, raised=False))
+        await self._finish(tasks, self._skip_reason(status, complete, client_gone, raised=False))
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
@@ -137,12 +182,12 @@ class PostResponseMiddleware:
         try:
             await self.app(scope, receive, send)
         except Exception:
-            await self._drain(tasks, None if self.policy == "always" else "the app raised")
+            await self._finish(tasks, None if self.policy == "always" else "the app raised")
             raise
         except BaseException:
             self._abandon(tasks, "the connection was cancelled")
             raise
-        await self._drain(tasks, None)
+        await self._finish(tasks, None)
 
     def _skip_reason(
         self, status: int, complete: bool, client_gone: bool, *, raised: bool
@@ -159,23 +204,94 @@ class PostResponseMiddleware:
             return "the app raised before completing the response"
         return "the app returned without completing the response"
 
-    async def _drain(self, tasks: _context.RequestTasks, skip_reason: str | None) -> None:
-        tasks.phase = _context.Phase.DRAINING
-        try:
-            if tasks.tasks:
-                await _runner.drain(tasks.tasks, tasks.label, self.settings, skip_reason)
-        finally:
+    async def _finish(self, tasks: _context.RequestTasks, skip_reason: str | None) -> None:
+        """The request is over: run its tasks here, or hand them to this loop's owner."""
+        if not tasks.tasks:
             tasks.close()
+            return
+        batch = _runner.Batch(tasks, self.settings, skip_reason, self._max_running_limiter())
+        batch.enqueue(self.max_queued)
+        if self.detach:
+            self._current_owner().submit(batch)
+        else:
+            await batch.run(reason="the request was cancelled")
 
     def _abandon(self, tasks: _context.RequestTasks, reason: str) -> None:
         """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
-        _runner.cancel_pending(tasks.tasks, tasks.label, reason)
+        _runner.Batch(tasks, self.settings).abandon(TaskState.CANCELLED, reason)
         tasks.close()
 
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Own this event loop's tasks while the server runs; drain them at shutdown."""
+        owner = Owner()
+        received = False
 
-def _check_count(value: object, name: str) -> None:
+        async def watch_receive() -> Message:
+            nonlocal received
+            received = True
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                # Before the app's own cleanup (closing a pool...), which tasks may need.
+                await owner.shutdown(self.shutdown_timeout)
+            return message
+
+        async with anyio.create_task_group() as group:
+            await group.start(owner.serve)
+            self._owner.set(owner)
+            try:
+                await self.app(scope, watch_receive, send)
+            except Exception:
+                if received:
+                    raise
+                logger.debug("The app rejected the lifespan scope; the middleware answers it")
+                await self._answer_lifespan(receive, send, owner)
+            else:
+                if not received:
+                    await self._answer_lifespan(receive, send, owner)
+            finally:
+                owner.stop()
+
+    async def _answer_lifespan(self, receive: Receive, send: Send, owner: Owner) -> None:
+        """Speak lifespan for an app that does not, so the owner still drains at shutdown."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await owner.shutdown(self.shutdown_timeout)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _current_owner(self) -> Owner:
+        """This event loop's owner: the lifespan's, or one spawned for servers without it."""
+        owner = self._owner.get(None)
+        if owner is None:
+            owner = Owner.spawn()
+            self._owner.set(owner)
+        return owner
+
+    def _max_running_limiter(self) -> anyio.CapacityLimiter | None:
+        if self.max_running is None:
+            return None
+        limiter = self._limiter.get(None)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(self.max_running)
+            self._limiter.set(limiter)
+        return limiter
+
+
+def _check_count(value: object, name: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{name} must be a whole number of at least 1; got {value!r}."
+        also = ", or None for no limit" if optional else ""
+        msg = f"{name} must be a whole number of at least 1{also}; got {value!r}."
+        raise ConfigurationError(msg)
+
+
+def _check_flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False; got {value!r}."
         raise ConfigurationError(msg)
 
 

@@ -1,7 +1,9 @@
 """Runs one request's tasks: order, concurrency, timeouts, isolation and reporting.
 
-Knows nothing about ASGI: it is given the task list, a label for the logs and, when
-the request's outcome says so, the reason to skip the tasks not marked `always`.
+Knows nothing about ASGI or servers: a `Batch` gets a request's task list, the settings
+and, when the request's outcome says so, the reason to skip the tasks not marked
+`always`. The middleware runs it in place, or hands it to an `Owner` that runs it
+detached from the request.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 from asgiref.sync import iscoroutinefunction
 
+from ._context import Phase
 from ._task import UNSET, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
     from contextvars import Context
 
+    from ._context import RequestTasks
     from ._task import TaskHandle
 
     ErrorHook = Callable[[TaskHandle, BaseException], object]
 
-__all__ = ["THREADS", "Settings", "cancel_pending", "drain"]
+__all__ = ["THREADS", "Batch", "Settings"]
 
 logger = logging.getLogger("post_response")
 
 THREADS = 40  # worker threads for sync tasks, per event loop, apart from anyio's default pool
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("post_response.threads")
 
-_PENDING, _RUNNING = TaskState.PENDING, TaskState.RUNNING
+_PENDING, _CANCELLED = TaskState.PENDING, TaskState.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -46,47 +50,77 @@ class Settings:
     on_error: ErrorHook | None = None
 
 
-async def drain(
-    tasks: list[TaskHandle], label: str, settings: Settings, skip_reason: str | None = None
-) -> None:
-    """Run every pending task of `tasks`, including those added while this runs.
+class Batch:
+    """One request's tasks, ready to run once its response is complete.
 
-    With `skip_reason`, tasks not marked `always` are skipped and logged instead.
-    If the drain itself is cancelled, every task it had not started is marked
-    cancelled and logged, and the cancellation propagates.
+    With `skip_reason`, the tasks not marked `always` are skipped and logged instead of
+    run. With a `limiter`, each task holds one of its tokens while it runs, which bounds
+    how many tasks run at once across all requests.
     """
-    batch = _Drain(tasks, label, settings, skip_reason)
-    try:
-        if settings.concurrency == 1:
-            await batch.work()
-        else:
-            await batch.work_concurrently()
-    except BaseException:
-        cancel_pending(tasks[batch.next :], label, "the drain was cancelled")
-        raise
 
-
-def cancel_pending(tasks: list[TaskHandle], label: str, reason: str) -> None:
-    """Mark each task that has not started as cancelled, and log it with `reason`."""
-    for task in tasks:
-        if task.state is _PENDING:
-            task.state = TaskState.CANCELLED
-            logger.warning("Task %r of %s cancelled before it ran: %s", task.name, label, reason)
-
-
-class _Drain:
-    __slots__ = ("label", "next", "settings", "skip_reason", "tasks")
+    __slots__ = ("label", "limiter", "next", "request", "settings", "skip_reason", "tasks")
 
     def __init__(
-        self, tasks: list[TaskHandle], label: str, settings: Settings, skip_reason: str | None
+        self,
+        request: RequestTasks,
+        settings: Settings,
+        skip_reason: str | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        self.tasks = tasks
-        self.label = label
+        request.phase = Phase.DRAINING  # add_task() from a task now joins this batch
+        self.request = request
+        self.tasks = request.tasks
+        self.label = request.label
         self.settings = settings
         self.skip_reason = skip_reason
+        self.limiter = limiter
         self.next = 0
 
-    def take(self) -> TaskHandle | None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED, reason: str = "") -> None:
+        """Run every pending task, including those added while this runs, then close.
+
+        If this is cancelled, each task that had not started ends in the `cancelled`
+        state (logged with `reason`), and the cancellation propagates.
+        """
+        try:
+            if self.settings.concurrency == 1:
+                await self._work()
+            else:
+                await self._work_concurrently()
+        except BaseException:
+            self.abandon(cancelled, reason or "the drain was cancelled")
+            raise
+        finally:
+            self.request.close()
+
+    def enqueue(self, limit: int | None) -> None:
+        """Count the tasks that will run as queued; past `limit` queued, drop them instead."""
+        stats = self.request.stats
+        for task in self.tasks:
+            if task.state is not _PENDING or (self.skip_reason is not None and not task.always):
+                continue
+            if limit is not None and stats.queued >= limit:
+                task._end(TaskState.DROPPED)
+                logger.error(
+                    "Task %r of %s dropped: max_queued=%d tasks are already waiting to run",
+                    task.name,
+                    self.label,
+                    limit,
+                )
+            else:
+                task._enqueue()
+
+    def abandon(self, state: TaskState, reason: str) -> None:
+        """End every task that has not started in `state`, logging each with `reason`."""
+        level = logging.WARNING if state is _CANCELLED else logging.ERROR
+        for task in self.tasks:
+            if task.state is _PENDING:
+                task._end(state)
+                logger.log(
+                    level, "Task %r of %s %s: %s", task.name, self.label, state.value, reason
+                )
+
+    def _take(self) -> TaskHandle | None:
         """The next pending task in the order they were added, or None."""
         tasks = self.tasks
         while self.next < len(tasks):
@@ -96,25 +130,29 @@ class _Drain:
                 return task
         return None
 
-    async def work(self) -> None:
-        while (task := self.take()) is not None:
+    async def _work(self) -> None:
+        while (task := self._take()) is not None:
             if self.skip_reason is None or task.always:
-                await self.run(task)
+                if self.limiter is None:
+                    await self._run(task)
+                else:
+                    async with self.limiter:
+                        await self._run(task)
             else:
-                task.state = TaskState.SKIPPED
+                task._end(TaskState.SKIPPED)
                 logger.warning("Task %r of %s skipped: %s", task.name, self.label, self.skip_reason)
 
-    async def work_concurrently(self) -> None:
+    async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in
         # order and at most `concurrency` run at once. Tasks added by a task once the
         # others have finished are picked up by the next round.
         while self.next < len(self.tasks):
             async with anyio.create_task_group() as group:
                 for _ in range(min(self.settings.concurrency, len(self.tasks) - self.next)):
-                    group.start_soon(self.work)
+                    group.start_soon(self._work)
 
-    async def run(self, task: TaskHandle) -> None:
-        task.state = _RUNNING
+    async def _run(self, task: TaskHandle) -> None:
+        task._start()
         timeout = self.settings.timeout if task.timeout is UNSET else task.timeout
         try:
             if timeout is None:
@@ -123,21 +161,21 @@ class _Drain:
                 with anyio.move_on_after(timeout) as scope:
                     await _call(task)
                 if scope.cancelled_caught:
-                    await self.timed_out(task, timeout)
+                    await self._timed_out(task, timeout)
                     return
         except Exception as exc:
-            task.state = TaskState.FAILED
+            task._end(TaskState.FAILED)
             logger.error("Task %r of %s failed", task.name, self.label, exc_info=exc)
-            await self.report(task, exc)
+            await self._report(task, exc)
             return
         except BaseException:
-            task.state = TaskState.CANCELLED
+            task._end(_CANCELLED)
             logger.warning("Task %r of %s cancelled while running", task.name, self.label)
             raise
-        task.state = TaskState.COMPLETED
+        task._end(TaskState.COMPLETED)
 
-    async def timed_out(self, task: TaskHandle, seconds: float) -> None:
-        task.state = TaskState.TIMED_OUT
+    async def _timed_out(self, task: TaskHandle, seconds: float) -> None:
+        task._end(TaskState.TIMED_OUT)
         if _is_async(task.func):
             logger.error(
                 "Task %r of %s timed out after %gs and was cancelled",
@@ -153,9 +191,9 @@ class _Drain:
                 self.label,
                 seconds,
             )
-        await self.report(task, TimeoutError(f"Task {task.name!r} timed out after {seconds:g}s"))
+        await self._report(task, TimeoutError(f"Task {task.name!r} timed out after {seconds:g}s"))
 
-    async def report(self, task: TaskHandle, exc: BaseException) -> None:
+    async def _report(self, task: TaskHandle, exc: BaseException) -> None:
         """Hand a failure to the `on_error` hook; a failing hook is logged, never raised."""
         hook = self.settings.on_error
         if hook is None:

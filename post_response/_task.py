@@ -21,14 +21,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import Context
 
-__all__ = ["UNSET", "TaskHandle", "TaskState", "add_task", "check_timeout"]
+__all__ = ["FINAL_STATES", "UNSET", "Stats", "TaskHandle", "TaskState", "add_task", "check_timeout"]
 
 P = ParamSpec("P")
 logger = logging.getLogger("post_response")
 
 
 class TaskState(str, enum.Enum):
-    """Where a task is. Every task ends in exactly one of the last five states."""
+    """Where a task is. Every task ends in exactly one of the states after RUNNING."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -36,7 +36,36 @@ class TaskState(str, enum.Enum):
     FAILED = "failed"  # raised an exception
     TIMED_OUT = "timed_out"  # ran longer than its timeout and was cancelled
     SKIPPED = "skipped"  # not run because of the request's outcome (the policy)
-    CANCELLED = "cancelled"  # cancelled by `TaskHandle.cancel()` or by the server
+    CANCELLED = "cancelled"  # by `TaskHandle.cancel()`, by the server, or at shutdown's deadline
+    DROPPED = "dropped"  # not run: `max_queued` tasks were already waiting
+    ABANDONED = "abandoned"  # never started: the server shut down first
+
+
+FINAL_STATES = tuple(TaskState)[2:]
+
+
+class Stats:
+    """Counters of one middleware's tasks, readable at run time: `middleware.stats`.
+
+    `queued` and `running` are gauges (tasks waiting to run, tasks running now); each
+    final state counts the tasks that ended in it since the middleware was built.
+    """
+
+    __slots__ = ("ended", "queued", "running")
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.running = 0
+        self.ended = dict.fromkeys(FINAL_STATES, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        """All counters now, by name: `{"queued": 0, "running": 1, "completed": 7, ...}`."""
+        counts = {"queued": self.queued, "running": self.running}
+        counts.update((state.value, n) for state, n in self.ended.items())
+        return counts
+
+    def __repr__(self) -> str:
+        return f"<Stats {self.snapshot()}>"
 
 
 class _Unset(enum.Enum):
@@ -58,6 +87,7 @@ class TaskHandle:
 
     __slots__ = (
         "_name",
+        "_queued",
         "always",
         "args",
         "context",
@@ -81,6 +111,7 @@ class TaskHandle:
         self.owner = owner
         self.context: Context = _context.snapshot()
         self.state = _PENDING
+        self._queued = False  # counted in `Stats.queued` while it waits to run
         self.always = False
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
@@ -136,9 +167,33 @@ class TaskHandle:
         """Cancel the task if it has not started; returns whether it was cancelled."""
         if self.state is not _PENDING:
             return False
-        self.state = TaskState.CANCELLED
+        self._end(TaskState.CANCELLED)
         logger.info("Task %r of %s cancelled before it ran", self.name, self.request)
         return True
+
+    # State changes, kept here so that the counters always match the states.
+
+    def _enqueue(self) -> None:
+        self._queued = True
+        self.owner.stats.queued += 1
+
+    def _start(self) -> None:
+        stats = self.owner.stats
+        if self._queued:
+            self._queued = False
+            stats.queued -= 1
+        self.state = TaskState.RUNNING
+        stats.running += 1
+
+    def _end(self, state: TaskState) -> None:
+        stats = self.owner.stats
+        if self._queued:
+            self._queued = False
+            stats.queued -= 1
+        elif self.state is TaskState.RUNNING:
+            stats.running -= 1
+        self.state = state
+        stats.ended[state] += 1
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name!r} {self.state.value}>"

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import trio  # noqa: F401  (fail loudly when trio is missing: half the suite would not run)
+
+from . import harness
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(params=[True, False], ids=["detached", "inline"])
+def detach(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run a test with tasks handed to the owner (the default) and run inside the request.
+
+    Apps built with `harness.wrap()` follow it; `usefixtures("detach")` applies it to a module.
+    """
+    harness.DETACH = bool(request.param)
+    yield harness.DETACH
+    harness.DETACH = True

@@ -11,7 +11,15 @@ from typing import Any
 
 import anyio
 
+from post_response import PostResponseMiddleware
 from post_response._types import ASGIApp, Message, Scope
+
+DETACH = True  # how `wrap()` builds the middleware; the `detach` fixture switches it
+
+
+def wrap(app: ASGIApp, **options: Any) -> PostResponseMiddleware:
+    """`PostResponseMiddleware(app, **options)`, detached or inline as the test runs."""
+    return PostResponseMiddleware(app, **{"detach": DETACH, **options})
 
 
 class Exchange:
@@ -37,7 +45,14 @@ class Exchange:
         self.log.append(f"send {message['type']}{more}")
 
     async def run(self, app: ASGIApp, scope: Scope | None = None, **scope_items: Any) -> None:
-        await app(http_scope(**scope_items) if scope is None else scope, self.receive, self.send)
+        """Run the exchange; then, if `app` is the middleware, wait until its tasks ended."""
+        try:
+            await app(
+                http_scope(**scope_items) if scope is None else scope, self.receive, self.send
+            )
+        finally:
+            if isinstance(app, PostResponseMiddleware):
+                await app.join()
 
     @property
     def status(self) -> int:

@@ -10,12 +10,12 @@ import random
 import anyio
 import pytest
 
-from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response import TaskHandle, TaskState, add_task
 from post_response._types import Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, wrap
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("detach")]
 
 FINAL = {
     TaskState.COMPLETED,
@@ -96,7 +96,7 @@ async def test_every_task_ends_in_one_final_state_and_counts_add_up(
         (rng.choice(OUTCOMES), [rng.choice(KINDS) for _ in range(rng.randint(1, 4))])
         for _ in range(300)
     ]
-    wrapped = PostResponseMiddleware(app, concurrency=2)
+    wrapped = wrap(app, concurrency=2)
 
     async def request(i: int) -> None:
         with contextlib.suppress(Boom):

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response import TaskHandle, TaskState, add_task
 from post_response._types import Message, Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, wrap
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("detach")]
 
 
 class Boom(Exception):
@@ -47,7 +47,7 @@ def app_that(
                 assert not isinstance(step, str)
                 await send(step)
 
-    return PostResponseMiddleware(app, policy=policy), handles
+    return wrap(app, policy=policy), handles
 
 
 RUN, SKIP = TaskState.COMPLETED, TaskState.SKIPPED

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from post_response import PostResponseMiddleware, add_task
+from post_response import add_task
 from post_response._types import Message, Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, wrap
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("detach")]
 
 START = {"type": "http.response.start", "status": 200, "headers": []}
 FINAL_BODY = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -94,7 +94,7 @@ def app_sending(log: list[str], messages: list[Message], *, then_raise: bool = F
         if then_raise:
             raise Boom
 
-    return PostResponseMiddleware(app)
+    return wrap(app)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -15,9 +15,9 @@ import pytest
 from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
 from post_response._types import Message, Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, wrap
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("detach")]
 
 OK: list[Message] = [
     {"type": "http.response.start", "status": 200, "headers": []},
@@ -35,7 +35,7 @@ def endpoint(adds: Callable[[], Any], **options: Any) -> PostResponseMiddleware:
         for message in OK:
             await send(message)
 
-    return PostResponseMiddleware(app, **options)
+    return wrap(app, **options)
 
 
 async def serve(app: PostResponseMiddleware, path: str = "/") -> Exchange:
@@ -219,7 +219,7 @@ class TestContext:
             for message in OK:
                 await send(message)
 
-        await serve(PostResponseMiddleware(app))
+        await serve(wrap(app))
         assert seen == ["set in the thread"]
 
 

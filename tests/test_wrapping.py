@@ -45,11 +45,24 @@ async def test_a_request_made_by_a_task_gets_its_own_tasks() -> None:
     assert runs == ["/inner", "/outer"]
 
 
-async def test_lifespan_passes_through_unchanged() -> None:
-    """Lifespan messages reach the app and the server exactly as sent."""
+async def run_lifespan(app: Any) -> list[Message]:
+    """Drive a lifespan startup and shutdown through `app`; return what it sent."""
     to_app: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    seen: list[Message] = []
     sent: list[Message] = []
+
+    async def receive() -> Message:
+        return to_app.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    return sent
+
+
+async def test_lifespan_passes_through_unchanged(detach: bool) -> None:
+    """Lifespan messages reach the app and the server exactly as sent."""
+    seen: list[Message] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "lifespan"
@@ -60,41 +73,34 @@ async def test_lifespan_passes_through_unchanged() -> None:
             if message["type"] == "lifespan.shutdown":
                 return
 
-    async def receive() -> Message:
-        return to_app.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    await PostResponseMiddleware(app)(scope, receive, send)
+    sent = await run_lifespan(PostResponseMiddleware(app, detach=detach))
     assert seen == [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
 
 
-async def test_an_app_without_lifespan_support_still_works() -> None:
-    """An app that rejects lifespan raises as it would unwrapped, so the server carries on."""
+async def rejects_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+    """Like Django's ASGIHandler: an app that raises on any scope but HTTP."""
+    if scope["type"] != "http":
+        raise ValueError(f"unsupported scope {scope['type']}")
+    add_task(print, end="")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            raise ValueError(f"unsupported scope {scope['type']}")
-        add_task(ran.append, "task")
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
 
-    ran: list[str] = []
-    wrapped = PostResponseMiddleware(app)
+async def test_the_middleware_answers_lifespan_for_an_app_without_it() -> None:
+    """Detached, it speaks lifespan itself (to drain at shutdown); requests work as before."""
+    wrapped = PostResponseMiddleware(rejects_lifespan)
+    sent = await run_lifespan(wrapped)
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    exchange = Exchange()
+    await exchange.run(wrapped)
+    assert exchange.status == 200
 
-    async def nothing() -> Message:
-        raise AssertionError
 
-    async def discard(message: Message) -> None:
-        raise AssertionError
-
+async def test_inline_an_app_without_lifespan_fails_lifespan_as_unwrapped() -> None:
+    """With `detach=False` the middleware leaves lifespan alone: the app's error passes through."""
     with pytest.raises(ValueError, match="unsupported scope lifespan"):
-        await wrapped({"type": "lifespan", "asgi": {"version": "3.0"}}, nothing, discard)
-    await Exchange().run(wrapped)
-    assert ran == ["task"]
+        await run_lifespan(PostResponseMiddleware(rejects_lifespan, detach=False))
 
 
 class TestWebSocket:
@@ -112,7 +118,11 @@ class TestWebSocket:
             log.append(message["type"])
 
         scope = {"type": "websocket", "path": "/ws", "asgi": {"version": "3.0"}, "headers": []}
-        await PostResponseMiddleware(app)(scope, receive, send)
+        middleware = PostResponseMiddleware(app)
+        try:
+            await middleware(scope, receive, send)
+        finally:
+            await middleware.join()
         return log
 
     async def test_tasks_run_after_the_app_returns(self) -> None:
