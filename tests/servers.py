@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import httpx
 
 ROOT = Path(__file__).parent.parent  # servers import the apps as `tests.apps.<module>`
 STARTUP_LIMIT = 30.0  # seconds a server may take to accept connections
+STOP_LIMIT = 15.0  # seconds a server may take to exit after SIGINT
 
 
 @dataclass
@@ -49,26 +51,53 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(argv: list[str], port: int) -> Iterator[Server]:
+def serve(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
     """Run `argv` (a server listening on `port`) until the block ends, then stop it."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
         with log.open("wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=environ, cwd=ROOT
+            )
         server = Server(f"http://127.0.0.1:{port}", port, process, log)
         try:
             _wait_until_listening(server)
             yield server
         finally:
-            _stop(process)
+            _stop(server)
+
+
+# How each server runs `tests.apps.<module>:app` on 127.0.0.1:{port}.
+SERVERS: dict[str, list[str]] = {
+    "uvicorn-h11": ["uvicorn", "{app}", "--port", "{port}", "--http", "h11"],
+    "uvicorn-httptools": ["uvicorn", "{app}", "--port", "{port}", "--http", "httptools"],
+    "hypercorn-asyncio": ["hypercorn", "{app}", "-b", "127.0.0.1:{port}", "-k", "asyncio"],
+    "hypercorn-trio": ["hypercorn", "{app}", "-b", "127.0.0.1:{port}", "-k", "trio"],
+    "daphne": ["daphne", "-b", "127.0.0.1", "-p", "{port}", "{app}"],
+    "granian": ["granian", "--interface", "asgi", "--port", "{port}", "{app}"],
+}
+
+
+def run(
+    server: str, target: str, *options: str, middleware: dict[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Server]:
+    """Serve `tests.apps.<target>` (`module:app`) with `server`, one of `SERVERS`.
+
+    `middleware` options reach the app's PostResponseMiddleware (see apps/control.py).
+    """
+    port = free_port()
+    module, *args = SERVERS[server]
+    args = [a.format(app=f"tests.apps.{target}", port=port) for a in args]
+    if module == "uvicorn":
+        args += ["--host", "127.0.0.1"]
+    env = {"POST_RESPONSE_OPTIONS": json.dumps(middleware or {})}
+    return serve([sys.executable, "-m", module, *args, *options], port, env)
 
 
 def uvicorn(target: str, *options: str) -> contextlib.AbstractContextManager[Server]:
     """Serve `module:app` from tests/apps/ with uvicorn's CLI and its default logging."""
-    port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", f"tests.apps.{target}", "--app-dir", str(ROOT)]
-    return serve([*argv, "--host", "127.0.0.1", "--port", str(port), *options], port)
+    return run("uvicorn-h11", target, *options)
 
 
 def _wait_until_listening(server: Server) -> None:
@@ -82,14 +111,23 @@ def _wait_until_listening(server: Server) -> None:
     raise RuntimeError(f"server not listening after {STARTUP_LIMIT}s:\n{server.output()}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _stop(server: Server) -> None:
+    """Stop the server with SIGINT (Ctrl+C); it must exit by itself, promptly."""
+    if server.process.poll() is None:
+        exit_code_after(server, signal.SIGINT, limit=STOP_LIMIT)
+
+
+def exit_code_after(server: Server, sig: signal.Signals, limit: float) -> int:
+    """Send `sig` to the server and wait up to `limit` seconds for it to exit by itself."""
+    server.process.send_signal(sig)
+    try:
+        return server.process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        raise AssertionError(
+            f"the server did not exit within {limit}s of {sig.name}:\n{server.output()}"
+        ) from None
 
 
 class Connection:

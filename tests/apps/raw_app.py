@@ -12,11 +12,20 @@ import anyio
 from post_response import PostResponseMiddleware, add_task
 from post_response._types import Message, Receive, Scope, Send
 
-from .control import gated, gated_failure, query, record, sync_failure, with_controls
+from .control import (
+    gated,
+    gated_failure,
+    options,
+    query,
+    record,
+    sleeper,
+    sync_failure,
+    with_controls,
+)
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
 
-START: Message = {"type": "http.response.start", "status": 200}
+START: Message = {"type": "http.response.start", "status": 200, "headers": []}
 SHAPES: dict[str, list[Message]] = {
     "content-length": [
         {**START, "headers": [(b"content-length", b"11")]},
@@ -34,7 +43,7 @@ SHAPES: dict[str, list[Message]] = {
         {**START, "headers": [(b"content-length", b"11")]},
         {"type": "http.response.body", "body": b""},
     ],
-    "204": [{"type": "http.response.start", "status": 204}, {"type": "http.response.body"}],
+    "204": [{**START, "status": 204}, {"type": "http.response.body"}],
 }
 
 
@@ -53,6 +62,8 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     elif path == "/fail":
         add_task(sync_failure if "sync" in params else gated_failure, params["id"])
         add_task(gated, params["id"] + "-after")
+    elif path == "/sleep":
+        add_task(sleeper, params["id"], float(params["seconds"]))
     elif path == "/context":
         REQUEST_ID.set(params["rid"])
         add_task(read_context, params["rid"])
@@ -64,4 +75,5 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         await send(message)
 
 
-app = with_controls(PostResponseMiddleware(endpoint))
+middleware = PostResponseMiddleware(endpoint, **options())
+app = with_controls(middleware, middleware)
