@@ -36,14 +36,15 @@ class Phase(enum.Enum):
 class RequestTasks:
     """The tasks one request added, in order, with what the logs need to name it."""
 
-    __slots__ = ("limit", "phase", "scope", "stats", "tasks")
+    __slots__ = ("_label", "limit", "phase", "scope", "stats", "tasks")
 
     def __init__(self, limit: int, scope: Mapping[str, Any], stats: Stats) -> None:
         self.tasks: list[TaskHandle] = []
         self.limit = limit
         self.phase = Phase.COLLECTING
-        self.scope = scope
+        self.scope: Mapping[str, Any] | None = scope
         self.stats = stats
+        self._label: str | None = None
 
     def close(self) -> None:
         """Accept no more tasks, and let go of those it holds.
@@ -58,9 +59,16 @@ class RequestTasks:
     @property
     def label(self) -> str:
         """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""
-        scope = self.scope
-        method = scope.get("method") or str(scope.get("type", "")).upper()
-        return f"{method} {scope.get('path', '')}"
+        if self._label is None:
+            scope = self.scope or {}
+            method = scope.get("method") or str(scope.get("type", "")).upper()
+            self._label = f"{method} {scope.get('path', '')}"
+        return self._label
+
+    def release_scope(self) -> None:
+        """Keep the label, let go of the scope: tasks waiting to run do not pin the request."""
+        _ = self.label
+        self.scope = None
 
 
 _current: ContextVar[RequestTasks | None] = ContextVar("post_response.tasks", default=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Literal
 
@@ -100,8 +101,8 @@ class PostResponseMiddleware:
             timeout=check_timeout(timeout, "PostResponseMiddleware(timeout=...)"),
             on_error=on_error,
         )
-        self._owner: RunVar[Owner] = RunVar("post_response.owner")
-        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar("post_response.max_running")
+        self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
+        self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -130,7 +131,7 @@ class PostResponseMiddleware:
         Handy in tests and scripts that drive the app in-process: a request's call
         returns as soon as its response is complete, before its tasks have run.
         """
-        owner = self._owner.get(None)
+        owner = self._owners.get(None)
         if owner is not None:
             await owner.join()
 
@@ -209,21 +210,23 @@ class PostResponseMiddleware:
         if not tasks.tasks:
             tasks.close()
             return
-        batch = _runner.Batch(tasks, self.settings, skip_reason, self._max_running_limiter())
+        owner = self._owner_here()
+        batch = _runner.Batch(tasks, self.settings, skip_reason, owner.limiter)
         batch.enqueue(self.max_queued)
         if self.detach:
-            self._current_owner().submit(batch)
+            owner.submit(batch)
         else:
             await batch.run(reason="the request was cancelled")
 
     def _abandon(self, tasks: _context.RequestTasks, reason: str) -> None:
         """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
-        _runner.Batch(tasks, self.settings).abandon(TaskState.CANCELLED, reason)
-        tasks.close()
+        batch = _runner.Batch(tasks, self.settings)
+        batch.abandon(TaskState.CANCELLED, reason)
+        batch.close()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
-        owner = Owner()
+        owner = Owner(self.max_running)
         received = False
 
         async def watch_receive() -> Message:
@@ -237,7 +240,8 @@ class PostResponseMiddleware:
 
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
-            self._owner.set(owner)
+            self._owners.set(owner)
+            self._last = None
             try:
                 await self.app(scope, watch_receive, send)
             except Exception:
@@ -262,22 +266,22 @@ class PostResponseMiddleware:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _current_owner(self) -> Owner:
-        """This event loop's owner: the lifespan's, or one spawned for servers without it."""
-        owner = self._owner.get(None)
+    def _owner_here(self) -> Owner:
+        """This event loop's owner: the lifespan's, or else one made on first use (spawned
+        to serve detached batches, or only holding the `max_running` limiter inline)."""
+        try:
+            loop: object = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            loop = None
+        if self._last is not None and loop is self._last[0]:
+            return self._last[1]  # anyio's RunVar costs a backend lookup per call
+        owner = self._owners.get(None)
         if owner is None:
-            owner = Owner.spawn()
-            self._owner.set(owner)
+            owner = Owner.spawn(self.max_running) if self.detach else Owner(self.max_running)
+            self._owners.set(owner)
+        if loop is not None:
+            self._last = (loop, owner)
         return owner
-
-    def _max_running_limiter(self) -> anyio.CapacityLimiter | None:
-        if self.max_running is None:
-            return None
-        limiter = self._limiter.get(None)
-        if limiter is None:
-            limiter = anyio.CapacityLimiter(self.max_running)
-            self._limiter.set(limiter)
-        return limiter
 
 
 def _check_count(value: object, name: str, *, optional: bool = False) -> None:

@@ -10,18 +10,17 @@ trio system task.
 
 At `lifespan.shutdown`, `shutdown()` waits for every batch up to a deadline and then
 cancels what is left: tasks still running end `cancelled`, tasks not started end
-`abandoned`, each logged by name. A process that exits without a lifespan shutdown logs
-the tasks it leaves behind as `abandoned` at exit.
+`abandoned`, each logged by name. (A process that exits without a lifespan shutdown
+logs the tasks it leaves behind at exit: see `_runner`.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
+import collections
 import contextvars
 import logging
 import sys
-import weakref
 from typing import TYPE_CHECKING
 
 import anyio
@@ -39,28 +38,33 @@ __all__ = ["Owner"]
 logger = logging.getLogger("post_response")
 
 _ABANDONED = TaskState.ABANDONED
-_UNFINISHED = (TaskState.PENDING, TaskState.RUNNING)
-_owners: weakref.WeakSet[Owner] = weakref.WeakSet()
 _detached: set[asyncio.Task[None]] = set()  # strong references to fallback owners' tasks
 
 
 class Owner:
-    """Runs the batches of one event loop's requests, detached from those requests."""
+    """Runs the batches of one event loop's requests, detached from those requests.
 
-    def __init__(self) -> None:
+    With `max_batches`, at most that many batches run at once (each in its own task);
+    the others wait in a queue, costing no task, until one finishes.
+    """
+
+    def __init__(self, max_batches: int | None = None) -> None:
         self._group: TaskGroup | None = None
         self._batches: set[Batch] = set()  # submitted and not finished
-        self._early: list[Batch] = []  # submitted before serve() opened the group
+        self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
+        self._running = 0
+        self._max_batches = max_batches
+        # Bounds running tasks (not just batches): a batch may run several at once.
+        self.limiter = None if max_batches is None else anyio.CapacityLimiter(max_batches)
         self._finished: anyio.Event | None = None  # set when a batch ends, if someone waits
         self._stop = anyio.Event()
         self._stopped = anyio.Event()
         self.closed = False
-        _owners.add(self)
 
     @classmethod
-    def spawn(cls) -> Owner:
+    def spawn(cls, max_batches: int | None = None) -> Owner:
         """An owner serving from a detached task, for servers that run no lifespan."""
-        owner = cls()
+        owner = cls(max_batches)
         trio = sys.modules.get("trio")
         if trio is not None and trio.lowlevel.in_trio_run():
             trio.lowlevel.spawn_system_task(owner._serve_detached, name="post_response owner")
@@ -77,15 +81,18 @@ class Owner:
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
-                for batch in self._early:
-                    group.start_soon(self._run, batch)
-                self._early.clear()
+                self._start_waiting()
                 task_status.started()
                 await self._stop.wait()
                 group.cancel_scope.cancel()  # what shutdown() gave up on
         finally:
             self._group = None
             self.closed = True
+            while self._waiting:
+                batch = self._waiting.popleft()
+                self._batches.discard(batch)
+                batch.abandon(_ABANDONED, "the server shut down before it started")
+                batch.close()
             self._stopped.set()
 
     def stop(self) -> None:
@@ -102,19 +109,26 @@ class Owner:
         """Run `batch` in the owner's task group; the caller does not wait for it."""
         if self.closed:
             batch.abandon(_ABANDONED, "the server had already shut down")
-            batch.request.close()
+            batch.close()
             return
         self._batches.add(batch)
-        if self._group is None:
-            self._early.append(batch)
-        else:
-            self._group.start_soon(self._run, batch)
+        self._waiting.append(batch)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Start waiting batches, in order, while the group is open and has room."""
+        group, limit = self._group, self._max_batches
+        while group is not None and self._waiting and (limit is None or self._running < limit):
+            self._running += 1
+            group.start_soon(self._run, self._waiting.popleft())
 
     async def _run(self, batch: Batch) -> None:
         try:
             await batch.run(cancelled=_ABANDONED, reason="the server shut down before it started")
         finally:
+            self._running -= 1
             self._batches.discard(batch)
+            self._start_waiting()
             if self._finished is not None:
                 self._finished.set()
                 self._finished = None
@@ -160,23 +174,3 @@ class Owner:
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks]
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
-
-    def abandon_at_exit(self) -> None:
-        """The process is exiting with batches unfinished: log each of their tasks."""
-        for batch in list(self._batches):
-            for task in batch.tasks:
-                if task.state in _UNFINISHED:
-                    was = task.state.value
-                    task._end(_ABANDONED)
-                    logger.error(
-                        "Task %r of %s abandoned: the process exited while it was %s",
-                        task.name,
-                        batch.label,
-                        was,
-                    )
-
-
-@atexit.register
-def _abandon_at_exit() -> None:
-    for owner in list(_owners):
-        owner.abandon_at_exit()

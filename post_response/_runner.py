@@ -8,11 +8,14 @@ detached from the request.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import inspect
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -35,8 +38,9 @@ __all__ = ["THREADS", "Batch", "Settings"]
 
 logger = logging.getLogger("post_response")
 
-THREADS = 40  # worker threads for sync tasks, per event loop, apart from anyio's default pool
+THREADS = 40  # threads for sync tasks: per process on asyncio, per run on trio
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("post_response.threads")
+_T = TypeVar("_T")
 
 _PENDING, _CANCELLED = TaskState.PENDING, TaskState.CANCELLED
 
@@ -68,6 +72,7 @@ class Batch:
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         request.phase = Phase.DRAINING  # add_task() from a task now joins this batch
+        request.release_scope()
         self.request = request
         self.tasks = request.tasks
         self.label = request.label
@@ -75,6 +80,7 @@ class Batch:
         self.skip_reason = skip_reason
         self.limiter = limiter
         self.next = 0
+        _unfinished.add(self)
 
     async def run(self, *, cancelled: TaskState = _CANCELLED, reason: str = "") -> None:
         """Run every pending task, including those added while this runs, then close.
@@ -91,24 +97,36 @@ class Batch:
             self.abandon(cancelled, reason or "the drain was cancelled")
             raise
         finally:
-            self.request.close()
+            self.close()
+
+    def close(self) -> None:
+        """The batch is over: its request accepts no more tasks and lets go of them."""
+        _unfinished.discard(self)
+        self.request.close()
 
     def enqueue(self, limit: int | None) -> None:
-        """Count the tasks that will run as queued; past `limit` queued, drop them instead."""
-        stats = self.request.stats
+        """Count the tasks that will run as queued; past `limit` queued, drop them instead.
+
+        Drops are logged once per request, naming each task: under overload, a log
+        record per task would only add to the load.
+        """
+        stats, dropped = self.request.stats, []
         for task in self.tasks:
             if task.state is not _PENDING or (self.skip_reason is not None and not task.always):
                 continue
             if limit is not None and stats.queued >= limit:
                 task._end(TaskState.DROPPED)
-                logger.error(
-                    "Task %r of %s dropped: max_queued=%d tasks are already waiting to run",
-                    task.name,
-                    self.label,
-                    limit,
-                )
+                dropped.append(task.name)
             else:
                 task._enqueue()
+        if dropped:
+            logger.error(
+                "Dropped %d tasks of %s, max_queued=%d tasks already waiting to run: %s",
+                len(dropped),
+                self.label,
+                limit,
+                ", ".join(map(repr, dropped)),
+            )
 
     def abandon(self, state: TaskState, reason: str) -> None:
         """End every task that has not started in `state`, logging each with `reason`."""
@@ -211,10 +229,8 @@ async def _call(task: TaskHandle) -> None:
     if _is_async(func):
         await _InContext(context, context.run(func, *task.args, **task.kwargs))  # type: ignore[arg-type]
         return
-    awaitable = await anyio.to_thread.run_sync(
-        functools.partial(_call_sync, context, func, task.args, task.kwargs),
-        abandon_on_cancel=True,
-        limiter=_thread_limiter(),
+    awaitable = await _in_thread(
+        functools.partial(_call_sync, context, func, task.args, task.kwargs)
     )
     if awaitable is not None:  # e.g. `add_task(lambda: notify(user))`
         await _InContext(context, awaitable[0])
@@ -228,6 +244,26 @@ def _call_sync(
     return (result,) if inspect.isawaitable(result) else None
 
 
+_unfinished: set[Batch] = set()  # batches not closed yet, for the report at exit
+
+
+@atexit.register
+def _abandon_at_exit() -> None:
+    """The process exits with tasks not run or still running (the server stopped its event
+    loop without a lifespan shutdown, as daphne does): log each as abandoned."""
+    for batch in list(_unfinished):
+        for task in batch.tasks:
+            if task.state in (_PENDING, TaskState.RUNNING):
+                was = task.state.value
+                task._end(TaskState.ABANDONED)
+                logger.error(
+                    "Task %r of %s abandoned: the process exited while it was %s",
+                    task.name,
+                    batch.label,
+                    was,
+                )
+
+
 def _is_async(func: object) -> bool:
     while isinstance(func, functools.partial):
         func = func.func
@@ -235,7 +271,27 @@ def _is_async(func: object) -> bool:
     return iscoroutinefunction(func) or iscoroutinefunction(type(func).__call__)
 
 
-def _thread_limiter() -> anyio.CapacityLimiter:
+async def _in_thread(call: Callable[[], _T]) -> _T:
+    """Run `call` in a worker thread; if the caller is cancelled, leave the thread running.
+
+    On asyncio, our own `ThreadPoolExecutor`, not anyio's worker threads: anyio stops
+    those when its root task ends, which under daphne (a Twisted reactor stops the loop)
+    never happens, and the process then hangs at exit on SIGTERM. The executor's idle
+    threads exit with the interpreter. On trio, anyio's threads are trio's daemon ones.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=_trio_limiter())
+    return await loop.run_in_executor(_executor(), call)
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="post_response")
+
+
+def _trio_limiter() -> anyio.CapacityLimiter:
     try:
         return _limiter.get()
     except LookupError:

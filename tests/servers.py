@@ -80,7 +80,11 @@ SERVERS: dict[str, list[str]] = {
 
 
 def run(
-    server: str, target: str, *options: str, middleware: dict[str, Any] | None = None
+    server: str,
+    target: str,
+    *options: str,
+    middleware: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> contextlib.AbstractContextManager[Server]:
     """Serve `tests.apps.<target>` (`module:app`) with `server`, one of `SERVERS`.
 
@@ -91,7 +95,7 @@ def run(
     args = [a.format(app=f"tests.apps.{target}", port=port) for a in args]
     if module == "uvicorn":
         args += ["--host", "127.0.0.1"]
-    env = {"POST_RESPONSE_OPTIONS": json.dumps(middleware or {})}
+    env = {"POST_RESPONSE_OPTIONS": json.dumps(middleware or {}), **(env or {})}
     return serve([sys.executable, "-m", module, *args, *options], port, env)
 
 

@@ -11,13 +11,14 @@ import anyio
 import pytest
 
 from post_response import TaskHandle, TaskState, add_task
+from post_response._task import FINAL_STATES
 from post_response._types import Receive, Scope, Send
 
 from .harness import Exchange, wrap
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("detach")]
 
-FINAL = {
+FINAL = {  # those this test can reach (drops and shutdown: test_owner.py)
     TaskState.COMPLETED,
     TaskState.FAILED,
     TaskState.TIMED_OUT,
@@ -113,6 +114,12 @@ async def test_every_task_ends_in_one_final_state_and_counts_add_up(
     counts = collections.Counter(states.values())
     assert sum(counts.values()) == len(handles) == sum(len(kinds) for _, kinds in plan)
     assert set(counts) == FINAL  # the random plan reached every final state
+    stats = wrapped.stats.snapshot()  # the counters agree with the states
+    assert stats == {
+        "queued": 0,
+        "running": 0,
+        **{s.value: counts[s] for s in FINAL_STATES},
+    }
     assert max(runs.values()) == 1  # nothing ran twice
     ran = {TaskState.COMPLETED, TaskState.FAILED, TaskState.TIMED_OUT}
     assert set(runs) == {n for n, state in states.items() if state in ran}

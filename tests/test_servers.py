@@ -153,8 +153,25 @@ def test_daphne_lets_a_task_run_past_its_application_close_timeout() -> None:
         assert server.control("wait", id=task_id) == [f"{task_id}:start", f"{task_id}:end"]
 
 
+def test_daphne_logs_the_tasks_it_abandons_at_sigterm() -> None:
+    """daphne has no lifespan and stops at once on SIGTERM: the task still running is not lost
+    silently, it is logged as abandoned when the process exits."""
+    task_id = new_id()
+    with run("daphne", "raw_app:app") as server:
+        assert (
+            httpx.get(f"{server.url}/sleep?id={task_id}&seconds=600", timeout=10).status_code == 200
+        )
+        server.control("until", event=f"{task_id}:start")
+        exit_code_after(server, signal.SIGTERM, limit=15)
+        output = server.output()
+    assert (
+        "Task 'tests.apps.control.sleeper' of GET /sleep abandoned: "
+        "the process exited while it was running"
+    ) in output
+
+
 def test_granian_pathsend_file_response_runs_its_tasks() -> None:
-    """A Starlette FileResponse under granian ends with `http.response.pathsend`: tasks still run."""
+    """A Starlette FileResponse under granian ends with `http.response.pathsend`; tasks run."""
     task_id = new_id()
     with run("granian", "starlette_app:app") as server:
         response = httpx.get(f"{server.url}/file?id={task_id}", timeout=10)

@@ -17,6 +17,7 @@ output after the process has exited. The middleware's options come from the
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -111,6 +112,21 @@ def _of(task_id: str) -> list[str]:
     return [e for e in EVENTS if e.rpartition(":")[0] == task_id]
 
 
+def _alive() -> dict[str, int]:
+    """How many of post_response's per-request objects the garbage collector can see."""
+    from post_response._context import RequestTasks
+    from post_response._runner import Batch
+    from post_response._task import TaskHandle
+
+    gc.collect()
+    kinds = (TaskHandle, RequestTasks, Batch)
+    counts = dict.fromkeys((kind.__name__ for kind in kinds), 0)
+    for obj in gc.get_objects():
+        if isinstance(obj, kinds):
+            counts[type(obj).__name__] += 1
+    return counts
+
+
 def query(scope: Scope) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
 
@@ -158,4 +174,6 @@ async def _control(
         return RECORDS
     if action == "stats" and middleware is not None:
         return middleware.stats.snapshot()
+    if action == "alive":
+        return _alive()
     return {"error": f"unknown control {action}"}

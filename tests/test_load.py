@@ -1,0 +1,88 @@
+"""Fault and load test on a real uvicorn: every task is accounted for, and memory comes back.
+
+Bounded and self-stopping, loopback only. The default suite runs a short version;
+`LOAD_REQUESTS=20000 pytest tests/test_load.py` (run by .ci/run) the full one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+from .load import hammer, rss_bytes
+from .servers import Server, exit_code_after, run
+
+REQUESTS = int(os.environ.get("LOAD_REQUESTS", "2000"))
+CONNECTIONS = 100
+# CPython keeps the memory arenas its first peak needed, so RSS is measured after a
+# warm-up run of the same size; what a leak would show is growth from there.
+WARM_UP = REQUESTS
+BURST = 2000  # requests with 0.5 s tasks: some dropped, many still queued at SIGTERM
+OPTIONS = {"max_running": 100, "max_queued": 100_000, "shutdown_timeout": 2}
+
+# The log line that reports each final state but `completed`.
+LOGGED = {
+    "failed": r" failed$",
+    "timed_out": r" timed out after 0\.01s and was cancelled$",
+    "cancelled": r" cancelled while running$",
+    "abandoned": r" abandoned: the server shut down before it started$",
+}
+
+
+def load(server: Server, first: int, count: int, *, slow: bool = False) -> None:
+    paths = (f"/load?n={n}{'&slow=1' if slow else ''}" for n in range(first, first + count))
+    statuses = asyncio.run(hammer(server.port, paths, CONNECTIONS))
+    assert statuses == {200: count}
+
+
+def drained(server: Server) -> dict[str, int]:
+    """Wait until no task is queued or running; return the counters."""
+    while True:
+        stats: dict[str, int] = server.control("stats")
+        if stats["queued"] == stats["running"] == 0:
+            return stats
+
+
+def test_every_task_under_load_and_shutdown_ends_in_one_logged_state(tmp_path: Path) -> None:
+    """Thousands of requests with failing, slow and timing-out tasks, then SIGTERM with tasks
+    queued: the counts add up, nothing ran twice, every loss is logged, RSS comes back."""
+    report = tmp_path / "report.json"
+    environ = {"LOAD_REPORT": str(report)}
+    with run(
+        "uvicorn-httptools", "load_app:app", "--no-access-log", middleware=OPTIONS, env=environ
+    ) as server:
+        load(server, 0, WARM_UP)
+        drained(server)
+        rss_before = rss_bytes(server.process.pid)
+
+        load(server, WARM_UP, REQUESTS)
+        drained(server)
+        rss_after = rss_bytes(server.process.pid)
+        alive = server.control("alive")  # no request, task list or task kept alive
+
+        load(server, WARM_UP + REQUESTS, BURST, slow=True)
+        exit_code_after(server, signal.SIGTERM, limit=30)
+        output = server.output()
+
+    result = json.loads(report.read_text())
+    stats, total = result["stats"], 3 * (WARM_UP + REQUESTS + BURST)
+    assert result["added"] == total
+    assert stats["queued"] == stats["running"] == 0
+    ended = {state: n for state, n in stats.items() if state not in ("queued", "running")}
+    assert sum(ended.values()) == total  # each task ended exactly once
+    assert result["ran_twice"] == 0
+    ran = ended["completed"] + ended["failed"] + ended["timed_out"] + ended["cancelled"]
+    assert result["ran"] == ran  # the tasks whose body started are exactly those
+    assert ended["skipped"] == 0
+    for state in LOGGED:
+        assert ended[state] > 0, f"the run never reached {state}: {ended}"
+    for state, pattern in LOGGED.items():
+        logged = re.findall(rf"^Task '\S+' of GET /load{pattern}", output, re.MULTILINE)
+        assert len(logged) == ended[state], state
+    assert ended["dropped"] == 0  # max_queued is far above this load (drops: test_owner.py)
+    assert rss_after <= rss_before * 1.10, (rss_before, rss_after)
+    assert alive == {"TaskHandle": 0, "RequestTasks": 0, "Batch": 0}

@@ -1,0 +1,211 @@
+"""Detached execution: the owner, global backpressure, and graceful shutdown at lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response._types import Message, Receive, Scope, Send
+
+from .harness import Exchange, http_scope
+
+pytestmark = pytest.mark.anyio
+
+OK: list[Message] = [
+    {"type": "http.response.start", "status": 200, "headers": []},
+    {"type": "http.response.body", "body": b"ok"},
+]
+
+
+def adding(*tasks: Any, log: list[str] | None = None) -> Any:
+    """An app that adds `tasks` (each a callable, or (callable, args...)), then answers 200."""
+    handles: list[TaskHandle] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # an app with its own cleanup at shutdown
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            if log is not None:
+                log.append("app cleanup")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        for task in tasks:
+            func, *args = task if isinstance(task, tuple) else (task,)
+            handles.append(add_task(func, *args))
+        for message in OK:
+            await send(message)
+
+    app.handles = handles  # type: ignore[attr-defined]
+    return app
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until `condition` holds (the test's `fail_after` bounds it)."""
+    while not condition():
+        await anyio.sleep(0)
+
+
+async def request(app: PostResponseMiddleware) -> None:
+    """One request, without waiting for its tasks (unlike `Exchange.run`)."""
+    await app(http_scope(), Exchange().receive, Exchange().send)
+
+
+@asynccontextmanager
+async def lifespan(app: PostResponseMiddleware) -> AsyncIterator[list[Message]]:
+    """Run the app's lifespan around the block: startup on entry, shutdown on exit."""
+    to_app, app_receives = anyio.create_memory_object_stream[Message](10)
+    sent: list[Message] = []
+    started = anyio.Event()
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    async with anyio.create_task_group() as group, to_app, app_receives:
+        group.start_soon(
+            app, {"type": "lifespan", "asgi": {"version": "3.0"}}, app_receives.receive, send
+        )
+        await to_app.send({"type": "lifespan.startup"})
+        await started.wait()
+        yield sent
+        await to_app.send({"type": "lifespan.shutdown"})
+
+
+async def test_the_app_call_returns_before_its_tasks_run(detach: bool) -> None:
+    """Detached, the request's app call is over before its tasks start; inline, after they end."""
+    log: list[str] = []
+    app = PostResponseMiddleware(adding((log.append, "task")), detach=detach)
+    await request(app)
+    log.append("app call returned")
+    await app.join()
+    assert log == (["app call returned", "task"] if detach else ["task", "app call returned"])
+
+
+async def test_max_running_bounds_tasks_across_requests() -> None:
+    """With `max_running=3`, ten requests' tasks run three at a time, the rest queued; every
+    request's app call returns at once."""
+    running = peak = 0
+    release = anyio.Event()
+
+    async def work() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    app = PostResponseMiddleware(adding(work), max_running=3)
+    with anyio.fail_after(10):
+        for _ in range(10):
+            await request(app)  # returns although its task has to wait
+        await until(lambda: app.stats.running == 3)
+        assert (app.stats.running, app.stats.queued) == (3, 7)
+        release.set()
+        await app.join()
+    assert peak == 3
+    assert app.stats.snapshot()["completed"] == 10
+
+
+async def test_max_queued_drops_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Past `max_queued` waiting tasks, new ones are dropped: counted, and logged by name."""
+    release = anyio.Event()
+
+    async def blocker() -> None:
+        await release.wait()
+
+    async def notify(user: str) -> None:
+        pass
+
+    app = PostResponseMiddleware(
+        adding(blocker, (notify, "a"), (notify, "b")), max_running=1, max_queued=3
+    )
+    with anyio.fail_after(10):
+        await request(app)  # blocker runs, its two followers wait: 2 queued
+        await until(lambda: app.stats.running == 1)
+        await request(app)  # one more fits; the next two are dropped
+        assert app.stats.queued == 3
+        release.set()
+        await app.join()
+    stats = app.stats.snapshot()
+    assert (stats["dropped"], stats["completed"], stats["queued"]) == (2, 4, 0)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("Dropped")]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == (
+        "Dropped 2 tasks of GET /, max_queued=3 tasks already waiting to run: "
+        "'tests.test_owner.test_max_queued_drops_counts_and_logs.<locals>.notify', "
+        "'tests.test_owner.test_max_queued_drops_counts_and_logs.<locals>.notify'"
+    )
+
+
+async def test_shutdown_waits_for_tasks_before_the_apps_own_cleanup() -> None:
+    """At `lifespan.shutdown` the middleware lets queued and running tasks finish first, then
+    passes the message on: the app's cleanup (closing a pool, say) comes after the tasks."""
+    log: list[str] = []
+    gate = anyio.Event()
+
+    async def task(name: str) -> None:
+        await gate.wait()
+        log.append(name)
+
+    app = PostResponseMiddleware(adding((task, "first"), (task, "second"), log=log))
+    with anyio.fail_after(10):
+        async with lifespan(app) as sent:
+            await request(app)
+            await until(lambda: app.stats.running == 1)
+            gate.set()  # shutdown starts right after: the tasks are still running then
+    assert log == ["first", "second", "app cleanup"]
+    assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+
+
+async def test_shutdown_timeout_cancels_running_and_abandons_queued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past `shutdown_timeout`, a running task is cancelled and a queued one abandoned; each is
+    logged by name, and the app's cleanup still runs."""
+    log: list[str] = []
+
+    async def forever() -> None:
+        await anyio.sleep_forever()
+
+    async def never_reached() -> None:
+        log.append("ran")
+
+    app = PostResponseMiddleware(adding(forever, never_reached, log=log), shutdown_timeout=0.05)
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+    first, second = app_handles(app)
+    assert (first.state, second.state) == (TaskState.CANCELLED, TaskState.ABANDONED)
+    assert log == ["app cleanup"]
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (
+        "Shutdown: shutdown_timeout=0.05s reached; cancelling 1 running tasks "
+        "and abandoning 1 that have not started"
+    ) in messages
+    assert any(m.endswith(".forever' of GET / cancelled while running") for m in messages)
+    assert any(".never_reached' of GET / abandoned: the server shut down" in m for m in messages)
+
+
+async def test_a_request_after_shutdown_has_its_tasks_abandoned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request served after the owner shut down cannot run its tasks: each is logged."""
+    app = PostResponseMiddleware(adding(anyio.sleep_forever))
+    async with lifespan(app):
+        pass
+    await request(app)
+    [handle] = app_handles(app)
+    assert handle.state is TaskState.ABANDONED
+    assert any("the server had already shut down" in r.getMessage() for r in caplog.records)
+
+
+def app_handles(app: PostResponseMiddleware) -> list[TaskHandle]:
+    handles: list[TaskHandle] = app.app.handles  # type: ignore[attr-defined]
+    return handles
