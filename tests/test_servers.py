@@ -67,35 +67,54 @@ class TestMatrix:
                 server.control("open", id=task_id)
         assert server.control("wait", id=first)[-1] == f"{first}:end"
 
-    def test_a_failing_task_does_not_break_the_connection(self, server: Server) -> None:
-        """After a task failed, the next request on the same connection is answered."""
+    @pytest.mark.parametrize("kind", ["async", "sync"])
+    def test_a_failing_task_keeps_the_connection_and_reaches_the_log(
+        self, server: Server, kind: str
+    ) -> None:
+        """The next request on the same connection is answered, and the server's output (its
+        default logging) has the failure with the task's name, the request and the traceback."""
         task_id = new_id()
         connection = Connection(server)
         try:
-            assert connection.request("GET", f"/fail?id={task_id}&sync=1") == (200, b"hello world")
+            query = f"id={task_id}" + ("&sync=1" if kind == "sync" else "")
+            assert connection.request("GET", f"/fail?{query}") == (200, b"hello world")
+            if kind == "async":
+                server.control("open", id=task_id)
             server.control("open", id=f"{task_id}-after")
+            # The failed task is over and the next one ran: uvicorn would have closed the
+            # connection by now had the exception escaped the app.
             assert server.control("wait", id=f"{task_id}-after")[-1] == f"{task_id}-after:end"
             assert connection.request("GET", "/work?id=-&shape=bare") == (200, b"")
         finally:
             connection.close()
             server.control("open", id="-")
-        assert f"ValueError: boom {task_id}" in server.output()
+        task = "tests.apps.control." + ("sync_failure" if kind == "sync" else "gated_failure")
+        output = server.output()
+        assert f"Task '{task}' of GET /fail failed" in output
+        assert "Traceback (most recent call last):" in output
+        assert f"ValueError: boom {task_id}" in output
+
+
+def sigterm_while_a_task_runs(
+    server_name: str, seconds: float, shutdown_timeout: float
+) -> tuple[str, str]:
+    """Start a task of `seconds`, send SIGTERM once it runs, wait for the process to exit by
+    itself; return the task's id and the server's output."""
+    task_id = new_id()
+    options = {"shutdown_timeout": shutdown_timeout}
+    graceful = GRACEFUL.get(server_name, [])
+    with run(server_name, "raw_app:app", *graceful, middleware=options) as server:
+        response = httpx.get(f"{server.url}/sleep?id={task_id}&seconds={seconds}", timeout=10)
+        assert response.status_code == 200
+        server.control("until", event=f"{task_id}:start")
+        exit_code_after(server, signal.SIGTERM, limit=shutdown_timeout + 15)
+        return task_id, server.output()
 
 
 @pytest.mark.parametrize("server_name", WITH_LIFESPAN)
 def test_sigterm_waits_for_a_running_task_then_exits(server_name: str) -> None:
     """On SIGTERM the server's lifespan shutdown waits for the task; the process exits by itself."""
-    task_id = new_id()
-    options = {"shutdown_timeout": 30}
-    with run(
-        server_name, "raw_app:app", *GRACEFUL.get(server_name, []), middleware=options
-    ) as server:
-        assert (
-            httpx.get(f"{server.url}/sleep?id={task_id}&seconds=2", timeout=10).status_code == 200
-        )
-        server.control("until", event=f"{task_id}:start")
-        exit_code_after(server, signal.SIGTERM, limit=30)
-        output = server.output()
+    task_id, output = sigterm_while_a_task_runs(server_name, seconds=2, shutdown_timeout=30)
     assert f"event: {task_id}:end" in output, output
     assert "cancelled" not in output
     assert "abandoned" not in output
@@ -104,17 +123,7 @@ def test_sigterm_waits_for_a_running_task_then_exits(server_name: str) -> None:
 @pytest.mark.parametrize("server_name", WITH_LIFESPAN)
 def test_sigterm_cancels_a_task_longer_than_shutdown_timeout(server_name: str) -> None:
     """Past `shutdown_timeout` the task is cancelled, the log names it, and the process exits."""
-    task_id = new_id()
-    options = {"shutdown_timeout": 1}
-    with run(
-        server_name, "raw_app:app", *GRACEFUL.get(server_name, []), middleware=options
-    ) as server:
-        assert (
-            httpx.get(f"{server.url}/sleep?id={task_id}&seconds=600", timeout=10).status_code == 200
-        )
-        server.control("until", event=f"{task_id}:start")
-        exit_code_after(server, signal.SIGTERM, limit=20)
-        output = server.output()
+    task_id, output = sigterm_while_a_task_runs(server_name, seconds=600, shutdown_timeout=1)
     assert f"event: {task_id}:cancelled" in output, output
     assert "shutdown_timeout=1.0s reached; cancelling 1 running tasks" in output
     assert "Task 'tests.apps.control.sleeper' of GET /sleep cancelled while running" in output
