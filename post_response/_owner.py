@@ -118,7 +118,9 @@ class Owner:
     def _start_waiting(self) -> None:
         """Start waiting batches, in order, while the group is open and has room."""
         group, limit = self._group, self._max_batches
-        while group is not None and self._waiting and (limit is None or self._running < limit):
+        if group is None or self._stop.is_set():  # not serving yet, or shutting down
+            return
+        while self._waiting and (limit is None or self._running < limit):
             self._running += 1
             group.start_soon(self._run, self._waiting.popleft())
 
@@ -166,7 +168,9 @@ class Owner:
         Called from inside a task, it does not wait for that task's own batch.
         """
         caller = _context.current()
-        while any(batch.request is not caller for batch in self._batches):
+        while self._batches and (
+            caller is None or any(batch.request is not caller for batch in self._batches)
+        ):
             if self._finished is None:
                 self._finished = anyio.Event()
             await self._finished.wait()
