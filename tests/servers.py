@@ -86,13 +86,16 @@ def run(
     middleware: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
 ) -> contextlib.AbstractContextManager[Server]:
-    """Serve `tests.apps.<target>` (`module:app`) with `server`, one of `SERVERS`.
+    """Serve `target` (`module:app`; a bare module name is looked up in tests/apps/) with
+    `server`, one of `SERVERS`.
 
     `middleware` options reach the app's PostResponseMiddleware (see apps/control.py).
     """
     port = free_port()
     module, *args = SERVERS[server]
-    args = [a.format(app=f"tests.apps.{target}", port=port) for a in args]
+    if not target.startswith(("tests.", "examples.")):
+        target = f"tests.apps.{target}"
+    args = [a.format(app=target, port=port) for a in args]
     if module == "uvicorn":
         args += ["--host", "127.0.0.1"]
     env = {"POST_RESPONSE_OPTIONS": json.dumps(middleware or {}), **(env or {})}
