@@ -36,7 +36,7 @@ class Phase(enum.Enum):
 class RequestTasks:
     """The tasks one request added, in order, with what the logs need to name it."""
 
-    __slots__ = ("_label", "limit", "phase", "scope", "stats", "tasks")
+    __slots__ = ("_label", "limit", "method", "path", "phase", "scope", "stats", "tasks")
 
     def __init__(self, limit: int, scope: Mapping[str, Any], stats: Stats) -> None:
         self.tasks: list[TaskHandle] = []
@@ -45,6 +45,7 @@ class RequestTasks:
         self.scope: Mapping[str, Any] | None = scope
         self.stats = stats
         self._label: str | None = None
+        self.method = self.path = ""  # filled in with the label
 
     def close(self) -> None:
         """Accept no more tasks, and let go of those it holds.
@@ -61,8 +62,9 @@ class RequestTasks:
         """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""
         if self._label is None:
             scope = self.scope or {}
-            method = scope.get("method") or str(scope.get("type", "")).upper()
-            self._label = f"{method} {scope.get('path', '')}"
+            self.method = scope.get("method") or str(scope.get("type", "")).upper()
+            self.path = scope.get("path", "")
+            self._label = f"{self.method} {self.path}"
         return self._label
 
     def release_scope(self) -> None:

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Literal
+import sys
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.lowlevel import RunVar
 
 from . import _context, _runner
 from ._errors import ConfigurationError
+from ._options import Options, configure
 from ._owner import Owner
-from ._task import Stats, TaskState, check_timeout
+from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
-    from ._runner import ErrorHook
+    from typing_extensions import Unpack
+
     from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["POLICIES", "Policy", "PostResponseMiddleware"]
+__all__ = ["PostResponseMiddleware"]
 
 logger = logging.getLogger("post_response")
-
-Policy = Literal["no_server_error", "no_error", "always"]
-POLICIES: tuple[Policy, ...] = ("no_server_error", "no_error", "always")
 
 # The body-like messages that end a response unless trailers were announced.
 _BODY = {"http.response.body", "http.response.zerocopysend"}
@@ -59,54 +59,36 @@ class PostResponseMiddleware:
         max_queued: How many tasks may wait to run across all requests (default None:
             no limit). Past it, a request's tasks are dropped, each logged and counted.
 
+        opentelemetry: Record an OpenTelemetry span per task, a child of the request's
+            span when there is one (default False; needs `post_response[otel]`).
+
+    Under Django (settings configured), `settings.POST_RESPONSE` may hold the same options
+    as a dict; the arguments given here win over it. Sync tasks then run between calls to
+    `close_old_connections()`, and async ones in their own `ThreadSensitiveContext`, as
+    Django runs requests, so no task leaves a database connection open.
+
     Raises:
+        TypeError: An unknown option (a typo, say).
         ConfigurationError: An option has an invalid value (a `ValueError`).
     """
 
-    def __init__(
-        self,
-        app: AnyASGIApp,
-        *,
-        policy: Policy = "no_server_error",
-        concurrency: int = 1,
-        timeout: float | None = None,
-        max_tasks: int = 1000,
-        on_error: ErrorHook | None = None,
-        detach: bool = True,
-        shutdown_timeout: float | None = 20.0,
-        max_running: int | None = None,
-        max_queued: int | None = None,
-    ) -> None:
-        if policy not in POLICIES:
-            msg = f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}."
-            raise ConfigurationError(msg)
-        _check_count(concurrency, "concurrency")
-        _check_count(max_tasks, "max_tasks")
-        _check_count(max_running, "max_running", optional=True)
-        _check_count(max_queued, "max_queued", optional=True)
-        _check_hook(on_error)
-        _check_flag(detach, "detach")
+    def __init__(self, app: AnyASGIApp, **options: Unpack[Options]) -> None:
         self.app = app
-        self.policy = policy
-        self.max_tasks = max_tasks
-        self.detach = detach
-        self.shutdown_timeout = check_timeout(
-            shutdown_timeout, "PostResponseMiddleware(shutdown_timeout=...)"
-        )
-        self.max_running = max_running
-        self.max_queued = max_queued
+        self.config = config = configure(_with_framework_settings(options))
         self.stats = Stats()
         self.settings = _runner.Settings(
-            concurrency=concurrency,
-            timeout=check_timeout(timeout, "PostResponseMiddleware(timeout=...)"),
-            on_error=on_error,
+            concurrency=config.concurrency,
+            timeout=config.timeout,
+            on_error=config.on_error,
+            environment=_framework_environment(),
+            spans=_task_spans() if config.opentelemetry else None,
         )
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan" and self.detach:
+        if kind == "lifespan" and self.config.detach:
             await self._lifespan(scope, receive, send)
             return
         outer = _context.current()
@@ -115,7 +97,7 @@ class PostResponseMiddleware:
             # PostResponseMiddleware already collects for (each task runs once).
             await self.app(scope, receive, send)
             return
-        tasks = _context.RequestTasks(self.max_tasks, scope, self.stats)
+        tasks = _context.RequestTasks(self.config.max_tasks, scope, self.stats)
         token = _context.activate(tasks)
         try:
             if kind == "http":
@@ -183,7 +165,7 @@ class PostResponseMiddleware:
         try:
             await self.app(scope, receive, send)
         except Exception:
-            await self._finish(tasks, None if self.policy == "always" else "the app raised")
+            await self._finish(tasks, None if self.config.policy == "always" else "the app raised")
             raise
         except BaseException:
             self._abandon(tasks, "the connection was cancelled")
@@ -194,7 +176,7 @@ class PostResponseMiddleware:
         self, status: int, complete: bool, client_gone: bool, *, raised: bool
     ) -> str | None:
         """Why the policy skips this request's tasks, or None to run them."""
-        policy = self.policy
+        policy = self.config.policy
         if policy == "always":
             return None
         if status >= 500 or (status >= 400 and policy == "no_error"):
@@ -212,8 +194,8 @@ class PostResponseMiddleware:
             return
         owner = self._owner_here()
         batch = _runner.Batch(tasks, self.settings, skip_reason, owner.limiter)
-        batch.enqueue(self.max_queued)
-        if self.detach:
+        batch.enqueue(self.config.max_queued)
+        if self.config.detach:
             owner.submit(batch)
         else:
             await batch.run(reason="the request was cancelled")
@@ -226,7 +208,7 @@ class PostResponseMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
-        owner = Owner(self.max_running)
+        owner = Owner(self.config.max_running)
         received = False
 
         async def watch_receive() -> Message:
@@ -235,7 +217,7 @@ class PostResponseMiddleware:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 # Before the app's own cleanup (closing a pool...), which tasks may need.
-                await owner.shutdown(self.shutdown_timeout)
+                await owner.shutdown(self.config.shutdown_timeout)
             return message
 
         async with anyio.create_task_group() as group:
@@ -262,7 +244,7 @@ class PostResponseMiddleware:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await owner.shutdown(self.shutdown_timeout)
+                await owner.shutdown(self.config.shutdown_timeout)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -277,29 +259,43 @@ class PostResponseMiddleware:
             return self._last[1]  # anyio's RunVar costs a backend lookup per call
         owner = self._owners.get(None)
         if owner is None:
-            owner = Owner.spawn(self.max_running) if self.detach else Owner(self.max_running)
+            owner = (
+                Owner.spawn(self.config.max_running)
+                if self.config.detach
+                else Owner(self.config.max_running)
+            )
             self._owners.set(owner)
         if loop is not None:
             self._last = (loop, owner)
         return owner
 
 
-def _check_count(value: object, name: str, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        also = ", or None for no limit" if optional else ""
-        msg = f"{name} must be a whole number of at least 1{also}; got {value!r}."
-        raise ConfigurationError(msg)
+def _with_framework_settings(options: Options) -> dict[str, object]:
+    """`options` over the framework's own settings for the middleware (Django's, for now)."""
+    django_conf = sys.modules.get("django.conf")
+    if django_conf is None or not django_conf.settings.configured:
+        return dict(options)
+    from . import _django  # noqa: PLC0415  (only where Django is in use)
+
+    return {**_django.settings_options(), **options}
 
 
-def _check_flag(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        msg = f"{name} must be True or False; got {value!r}."
-        raise ConfigurationError(msg)
+def _framework_environment() -> _runner.TaskEnvironment | None:
+    django_conf = sys.modules.get("django.conf")
+    if django_conf is None or not django_conf.settings.configured:
+        return None
+    from . import _django  # noqa: PLC0415  (only where Django is in use)
+
+    return _django.Environment()
 
 
-def _check_hook(hook: object) -> None:
-    if hook is not None and not callable(hook):
-        msg = f"on_error must be a callable taking (task, exception); got {hook!r}."
-        raise ConfigurationError(msg)
+def _task_spans() -> _runner.TaskSpans:
+    try:
+        from . import _otel  # noqa: PLC0415  (an optional dependency)
+    except ImportError as exc:
+        msg = (
+            "PostResponseMiddleware(opentelemetry=True) needs the OpenTelemetry API: "
+            "pip install 'post_response[otel]'."
+        )
+        raise ConfigurationError(msg) from exc
+    return _otel.TaskSpans()

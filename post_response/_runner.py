@@ -15,7 +15,7 @@ import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -30,9 +30,8 @@ if TYPE_CHECKING:
     from contextvars import Context
 
     from ._context import RequestTasks
+    from ._options import ErrorHook
     from ._task import TaskHandle
-
-    ErrorHook = Callable[[TaskHandle, BaseException], object]
 
 __all__ = ["THREADS", "Batch", "Settings"]
 
@@ -45,6 +44,26 @@ _T = TypeVar("_T")
 _PENDING, _CANCELLED = TaskState.PENDING, TaskState.CANCELLED
 
 
+class TaskEnvironment(Protocol):
+    """What a framework needs around each task (Django: its database connections)."""
+
+    def run_sync(self, call: Callable[[], _T]) -> _T:
+        """Call `call` in the worker thread that runs a sync task."""
+
+    def run_async(self, awaitable: Awaitable[_T]) -> Awaitable[_T]:
+        """Wrap an async task; awaited inside the task's context."""
+
+
+class TaskSpans(Protocol):
+    """Tracing: a span around each task that runs."""
+
+    def start(self, task: TaskHandle) -> object:
+        """Open the task's span (and make it current in the task's context)."""
+
+    def end(self, span: object, task: TaskHandle, error: BaseException | None) -> None:
+        """Close the span, recording the task's outcome and `error` if it failed."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to run a request's tasks (the middleware builds it from its options)."""
@@ -52,6 +71,8 @@ class Settings:
     concurrency: int = 1
     timeout: float | None = None
     on_error: ErrorHook | None = None
+    environment: TaskEnvironment | None = None
+    spans: TaskSpans | None = None
 
 
 class Batch:
@@ -120,12 +141,19 @@ class Batch:
             else:
                 task._enqueue()
         if dropped:
+            request = self.request
             logger.error(
                 "Dropped %d tasks of %s, max_queued=%d tasks already waiting to run: %s",
                 len(dropped),
                 self.label,
                 limit,
                 ", ".join(map(repr, dropped)),
+                extra={
+                    "task_names": dropped,
+                    "task_outcome": TaskState.DROPPED.value,
+                    "request_method": request.method,
+                    "request_path": request.path,
+                },
             )
 
     def abandon(self, state: TaskState, reason: str) -> None:
@@ -134,9 +162,7 @@ class Batch:
         for task in self.tasks:
             if task.state is _PENDING:
                 task._end(state)
-                logger.log(
-                    level, "Task %r of %s %s: %s", task.name, self.label, state.value, reason
-                )
+                task._log(level, "%s: %s", state.value, reason)
 
     def _take(self) -> TaskHandle | None:
         """The next pending task in the order they were added, or None."""
@@ -158,7 +184,7 @@ class Batch:
                         await self._run(task)
             else:
                 task._end(TaskState.SKIPPED)
-                logger.warning("Task %r of %s skipped: %s", task.name, self.label, self.skip_reason)
+                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
 
     async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in
@@ -171,45 +197,58 @@ class Batch:
 
     async def _run(self, task: TaskHandle) -> None:
         task._start()
-        timeout = self.settings.timeout if task.timeout is UNSET else task.timeout
+        spans = self.settings.spans
+        if spans is None:
+            await self._execute(task)
+            return
+        span, error = spans.start(task), None
+        try:
+            error = await self._execute(task)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            spans.end(span, task, error)
+
+    async def _execute(self, task: TaskHandle) -> BaseException | None:
+        """Run the task to its final state, logged and reported; return the error it ended with."""
+        settings = self.settings
+        timeout = settings.timeout if task.timeout is UNSET else task.timeout
         try:
             if timeout is None:
-                await _call(task)
+                await _call(task, settings.environment)
             else:
                 with anyio.move_on_after(timeout) as scope:
-                    await _call(task)
+                    await _call(task, settings.environment)
                 if scope.cancelled_caught:
-                    await self._timed_out(task, timeout)
-                    return
+                    timed_out = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
+                    await self._timed_out(task, timeout, timed_out)
+                    return timed_out
         except Exception as exc:
             task._end(TaskState.FAILED)
-            logger.error("Task %r of %s failed", task.name, self.label, exc_info=exc)
+            task._log(logging.ERROR, "failed", exc_info=exc)
             await self._report(task, exc)
-            return
+            return exc
         except BaseException:
             task._end(_CANCELLED)
-            logger.warning("Task %r of %s cancelled while running", task.name, self.label)
+            task._log(logging.WARNING, "cancelled while running")
             raise
         task._end(TaskState.COMPLETED)
+        task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+        return None
 
-    async def _timed_out(self, task: TaskHandle, seconds: float) -> None:
+    async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> None:
         task._end(TaskState.TIMED_OUT)
         if _is_async(task.func):
-            logger.error(
-                "Task %r of %s timed out after %gs and was cancelled",
-                task.name,
-                self.label,
-                seconds,
-            )
+            task._log(logging.ERROR, "timed out after %gs and was cancelled", seconds)
         else:
-            logger.error(
-                "Task %r of %s timed out after %gs; its thread keeps running until the "
-                "function returns (Python cannot stop a thread)",
-                task.name,
-                self.label,
+            task._log(
+                logging.ERROR,
+                "timed out after %gs; its thread keeps running until the function returns "
+                "(Python cannot stop a thread)",
                 seconds,
             )
-        await self._report(task, TimeoutError(f"Task {task.name!r} timed out after {seconds:g}s"))
+        await self._report(task, error)
 
     async def _report(self, task: TaskHandle, exc: BaseException) -> None:
         """Hand a failure to the `on_error` hook; a failing hook is logged, never raised."""
@@ -224,16 +263,21 @@ class Batch:
             logger.exception("The on_error hook raised for task %r of %s", task.name, self.label)
 
 
-async def _call(task: TaskHandle) -> None:
+async def _call(task: TaskHandle, environment: TaskEnvironment | None) -> None:
     context, func = task.context, task.func
     if _is_async(func):
-        await _InContext(context, context.run(func, *task.args, **task.kwargs))  # type: ignore[arg-type]
+        coroutine: Awaitable[Any] = context.run(func, *task.args, **task.kwargs)  # type: ignore[arg-type]
+        if environment is not None:
+            coroutine = context.run(environment.run_async, coroutine)
+        await _InContext(context, coroutine)
         return
-    awaitable = await _in_thread(
-        functools.partial(_call_sync, context, func, task.args, task.kwargs)
-    )
-    if awaitable is not None:  # e.g. `add_task(lambda: notify(user))`
-        await _InContext(context, awaitable[0])
+    call: Callable[[], tuple[Awaitable[Any]] | None]
+    call = functools.partial(_call_sync, context, func, task.args, task.kwargs)
+    if environment is not None:
+        call = functools.partial(environment.run_sync, call)
+    returned = await _in_thread(call)
+    if returned is not None:  # e.g. `add_task(lambda: notify(user))`
+        await _InContext(context, returned[0])
 
 
 def _call_sync(
@@ -256,12 +300,7 @@ def _abandon_at_exit() -> None:
             if task.state in (_PENDING, TaskState.RUNNING):
                 was = task.state.value
                 task._end(TaskState.ABANDONED)
-                logger.error(
-                    "Task %r of %s abandoned: the process exited while it was %s",
-                    task.name,
-                    batch.label,
-                    was,
-                )
+                task._log(logging.ERROR, "abandoned: the process exited while it was %s", was)
 
 
 def _is_async(func: object) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from . import _context
@@ -88,9 +89,11 @@ class TaskHandle:
     __slots__ = (
         "_name",
         "_queued",
+        "_started",
         "always",
         "args",
         "context",
+        "duration",
         "func",
         "kwargs",
         "owner",
@@ -112,6 +115,8 @@ class TaskHandle:
         self.context: Context = _context.snapshot()
         self.state = _PENDING
         self._queued = False  # counted in `Stats.queued` while it waits to run
+        self._started = 0.0
+        self.duration: float | None = None  # seconds it ran, once it has
         self.always = False
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
@@ -168,7 +173,7 @@ class TaskHandle:
         if self.state is not _PENDING:
             return False
         self._end(TaskState.CANCELLED)
-        logger.info("Task %r of %s cancelled before it ran", self.name, self.request)
+        self._log(logging.INFO, "cancelled before it ran")
         return True
 
     # State changes, kept here so that the counters always match the states.
@@ -184,6 +189,7 @@ class TaskHandle:
             stats.queued -= 1
         self.state = TaskState.RUNNING
         stats.running += 1
+        self._started = time.perf_counter()
 
     def _end(self, state: TaskState) -> None:
         stats = self.owner.stats
@@ -192,8 +198,33 @@ class TaskHandle:
             stats.queued -= 1
         elif self.state is TaskState.RUNNING:
             stats.running -= 1
+            self.duration = time.perf_counter() - self._started
         self.state = state
         stats.ended[state] += 1
+
+    def _log(
+        self, level: int, what: str, *args: object, exc_info: BaseException | None = None
+    ) -> None:
+        """Log "Task 'name' of GET /path <what>", with the task's fields for structured logs."""
+        if not logger.isEnabledFor(level):
+            return
+        name, request = self.name, self.owner
+        fields = {
+            "task_name": name,
+            "task_outcome": self.state.value,
+            "task_duration": self.duration,
+            "request_method": request.method,
+            "request_path": request.path,
+        }
+        logger.log(
+            level,
+            "Task %r of %s " + what,
+            name,
+            request.label,
+            *args,
+            exc_info=exc_info,
+            extra=fields,
+        )
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name!r} {self.state.value}>"

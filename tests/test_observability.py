@@ -1,0 +1,134 @@
+"""Observability: structured log fields, OpenTelemetry spans per task, live counters."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import post_response
+from post_response import ConfigurationError, PostResponseMiddleware, add_task
+from post_response._types import Receive, Scope, Send
+
+from .harness import Exchange
+
+pytestmark = pytest.mark.anyio
+
+FIELDS = ("task_name", "task_outcome", "task_duration", "request_method", "request_path")
+
+
+async def send_ok(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def welcome(user: str) -> None:
+    pass
+
+
+async def broken() -> None:
+    raise ValueError("broken on purpose")
+
+
+async def test_task_log_records_carry_structured_fields(caplog: pytest.LogCaptureFixture) -> None:
+    """Each task's records have its name, outcome, duration and the request's method and path."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(welcome, "ada")
+        add_task(broken)
+        await send_ok(send)
+
+    caplog.set_level(logging.DEBUG, logger="post_response")
+    await Exchange().run(PostResponseMiddleware(app), method="POST", path="/signup")
+    records = [r for r in caplog.records if r.name == "post_response"]
+    fields = [{name: getattr(r, name) for name in FIELDS} for r in records]
+    assert [f["task_outcome"] for f in fields] == ["completed", "failed"]
+    assert [f["task_name"] for f in fields] == [
+        "tests.test_observability.welcome",
+        "tests.test_observability.broken",
+    ]
+    assert {(f["request_method"], f["request_path"]) for f in fields} == {("POST", "/signup")}
+    assert all(isinstance(f["task_duration"], float) and f["task_duration"] >= 0 for f in fields)
+    assert records[0].levelno == logging.DEBUG
+    assert (
+        records[0]
+        .getMessage()
+        .startswith("Task 'tests.test_observability.welcome' of POST /signup completed in ")
+    )
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    """One tracer provider for the process (OpenTelemetry allows setting it once)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_each_task_gets_a_span_under_the_requests_span(
+    exporter: InMemorySpanExporter, kind: str
+) -> None:
+    """The task's span is a child of the request's span, and what the task traces is its child."""
+    exporter.clear()
+    tracer = trace.get_tracer("tests")
+
+    async def async_task(user: str) -> None:
+        with tracer.start_as_current_span("send email"):
+            pass
+
+    def sync_task(user: str) -> None:
+        with tracer.start_as_current_span("send email"):
+            pass
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with tracer.start_as_current_span("GET /signup"):  # as ASGI instrumentation would
+            add_task(async_task if kind == "async" else sync_task, "ada")
+            await send_ok(send)
+
+    await Exchange().run(PostResponseMiddleware(app, opentelemetry=True), path="/signup")
+    spans = {span.name.partition(" test")[0]: span for span in exporter.get_finished_spans()}
+    request, task, inner = spans["GET /signup"], spans["post_response"], spans["send email"]
+    assert task.name.endswith(f".{kind}_task")
+    assert task.parent is not None
+    assert task.parent.span_id == request.context.span_id
+    assert inner.parent is not None
+    assert inner.parent.span_id == task.context.span_id
+    assert task.context.trace_id == request.context.trace_id
+    assert task.attributes is not None
+    assert task.attributes["post_response.task.outcome"] == "completed"
+    assert task.attributes["url.path"] == "/signup"
+
+
+async def test_a_failing_tasks_span_records_the_error(exporter: InMemorySpanExporter) -> None:
+    """A failed task's span has status ERROR and the exception as an event."""
+    exporter.clear()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(broken)
+        await send_ok(send)
+
+    await Exchange().run(PostResponseMiddleware(app, opentelemetry=True))
+    [span] = exporter.get_finished_spans()
+    assert span.parent is None  # no request span here: the task's span is a root
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["post_response.task.outcome"] == "failed"
+    assert [event.name for event in span.events] == ["exception"]
+
+
+def test_opentelemetry_without_the_extra_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`opentelemetry=True` without the API installed says which extra to install."""
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "post_response._otel", raising=False)
+    monkeypatch.delattr(post_response, "_otel", raising=False)
+    with pytest.raises(ConfigurationError, match=r"pip install 'post_response\[otel\]'"):
+        PostResponseMiddleware(send_ok, opentelemetry=True)  # type: ignore[arg-type]
