@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -131,8 +131,15 @@ def query(scope: Scope) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
 
 
-def with_controls(app: AnyASGIApp, middleware: PostResponseMiddleware | None = None) -> ASGIApp:
-    """Serve `/_control/...` here and pass every other request (and lifespan) to `app`."""
+def with_controls(
+    app: AnyASGIApp,
+    middleware: PostResponseMiddleware | None = None,
+    actions: Mapping[str, Callable[[], Any]] | None = None,
+) -> ASGIApp:
+    """Serve `/_control/...` here and pass every other request (and lifespan) to `app`.
+
+    `actions` adds controls of the app's own: `/_control/<name>` answers with `action()`.
+    """
 
     async def controlled(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/_control/"):
@@ -141,7 +148,10 @@ def with_controls(app: AnyASGIApp, middleware: PostResponseMiddleware | None = N
         action, params = scope["path"].removeprefix("/_control/"), query(scope)
         status, body = 200, None
         with anyio.move_on_after(WAIT_LIMIT) as waited:
-            body = await _control(action, params, middleware)
+            if actions and action in actions:
+                body = actions[action]()
+            else:
+                body = await _control(action, params, middleware)
         if waited.cancelled_caught:
             status, body = 504, {"error": f"timed out waiting: {action} {params}"}
         payload = json.dumps(body).encode()

@@ -1,0 +1,44 @@
+"""The Django example (examples/django_app.py) with test controls: which database
+connections were opened, and which are still open.
+
+Run: EXAMPLE_DATABASE=/tmp/t.sqlite3 python -m uvicorn tests.apps.django_orm:app
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
+
+from examples import django_app
+
+from .control import with_controls
+
+# Django's connections are per thread: keep each one to look at it from here later.
+OPENED: list[BaseDatabaseWrapper] = []
+
+
+def _opened(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    OPENED.append(connection)
+
+
+connection_created.connect(_opened)
+
+
+def connections() -> dict[str, int]:
+    """How many connections were opened so far, and how many of them are open now."""
+    return {"opened": len(OPENED), "open": sum(c.connection is not None for c in OPENED)}
+
+
+def config() -> dict[str, Any]:
+    """The options the middleware ended up with (settings.POST_RESPONSE, then arguments)."""
+    options = django_app.application.config
+    return {"timeout": options.timeout, "policy": options.policy, "max_tasks": options.max_tasks}
+
+
+app = with_controls(
+    django_app.application,
+    django_app.application,
+    actions={"connections": connections, "config": config},
+)

@@ -1,0 +1,69 @@
+"""Django over ASGI on a real uvicorn: ORM tasks, database connections, settings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ..servers import Server, run
+
+
+@pytest.fixture(scope="module")
+def django(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    database = tmp_path_factory.mktemp("django") / "db.sqlite3"
+    with run("uvicorn-h11", "django_orm:app", env={"EXAMPLE_DATABASE": str(database)}) as server:
+        yield server
+
+
+def sent_emails(server: Server, count: int) -> list[dict[str, str]]:
+    """The emails the tasks recorded, once there are `count` of them (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sent: list[dict[str, str]] = httpx.get(f"{server.url}/emails", timeout=10).json()["sent"]
+        if len(sent) >= count or time.monotonic() > deadline:
+            return sent
+        time.sleep(0.02)
+
+
+def test_sync_and_async_tasks_use_the_orm_and_leave_no_connection_open(django: Server) -> None:
+    """A sync view's sync task and an async view's async task write with the ORM after the
+    response; afterwards every database connection they (or the requests) opened is closed."""
+    for path in ("/signup?email=ada@example.com", "/async-signup?email=bob@example.com"):
+        response = httpx.post(f"{django.url}{path}", timeout=10)
+        assert (response.status_code, response.text) == (
+            200,
+            "Welcome! Your email is on its way.\n",
+        )
+    assert sent_emails(django, 2) == [
+        {"to": "ada@example.com", "sent_by": "sync task"},
+        {"to": "bob@example.com", "sent_by": "async task"},
+    ]
+    connections = django.control("connections")
+    assert connections["opened"] >= 3  # the two tasks' and the /emails requests'
+    assert connections["open"] == 0
+
+
+def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
+    """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
+    middleware's own arguments override it (`timeout=60` over the settings' 30)."""
+    assert django.control("config") == {"timeout": 60.0, "policy": "no_error", "max_tasks": 5}
+    assert httpx.get(f"{django.url}/missing", timeout=10).status_code == 404
+    skipped = "Task 'examples.django_app.send_welcome_email' of GET /missing skipped"
+    deadline = time.monotonic() + 10
+    while skipped not in django.output() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert skipped in django.output()
+
+
+def test_the_example_runs_with_its_documented_command(tmp_path: Path) -> None:
+    """`python -m uvicorn examples.django_app:application` serves the example as written."""
+    environ = {"EXAMPLE_DATABASE": str(tmp_path / "db.sqlite3")}
+    with run("uvicorn-h11", "examples.django_app:application", env=environ) as server:
+        assert (
+            httpx.post(f"{server.url}/signup?email=cy@example.com", timeout=10).status_code == 200
+        )
+        assert sent_emails(server, 1) == [{"to": "cy@example.com", "sent_by": "sync task"}]
