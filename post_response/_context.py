@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import enum
 from contextvars import Context, ContextVar, copy_context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from ._task import Stats, TaskHandle
 
-__all__ = ["Phase", "RequestTasks", "activate", "current", "deactivate", "snapshot"]
+__all__ = [
+    "Capture",
+    "Phase",
+    "RequestTasks",
+    "activate",
+    "captures",
+    "current",
+    "deactivate",
+    "snapshot",
+]
 
 
 class Phase(enum.Enum):
@@ -74,6 +83,19 @@ class RequestTasks:
 
 
 _current: ContextVar[RequestTasks | None] = ContextVar("post_response.tasks", default=None)
+
+
+class Capture(Protocol):
+    """What `post_response.testing.capture_tasks()` records tasks into."""
+
+    # Stands in for a request for add_task() called outside any (Django's test client,
+    # a view called directly); the tasks of requests the middleware handles join its list.
+    request: RequestTasks
+
+
+# Active captures, innermost last. Process-wide, not per context: test clients run the
+# app in threads and event loops of their own.
+captures: list[Capture] = []
 
 current = _current.get  # -> the running request's tasks, or None outside any request
 activate = _current.set  # -> a token for deactivate()

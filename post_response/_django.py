@@ -3,6 +3,7 @@ connection open. Imported by the middleware only once Django's settings are conf
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -31,6 +32,14 @@ def settings_options() -> dict[str, Any]:
     return options
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Environment:
     """Run each task as Django runs a request, as far as database connections go.
 
@@ -49,6 +58,8 @@ class Environment:
             close_old_connections()
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
+        if not _on_asyncio():  # Django's async support is asyncio's; nothing to do on trio
+            return await awaitable
         async with ThreadSensitiveContext():
             try:
                 return await awaitable

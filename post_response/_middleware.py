@@ -192,6 +192,11 @@ class PostResponseMiddleware:
         if not tasks.tasks:
             tasks.close()
             return
+        if _context.captures:  # post_response.testing.capture_tasks()
+            _runner.Batch(tasks, self.settings, skip_reason).capture(
+                _context.captures[-1].request.tasks
+            )
+            return
         owner = self._owner_here()
         batch = _runner.Batch(tasks, self.settings, skip_reason, owner.limiter)
         batch.enqueue(self.config.max_queued)

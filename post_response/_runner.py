@@ -13,6 +13,7 @@ import atexit
 import functools
 import inspect
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from ._options import ErrorHook
     from ._task import TaskHandle
 
-__all__ = ["THREADS", "Batch", "Settings"]
+__all__ = ["THREADS", "Batch", "Settings", "TaskEnvironment", "TaskSpans", "run_now", "wait_idle"]
 
 logger = logging.getLogger("post_response")
 
@@ -122,8 +123,23 @@ class Batch:
 
     def close(self) -> None:
         """The batch is over: its request accepts no more tasks and lets go of them."""
-        _unfinished.discard(self)
         self.request.close()
+        with _idle:
+            _unfinished.discard(self)
+            if not _unfinished:
+                _idle.notify_all()
+
+    def capture(self, into: list[TaskHandle]) -> None:
+        """For tests: record the tasks that would run into `into`, pending; skip the rest."""
+        for task in self.tasks:
+            if task.state is not _PENDING:
+                continue
+            if self.skip_reason is None or task.always:
+                into.append(task)
+            else:
+                task._end(TaskState.SKIPPED)
+                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+        self.close()
 
     def enqueue(self, limit: int | None) -> None:
         """Count the tasks that will run as queued; past `limit` queued, drop them instead.
@@ -289,6 +305,37 @@ def _call_sync(
 
 
 _unfinished: set[Batch] = set()  # batches not closed yet, for the report at exit
+_idle = threading.Condition()  # notified when the last unfinished batch closes
+
+
+def wait_idle(timeout: float | None) -> list[str]:
+    """Block until no batch is unfinished, at most `timeout` seconds; return the names of
+    the tasks still waiting or running then (empty: all done)."""
+    with _idle:
+        if _idle.wait_for(lambda: not _unfinished, timeout):
+            return []
+        return [
+            f"{task.name} of {batch.label}"
+            for batch in list(_unfinished)
+            for task in batch.tasks
+            if task.state in (_PENDING, TaskState.RUNNING)
+        ]
+
+
+async def run_now(task: TaskHandle) -> None:
+    """For tests: run a pending task here and now, in its context; failures propagate."""
+    if task.state is not _PENDING:
+        return
+    task._start()
+    try:
+        await _call(task, None)
+    except Exception:
+        task._end(TaskState.FAILED)
+        raise
+    except BaseException:
+        task._end(_CANCELLED)
+        raise
+    task._end(TaskState.COMPLETED)
 
 
 @atexit.register

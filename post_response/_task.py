@@ -252,7 +252,9 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         raise _not_callable(func)
     tasks = _context.current()
     if tasks is None:
-        raise OutsideRequestError(_OUTSIDE_REQUEST)
+        if not _context.captures:
+            raise OutsideRequestError(_OUTSIDE_REQUEST)
+        tasks = _context.captures[-1].request
     if tasks.phase is _context.Phase.CLOSED:
         msg = (
             f"add_task({_describe(func)}) was called after the tasks of {tasks.label} had "

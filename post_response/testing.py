@@ -1,0 +1,118 @@
+"""Helpers for testing code that calls `add_task()`.
+
+- `capture_tasks()` records the tasks that requests add instead of running them, so a test
+  can assert on their functions and arguments, then run them when it chooses.
+- `wait_for_tasks()` blocks until every task handed off so far has ended.
+
+    from post_response.testing import capture_tasks
+
+    def test_signup_sends_a_welcome_email(client):
+        with capture_tasks() as tasks:
+            response = client.post("/signup", params={"email": "ada@example.com"})
+        assert response.status_code == 200
+        [task] = tasks
+        assert (task.func, task.args) == (send_welcome_email, ("ada@example.com",))
+        tasks.run()  # run it now, in this test: its exceptions reach the test
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import overload
+
+import anyio
+import anyio.to_thread
+
+from . import _context, _runner
+from ._task import Stats, TaskHandle
+
+__all__ = ["CapturedTasks", "capture_tasks", "wait_for_tasks", "wait_for_tasks_async"]
+
+
+class CapturedTasks(Sequence[TaskHandle]):
+    """The tasks recorded by `capture_tasks()`, in the order they were added, not yet run.
+
+    Each is a `TaskHandle`: `.func`, `.args`, `.kwargs`, `.name`, `.state`.
+    """
+
+    def __init__(self) -> None:
+        # add_task() outside any request (Django's test client, a view called directly)
+        # lands here too, as if in this pseudo-request.
+        self.request = _context.RequestTasks(
+            sys.maxsize, {"type": "test", "path": "(captured)"}, Stats()
+        )
+
+    @overload
+    def __getitem__(self, index: int) -> TaskHandle: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TaskHandle]: ...
+    def __getitem__(self, index: int | slice) -> TaskHandle | Sequence[TaskHandle]:
+        return self.request.tasks[index]
+
+    def __len__(self) -> int:
+        return len(self.request.tasks)
+
+    def __repr__(self) -> str:
+        return f"<CapturedTasks {list(self)!r}>"
+
+    async def arun(self) -> None:
+        """Run the captured tasks that are still pending, in order, each in its context
+        snapshot. The first failure propagates, and the tasks after it stay pending."""
+        for task in list(self):
+            await _runner.run_now(task)
+
+    def run(self) -> None:
+        """`arun()` for sync tests (it starts an event loop; in async tests, `await arun()`)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            anyio.run(self.arun)
+            return
+        msg = "CapturedTasks.run() starts an event loop; inside one, use `await tasks.arun()`."
+        raise RuntimeError(msg)
+
+
+@contextlib.contextmanager
+def capture_tasks(*, run: bool = False) -> Iterator[CapturedTasks]:
+    """Record the tasks added while the block runs, instead of running them.
+
+    Tasks from requests handled by `PostResponseMiddleware` are captured once their
+    request is over, if its outcome policy would run them (skipped ones are skipped as
+    usual). `add_task()` called outside any request, as under Django's test client, which
+    does not go through the ASGI app, is captured too instead of raising.
+
+    Args:
+        run: Run the captured tasks when the block ends (like Django's
+            `captureOnCommitCallbacks(execute=True)`).
+    """
+    captured = CapturedTasks()
+    _context.captures.append(captured)
+    try:
+        yield captured
+    finally:
+        _context.captures.remove(captured)
+    if run:
+        captured.run()
+
+
+def wait_for_tasks(timeout: float | None = 10.0) -> None:
+    """Block until every task handed off so far has ended (in any app, loop or thread).
+
+    For tests that let tasks run as in production, detached, and then check their effects.
+
+    Raises:
+        TimeoutError: Tasks are still waiting or running after `timeout` seconds; the
+            message names them.
+    """
+    left = _runner.wait_idle(timeout)
+    if left:
+        msg = f"{len(left)} tasks still not done after {timeout}s: {', '.join(left)}"
+        raise TimeoutError(msg)
+
+
+async def wait_for_tasks_async(timeout: float | None = 10.0) -> None:  # noqa: ASYNC109
+    """`wait_for_tasks()` for async tests: waits in a thread, so the tasks can run."""
+    await anyio.to_thread.run_sync(wait_for_tasks, timeout, abandon_on_cancel=True)
