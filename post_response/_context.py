@@ -8,14 +8,17 @@ made inside a framework's worker thread or child task would be invisible to us.
 Each task runs in a snapshot of its caller's context. `contextvars.copy_context()` is
 exactly that snapshot and costs ~0.05 µs; contextvars-extras' `bind_to_snapshot_context`
 costs ~4 µs per call on this machine class, too much for the request path, so it is
-not used here.
+not used for that. Its sandbox serves the WSGI middleware (`sandboxed`). This is the only
+module that imports contextvars-extras.
 """
 
 from __future__ import annotations
 
 import enum
 from contextvars import Context, ContextVar, copy_context
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
+
+from contextvars_extras.context_management import bind_to_sandbox_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -30,6 +33,7 @@ __all__ = [
     "captures",
     "current",
     "deactivate",
+    "sandboxed",
     "snapshot",
 ]
 
@@ -101,3 +105,12 @@ current = _current.get  # -> the running request's tasks, or None outside any re
 activate = _current.set  # -> a token for deactivate()
 deactivate = _current.reset
 snapshot: Callable[[], Context] = copy_context  # the caller's context, frozen for a task
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def sandboxed(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`func`, run at each call in a fresh copy of the caller's context: what it sets stays
+    in that call (a WSGI server thread serves request after request in one context)."""
+    return cast("Callable[_P, _R]", bind_to_sandbox_context(func))

@@ -12,7 +12,7 @@ from anyio.lowlevel import RunVar
 
 from . import _context, _runner
 from ._errors import ConfigurationError
-from ._options import Options, configure
+from ._options import Config, Options, configure, skip_reason
 from ._owner import Owner
 from ._task import Stats, TaskState
 
@@ -74,15 +74,8 @@ class PostResponseMiddleware:
 
     def __init__(self, app: AnyASGIApp, **options: Unpack[Options]) -> None:
         self.app = app
-        self.config = config = configure(_with_framework_settings(options))
+        self.config, self.settings = setup(options)
         self.stats = Stats()
-        self.settings = _runner.Settings(
-            concurrency=config.concurrency,
-            timeout=config.timeout,
-            on_error=config.on_error,
-            environment=_framework_environment(),
-            spans=_task_spans() if config.opentelemetry else None,
-        )
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
@@ -151,13 +144,15 @@ class PostResponseMiddleware:
         try:
             await self.app(scope, watch_receive, watch_send)
         except Exception:
-            reason = self._skip_reason(status, complete, client_gone, raised=True)
+            reason = skip_reason(self.config.policy, status, complete, client_gone, raised=True)
             await self._finish(tasks, reason)
             raise
         except BaseException:
             self._abandon(tasks, "the request was cancelled")
             raise
-        await self._finish(tasks, self._skip_reason(status, complete, client_gone, raised=False))
+        await self._finish(
+            tasks, skip_reason(self.config.policy, status, complete, client_gone, raised=False)
+        )
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
@@ -172,33 +167,16 @@ class PostResponseMiddleware:
             raise
         await self._finish(tasks, None)
 
-    def _skip_reason(
-        self, status: int, complete: bool, client_gone: bool, *, raised: bool
-    ) -> str | None:
-        """Why the policy skips this request's tasks, or None to run them."""
-        policy = self.config.policy
-        if policy == "always":
-            return None
-        if status >= 500 or (status >= 400 and policy == "no_error"):
-            return f"the response status was {status}"
-        if complete or client_gone:
-            return None
-        if raised:
-            return "the app raised before completing the response"
-        return "the app returned without completing the response"
-
-    async def _finish(self, tasks: _context.RequestTasks, skip_reason: str | None) -> None:
+    async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""
         if not tasks.tasks:
             tasks.close()
             return
         if _context.captures:  # post_response.testing.capture_tasks()
-            _runner.Batch(tasks, self.settings, skip_reason).capture(
-                _context.captures[-1].request.tasks
-            )
+            _runner.Batch(tasks, self.settings, reason).capture(_context.captures[-1].request.tasks)
             return
         owner = self._owner_here()
-        batch = _runner.Batch(tasks, self.settings, skip_reason, owner.limiter)
+        batch = _runner.Batch(tasks, self.settings, reason, owner.limiter)
         batch.enqueue(self.config.max_queued)
         if self.config.detach:
             owner.submit(batch)
@@ -273,6 +251,19 @@ class PostResponseMiddleware:
         if loop is not None:
             self._last = (loop, owner)
         return owner
+
+
+def setup(options: Options) -> tuple[Config, _runner.Settings]:
+    """The options checked (over the framework's settings), and how tasks are to run."""
+    config = configure(_with_framework_settings(options))
+    settings = _runner.Settings(
+        concurrency=config.concurrency,
+        timeout=config.timeout,
+        on_error=config.on_error,
+        environment=_framework_environment(),
+        spans=_task_spans() if config.opentelemetry else None,
+    )
+    return config, settings
 
 
 def _with_framework_settings(options: Options) -> dict[str, object]:

@@ -12,7 +12,16 @@ from ._task import check_timeout
 if TYPE_CHECKING:
     from ._task import TaskHandle
 
-__all__ = ["DEFAULTS", "POLICIES", "Config", "ErrorHook", "Options", "Policy", "configure"]
+__all__ = [
+    "DEFAULTS",
+    "POLICIES",
+    "Config",
+    "ErrorHook",
+    "Options",
+    "Policy",
+    "configure",
+    "skip_reason",
+]
 
 Policy = Literal["no_server_error", "no_error", "always"]
 POLICIES: tuple[Policy, ...] = ("no_server_error", "no_error", "always")
@@ -87,6 +96,28 @@ def configure(options: Mapping[str, object], source: str = "PostResponseMiddlewa
         msg = f"on_error must be a callable taking (task, exception); got {hook!r}."
         raise ConfigurationError(msg)
     return Config(**given)  # type: ignore[arg-type]  # each value was checked above
+
+
+def skip_reason(
+    policy: Policy, status: int, complete: bool, client_gone: bool, *, raised: bool
+) -> str | None:
+    """Why `policy` skips a request's tasks, or None to run them.
+
+    Args:
+        status: The response's status, 0 if none was sent.
+        complete: The response was sent in full.
+        client_gone: The client went away (a disconnect seen, or an error writing to it).
+        raised: The app raised.
+    """
+    if policy == "always":
+        return None
+    if status >= 500 or (status >= 400 and policy == "no_error"):
+        return f"the response status was {status}"
+    if complete or client_gone:
+        return None
+    if raised:
+        return "the app raised before completing the response"
+    return "the app returned without completing the response"
 
 
 def _check_count(value: object, name: str, *, optional: bool = False) -> None:

@@ -1,0 +1,228 @@
+"""The same `add_task()` for WSGI apps (Flask, Django over WSGI, any PEP 3333 app).
+
+    from post_response.wsgi import PostResponseWSGIMiddleware
+
+    app.wsgi_app = PostResponseWSGIMiddleware(app.wsgi_app)          # Flask
+    application = PostResponseWSGIMiddleware(get_wsgi_application())  # Django
+
+Each request runs in its own context (contextvars-extras' sandbox), so WSGI servers that
+reuse threads never mix requests. Tasks start after the server has sent the response and
+closed the response iterable. By default they then run detached, on an event loop in a
+daemon thread the middleware starts on first use, so the server's worker thread is free at
+once; `detach=False` runs them inside `close()`. Policy, isolation, logging, limits and
+counters are those of `PostResponseMiddleware`. WSGI has no lifespan: at interpreter exit
+(gunicorn and waitress exit through it on SIGTERM) the middleware waits up to
+`shutdown_timeout` for the tasks, then cancels what is left, logging each task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _context, _runner
+from ._middleware import setup
+from ._options import skip_reason
+from ._owner import Owner
+from ._task import Stats
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from contextvars import Context
+    from types import TracebackType
+
+    from typing_extensions import Unpack
+
+    from ._options import Options
+
+    ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+    StartResponse = Callable[..., Callable[[bytes], object]]
+    WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+__all__ = ["PostResponseWSGIMiddleware"]
+
+
+class PostResponseWSGIMiddleware:
+    """Run the tasks added with `add_task()` once a WSGI response has been sent.
+
+    Takes the same options as `PostResponseMiddleware`.
+    """
+
+    def __init__(self, app: WSGIApp, **options: Unpack[Options]) -> None:
+        self.app = app
+        self.config, self.settings = setup(options)
+        self.stats = Stats()
+        self._loop: _TaskLoop | None = None
+        self._loop_lock = threading.Lock()
+
+    @_context.sandboxed  # a fresh context per request, though the server reuses threads
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        scope = {"type": "http", "method": environ.get("REQUEST_METHOD", ""),
+                 "path": environ.get("PATH_INFO", "")}  # fmt: skip
+        tasks = _context.RequestTasks(self.config.max_tasks, scope, self.stats)
+        _context.activate(tasks)  # no reset: the sandbox is discarded after the call
+        response = _Response(self, tasks, start_response)
+        try:
+            body = self.app(environ, response.start_response)
+        except BaseException:
+            response.finish(raised=True)
+            raise
+        # The server iterates and closes the body outside this call: in this context again.
+        return _ClosingIterable(response, body, _context.snapshot())
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the tasks handed off so far have ended; False if `timeout` passed first."""
+        loop = self._loop
+        return loop is None or loop.join(timeout)
+
+    def _run(self, batch: _runner.Batch) -> None:
+        """Run a finished request's tasks: on the task loop, or here (`detach=False`)."""
+        if not self.config.detach:
+            anyio.run(_run_inline, batch)
+            return
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = _TaskLoop(self.config.max_running, self.config.shutdown_timeout)
+        self._loop.submit(batch)
+
+
+class _Response:
+    """One request's response: its status, how its body went, and the end of it."""
+
+    def __init__(
+        self,
+        middleware: PostResponseWSGIMiddleware,
+        tasks: _context.RequestTasks,
+        start_response: StartResponse,
+    ) -> None:
+        self.middleware = middleware
+        self.tasks = tasks
+        self._start_response = start_response
+        self.status = 0
+        self.failed = False  # start_response() got exc_info: the app is answering an error
+        self.done = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        self.status = int(status.split(None, 1)[0])
+        self.failed = self.failed or exc_info is not None
+        return self._start_response(status, headers, exc_info)
+
+    def finish(self, *, raised: bool, complete: bool = False, client_gone: bool = False) -> None:
+        """The server is done with the response: judge the outcome, hand the tasks over."""
+        if self.done:
+            return
+        self.done = True
+        tasks, config = self.tasks, self.middleware.config
+        if not tasks.tasks:
+            tasks.close()
+            return
+        status = 500 if self.failed and self.status < 500 else self.status
+        reason = skip_reason(config.policy, status, complete, client_gone, raised=raised)
+        if _context.captures:  # post_response.testing.capture_tasks()
+            _runner.Batch(tasks, self.middleware.settings, reason).capture(
+                _context.captures[-1].request.tasks
+            )
+            return
+        batch = _runner.Batch(tasks, self.middleware.settings, reason)
+        batch.enqueue(config.max_queued)
+        self.middleware._run(batch)
+
+
+class _ClosingIterable:
+    """The app's response body, run in the request's context; its `close()` ends the request."""
+
+    def __init__(self, response: _Response, body: Iterable[bytes], context: Context) -> None:
+        self._response = response
+        self._body = body
+        self._context = context
+        self._iterator: Iterator[bytes] | None = None
+        self._exhausted = False
+        self._raised = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = self._context.run(iter, self._body)
+        try:
+            return self._context.run(next, self._iterator)
+        except StopIteration:
+            self._exhausted = True
+            raise
+        except BaseException:
+            self._raised = True
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                self._context.run(close)
+        finally:
+            # Stopped before the end without an error of the app: the client went away.
+            self._response.finish(
+                raised=self._raised,
+                complete=self._exhausted,
+                client_gone=not (self._exhausted or self._raised),
+            )
+
+
+async def _run_inline(batch: _runner.Batch) -> None:
+    await batch.run(reason="the request was cancelled")
+
+
+class _TaskLoop:
+    """A daemon thread with an event loop whose owner runs WSGI requests' tasks."""
+
+    def __init__(self, max_running: int | None, shutdown_timeout: float | None) -> None:
+        self._shutdown_timeout = shutdown_timeout
+        self._max_running = max_running
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="post_response", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        atexit.register(self.shutdown)
+
+    def _main(self) -> None:
+        anyio.run(self._serve)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.owner = Owner(self._max_running)
+        async with anyio.create_task_group() as group:
+            await group.start(self.owner.serve)
+            self._started.set()
+
+    def submit(self, batch: _runner.Batch) -> None:
+        """Hand a batch to the owner, from any thread (as a task: anyio needs one)."""
+        asyncio.run_coroutine_threadsafe(self._submit(batch), self.loop)
+
+    async def _submit(self, batch: _runner.Batch) -> None:
+        self.owner.submit(batch)
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait until the owner has no batch left; False if `timeout` passed first."""
+        future = asyncio.run_coroutine_threadsafe(self.owner.join(), self.loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        """At interpreter exit: wait for the tasks up to the shutdown timeout, then cancel."""
+        if not self._thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(
+            self.owner.shutdown(self._shutdown_timeout), self.loop
+        )
+        future.result()
+        self._thread.join()

@@ -1,0 +1,150 @@
+"""`PostResponseWSGIMiddleware` driven in-process: outcome policy, contexts, modes."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from post_response import TaskHandle, TaskState, add_task
+from post_response.testing import capture_tasks
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="nobody")
+StartResponse = Callable[..., Any]
+
+
+class Boom(Exception):
+    pass
+
+
+def serve(app: PostResponseWSGIMiddleware, *, read: int | None = None) -> list[bytes]:
+    """Call the app as a WSGI server does: iterate the body (only `read` chunks, as when the
+    client goes away), then close it; then wait for the tasks."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/signup", "wsgi.input": None}
+    chunks: list[bytes] = []
+    try:
+        body = app(environ, lambda status, headers, exc_info=None: lambda data: None)
+        try:
+            for chunk in body:
+                chunks.append(chunk)
+                if read is not None and len(chunks) == read:
+                    break
+        finally:
+            body.close()  # type: ignore[attr-defined]
+    finally:
+        assert app.join(10)
+    return chunks
+
+
+def view(status: str = "200 OK", *, steps: Iterable[str] = (), **options: Any) -> Any:
+    """A WSGI app adding a normal and an `always` task, then answering with `status`."""
+    handles: list[TaskHandle] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        handles.append(add_task(lambda: None).set(name="normal"))
+        handles.append(add_task(lambda: None).set(name="always", always=True))
+        if "raise before" in steps:
+            raise Boom
+        if "exc_info" in steps:
+            try:
+                raise Boom
+            except Boom as exc:
+                start_response(status, [], (Boom, exc, exc.__traceback__))
+        else:
+            start_response(status, [])
+        return chunks()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"a"
+        if "raise while iterating" in steps:
+            raise Boom
+        yield b"b"
+
+    middleware = PostResponseWSGIMiddleware(app, **options)
+    return middleware, handles
+
+
+RUN, SKIP = TaskState.COMPLETED, TaskState.SKIPPED
+
+
+@pytest.mark.parametrize(
+    ("status", "steps", "read", "options", "expected"),
+    [
+        ("200 OK", (), None, {}, RUN),
+        ("404 Not Found", (), None, {}, RUN),
+        ("404 Not Found", (), None, {"policy": "no_error"}, SKIP),
+        ("500 Internal Server Error", (), None, {}, SKIP),
+        ("200 OK", ("raise before",), None, {}, SKIP),
+        ("200 OK", ("raise while iterating",), None, {}, SKIP),
+        ("500 Internal Server Error", ("exc_info",), None, {}, SKIP),
+        ("200 OK", (), 1, {}, RUN),  # the server stopped reading: the client went away
+    ],
+    ids=["200", "404", "404 no_error", "500", "raised", "raised mid-body", "exc_info", "gone"],
+)
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "inline"])
+def test_the_outcome_policy_is_the_asgi_one(  # noqa: PLR0917
+    status: str, steps: tuple[str, ...], read: int | None, options: dict[str, Any],
+    expected: TaskState, detach: bool,
+) -> None:  # fmt: skip
+    """The same policy as for ASGI: what the app answered and how its body went decide."""
+    app, handles = view(status, steps=steps, detach=detach, **options)
+    if steps and steps[0].startswith("raise"):
+        with pytest.raises(Boom):
+            serve(app, read=read)
+    else:
+        serve(app, read=read)
+    assert [h.state for h in handles] == [expected, RUN]
+
+
+def test_each_request_runs_in_its_own_context_and_its_tasks_see_it() -> None:
+    """A value a view sets is its request's alone (the server thread is reused), and the
+    task sees the value at add_task() time."""
+    seen: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        seen.append(f"view saw {user.get()}")
+        user.set(environ["PATH_INFO"])
+        add_task(lambda: seen.append(f"task saw {user.get()}"))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = PostResponseWSGIMiddleware(app)
+    serve(middleware)
+    serve(middleware)
+    assert seen == ["view saw nobody", "task saw /signup"] * 2
+    assert user.get() == "nobody"
+
+
+def test_detached_tasks_run_on_the_task_loop_inline_ones_in_close() -> None:
+    """Detached, tasks run in the middleware's own thread; inline, in the server's, in close()."""
+    threads: dict[bool, str] = {}
+
+    def app_for(detach: bool) -> PostResponseWSGIMiddleware:
+        def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+            add_task(record, detach)
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        return PostResponseWSGIMiddleware(app, detach=detach)
+
+    async def record(detach: bool) -> None:
+        threads[detach] = threading.current_thread().name
+
+    serve(app_for(True))
+    serve(app_for(False))
+    assert threads == {True: "post_response", False: threading.current_thread().name}
+
+
+def test_capture_tasks_works_for_wsgi_apps() -> None:
+    """`capture_tasks()` records WSGI requests' tasks as it does ASGI ones."""
+    app, _ = view()
+    with capture_tasks() as tasks:
+        serve(app)
+    assert [t.name for t in tasks] == ["normal", "always"]
+    assert {t.state for t in tasks} == {TaskState.PENDING}
+    tasks.run()
+    assert {t.state for t in tasks} == {TaskState.COMPLETED}
