@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 
 from post_response import PostResponseMiddleware, add_task
 from post_response._types import ASGIApp, Message, Receive, Scope, Send
@@ -75,6 +75,11 @@ async def function_scoped_dependency(id: str) -> AsyncIterator[str]:
     add_task(step, f"{id}-function-exit-task")
 
 
+async def noting_yield_dependency(id: str) -> AsyncIterator[str]:
+    yield id
+    note(f"{id}-exit:ran")
+
+
 fastapi = FastAPI()
 
 
@@ -108,6 +113,18 @@ async def with_function_scope(
     id: str, _dependency: Annotated[str, Depends(function_scoped_dependency, scope="function")]
 ) -> str:
     add_task(step, f"{id}-endpoint")
+    return "hello world"
+
+
+@fastapi.get("/background")
+async def with_background_tasks(
+    id: str,
+    background: BackgroundTasks,
+    _dependency: Annotated[str, Depends(noting_yield_dependency)],
+) -> str:
+    """FastAPI's own BackgroundTasks and ours on one response, with a yield dependency."""
+    background.add_task(gated, f"{id}-fastapi")
+    add_task(gated, f"{id}-ours")
     return "hello world"
 
 

@@ -97,3 +97,15 @@ def check_example(example: Example, expected: list[list[str]]) -> list[httpx.Res
         written += lines
         assert wait_for_lines(example.log, len(written)) == written
     return responses
+
+
+def assert_framework_task_then_ours(server: Server, theirs: str, ours: str) -> None:
+    """After the response, the framework's own gated background task `theirs` runs; ours
+    waits until it has ended (the app has not returned), even with its gate open."""
+    server.control("until", event=f"{theirs}:start")
+    assert f"{ours}:start" not in server.control("events")
+    server.control("open", id=ours)
+    server.control("open", id=theirs)
+    server.control("wait", id=ours)
+    events = [e for e in server.control("events") if e.startswith((f"{theirs}:", f"{ours}:"))]
+    assert events == [f"{theirs}:start", f"{theirs}:end", f"{ours}:start", f"{ours}:end"]

@@ -10,6 +10,7 @@ import pytest
 from ..servers import Server, run
 from .helpers import (
     Example,
+    assert_framework_task_then_ours,
     assert_ran_after_response,
     check_example,
     events_of,
@@ -79,6 +80,26 @@ def test_function_scoped_yield_exit_code_runs_before_the_response(fastapi: Serve
         f"{rid}-response:complete",
         f"{rid}-endpoint:ran",
         f"{rid}-function-exit-task:ran",
+    ]
+
+
+def test_fastapi_background_tasks_run_first_then_yield_exit_code_then_ours(
+    fastapi: Server,
+) -> None:
+    """On one response, FastAPI's BackgroundTasks run first (inside the response, once its
+    body is sent), then the yield dependency's exit code, then our tasks."""
+    rid = new_id()
+    ours, theirs = f"{rid}-ours", f"{rid}-fastapi"
+    response = get(fastapi, f"/background?id={rid}")
+    assert (response.status_code, response.json()) == (200, "hello world")
+    assert_framework_task_then_ours(fastapi, theirs, ours)
+    assert events_of(fastapi, rid) == [
+        f"{rid}-response:complete",
+        f"{theirs}:start",
+        f"{theirs}:end",
+        f"{rid}-exit:ran",
+        f"{ours}:start",
+        f"{ours}:end",
     ]
 
 

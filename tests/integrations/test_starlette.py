@@ -8,7 +8,15 @@ from collections.abc import Iterator
 import pytest
 
 from ..servers import Server, run
-from .helpers import Example, assert_ran_after_response, check_example, get, new_id, serve_example
+from .helpers import (
+    Example,
+    assert_framework_task_then_ours,
+    assert_ran_after_response,
+    check_example,
+    get,
+    new_id,
+    serve_example,
+)
 
 # The apps of tests/apps/starlette_cases.py, by where their BaseHTTPMiddleware sits
 # relative to ours; it sets the `x-middleware` header to that name.
@@ -49,17 +57,7 @@ def test_starlette_background_tasks_run_first_then_ours(starlette: Server) -> No
     ours, theirs = f"{task_id}-ours", f"{task_id}-starlette"
     response = get(starlette, f"/background?id={task_id}")
     assert (response.status_code, response.text) == (200, "hello world")
-    starlette.control("until", event=f"{theirs}:start")
-    assert f"{ours}:start" not in starlette.control("events")
-    starlette.control("open", id=ours)  # ours still waits for the app to return
-    starlette.control("open", id=theirs)
-    starlette.control("wait", id=ours)
-    assert [e for e in starlette.control("events") if e.startswith(task_id)] == [
-        f"{theirs}:start",
-        f"{theirs}:end",
-        f"{ours}:start",
-        f"{ours}:end",
-    ]
+    assert_framework_task_then_ours(starlette, theirs, ours)
 
 
 @pytest.fixture(scope="module")
