@@ -1,15 +1,20 @@
 """Litestar scenarios for tests on real servers: async and sync handlers, a failing task.
 
-Run: python -m uvicorn tests.apps.litestar_cases:app
+Run: python -m uvicorn tests.apps.litestar_cases:app   (or `route_level`)
+
+`app` wraps the whole Litestar app, as the README advises; `route_level` lists the
+middleware in `Litestar(middleware=[...])` instead, where Litestar builds it into each
+route, out of reach of the lifespan.
 """
 
 from __future__ import annotations
 
-from litestar import Litestar, get
+from litestar import Litestar, Response, get
+from litestar.background_tasks import BackgroundTask
 
 from post_response import PostResponseMiddleware, add_task
 
-from .control import gated, gated_failure, options, with_controls
+from .control import gated, gated_failure, options, sleeper, with_controls
 from .threads import running_in
 
 
@@ -40,8 +45,30 @@ async def failing_task(id: str) -> str:
     return "hello world"
 
 
-litestar = Litestar(
-    route_handlers=[async_handler, sync_handler, sync_handler_on_loop, failing_task]
-)
-middleware = PostResponseMiddleware(litestar, **options())
+@get("/background")
+async def with_background_task(id: str) -> Response[str]:
+    """Litestar's own background task and ours on one response."""
+    add_task(gated, f"{id}-ours")
+    return Response("hello world", background=BackgroundTask(gated, f"{id}-litestar"))
+
+
+@get("/sleep")
+async def sleeping_task(id: str, seconds: float) -> str:
+    add_task(sleeper, id, seconds)
+    return "hello world"
+
+
+HANDLERS = [
+    async_handler,
+    sync_handler,
+    sync_handler_on_loop,
+    failing_task,
+    with_background_task,
+    sleeping_task,
+]
+middleware = PostResponseMiddleware(Litestar(route_handlers=HANDLERS), **options())
 app = with_controls(middleware, middleware)
+# Litestar types the middleware's scope as its own TypedDicts, ours as a MutableMapping.
+route_level = with_controls(
+    Litestar(route_handlers=HANDLERS, middleware=[PostResponseMiddleware])  # type: ignore[list-item]
+)

@@ -3,12 +3,21 @@ sync handlers in a thread or on the loop, and a failing task."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 
-from ..servers import Connection, Server, run
-from .helpers import Example, assert_ran_after_response, check_example, get, new_id, serve_example
+from ..servers import STOP_LIMIT, Connection, Server, exit_code_after, run
+from .helpers import (
+    Example,
+    assert_framework_task_then_ours,
+    assert_ran_after_response,
+    check_example,
+    get,
+    new_id,
+    serve_example,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +44,15 @@ def test_the_task_runs_after_the_response(litestar: Server, path: str, body: str
     assert_ran_after_response(litestar, task_id)
 
 
+def test_litestar_background_task_runs_first_then_ours(litestar: Server) -> None:
+    """With both on one response, Litestar's background task runs first (inside the
+    response, once its body is sent) and ours after it (once the app has returned)."""
+    task_id = new_id()
+    response = get(litestar, f"/background?id={task_id}")
+    assert (response.status_code, response.text) == (200, "hello world")
+    assert_framework_task_then_ours(litestar, f"{task_id}-litestar", f"{task_id}-ours")
+
+
 def test_a_failing_task_does_not_break_the_next_request(litestar: Server) -> None:
     """A task that raises is logged; the request's next task and the next request on the
     same keep-alive connection are served as usual."""
@@ -51,6 +69,25 @@ def test_a_failing_task_does_not_break_the_next_request(litestar: Server) -> Non
     finally:
         connection.close()
     assert litestar.control("stats")["failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "last_event"),
+    [("app", "end"), ("route_level", "cancelled")],
+    ids=["wrapped", "route-level"],
+)
+def test_only_the_wrapped_app_drains_tasks_at_shutdown(target: str, last_event: str) -> None:
+    """Wrapping the Litestar app, the middleware sees the lifespan: at SIGINT, uvicorn's
+    shutdown waits for a running task. Listed in `Litestar(middleware=[...])`, it never
+    sees the lifespan, and the task is cancelled when the server stops."""
+    with run("uvicorn-h11", f"litestar_cases:{target}") as server:
+        task_id = new_id()
+        assert get(server, f"/sleep?id={task_id}&seconds=3").status_code == 200
+        server.control("until", event=f"{task_id}:start")
+        assert exit_code_after(server, signal.SIGINT, limit=STOP_LIMIT) == 0
+        output = server.output()
+    shutting_down = output.index("Shutting down")
+    assert output.index(f"event: {task_id}:{last_event}") > shutting_down
 
 
 @pytest.fixture(scope="module")
