@@ -44,7 +44,7 @@ def get_query(q: str | None = None) -> str | None:
 
 @app.post("/send-notification/{email}")
 async def send_notification(
-    email: str, q: Annotated[str | None, Depends(get_query)] = None
+    email: str, q: Annotated[str | None, Depends(get_query)]
 ) -> dict[str, str]:
     add_task(write_notification, email, message="some notification")
     return {"message": "Notification sent in the background"}
