@@ -280,7 +280,11 @@ _OUTSIDE_REQUEST = (
     "Wrap the ASGI app that serves the request: `app = PostResponseMiddleware(app)` "
     "(Starlette/FastAPI: `app.add_middleware(PostResponseMiddleware)`; Django: "
     "`PostResponseMiddleware(get_asgi_application())`; Quart: "
-    "`app.asgi_app = PostResponseMiddleware(app.asgi_app)`)."
+    "`app.asgi_app = PostResponseMiddleware(app.asgi_app)`; WSGI: "
+    "`post_response.wsgi.PostResponseWSGIMiddleware`). If the app is wrapped, this code "
+    "runs where the request's context was lost: in a thread started with "
+    "`loop.run_in_executor` or `threading.Thread`; use `asyncio.to_thread` or "
+    "`anyio.to_thread.run_sync`, which carry it. In tests, see `post_response.testing`."
 )
 
 

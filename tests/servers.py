@@ -76,7 +76,9 @@ SERVERS: dict[str, list[str]] = {
     "hypercorn-trio": ["hypercorn", "{app}", "-b", "127.0.0.1:{port}", "-k", "trio"],
     "daphne": ["daphne", "-b", "127.0.0.1", "-p", "{port}", "{app}"],
     "granian": ["granian", "--interface", "asgi", "--port", "{port}", "{app}"],
-    # WSGI servers, threaded
+}
+ASGI_SERVERS = list(SERVERS)
+SERVERS |= {  # WSGI servers, threaded
     "waitress": ["waitress", "--listen=127.0.0.1:{port}", "--threads=4", "{app}"],
     "gunicorn": ["gunicorn", "-k", "gthread", "--threads", "4", "-b", "127.0.0.1:{port}", "{app}"],
 }

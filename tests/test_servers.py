@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .servers import SERVERS, Connection, Server, exit_code_after, run
+from .servers import ASGI_SERVERS, Connection, Server, exit_code_after, run
 
 WITH_LIFESPAN = [
     "uvicorn-h11",
@@ -34,7 +34,7 @@ def new_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-@pytest.fixture(scope="module", params=list(SERVERS))
+@pytest.fixture(scope="module", params=ASGI_SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     with run(request.param, "raw_app:app") as started:
         yield started
