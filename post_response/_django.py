@@ -4,9 +4,10 @@ connection open. Imported by the middleware only once Django's settings are conf
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -14,10 +15,15 @@ from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
 
 __all__ = ["Environment", "settings_options"]
 
 _T = TypeVar("_T")
+# asgiref before 3.13 has no type hints here.
+ThreadSensitiveContext = cast(
+    "Callable[[], AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
+)
 
 
 def settings_options() -> dict[str, Any]:
