@@ -141,23 +141,23 @@ class Owner:
         limit = self._max_batches
         while True:
             while self._waiting and (limit is None or self._running < limit):
-                batch = self._waiting.popleft()
-                self._running += 1
-                try:
-                    await batch.run(
-                        cancelled=_ABANDONED, reason="the server shut down before it started"
-                    )
-                finally:
-                    self._running -= 1
-                    self._batches.discard(batch)
-                    if self._finished is not None:
-                        self._finished.set()
-                        self._finished = None
+                await self._run(self._waiting.popleft())  # no local keeps it once run
             if len(self._parked) >= self.SPARE_WORKERS:
                 return
             parked = anyio.Event()
             self._parked.append(parked)
             await parked.wait()
+
+    async def _run(self, batch: Batch) -> None:
+        self._running += 1
+        try:
+            await batch.run(cancelled=_ABANDONED, reason="the server shut down before it started")
+        finally:
+            self._running -= 1
+            self._batches.discard(batch)
+            if self._finished is not None:
+                self._finished.set()
+                self._finished = None
 
     async def shutdown(self, deadline: float | None) -> None:
         """Wait for every batch at most `deadline` seconds (None: no limit); cancel the rest.
