@@ -49,14 +49,27 @@ class Phase(enum.Enum):
 class RequestTasks:
     """The tasks one request added, in order, with what the logs need to name it."""
 
-    __slots__ = ("_label", "limit", "method", "path", "phase", "scope", "stats", "tasks")
+    __slots__ = (
+        "_label",
+        "celery_app",
+        "limit",
+        "method",
+        "path",
+        "phase",
+        "scope",
+        "stats",
+        "tasks",
+    )
 
-    def __init__(self, limit: int, scope: Mapping[str, Any], stats: Stats) -> None:
+    def __init__(
+        self, limit: int, scope: Mapping[str, Any], stats: Stats, celery_app: object = None
+    ) -> None:
         self.tasks: list[TaskHandle] = []
         self.limit = limit
         self.phase = Phase.COLLECTING
         self.scope: Mapping[str, Any] | None = scope
         self.stats = stats
+        self.celery_app = celery_app  # the middleware's option (post_response.celery)
         self._label: str | None = None
         self.method = self.path = ""  # filled in with the label
 

@@ -90,7 +90,8 @@ class PostResponseMiddleware:
             # PostResponseMiddleware already collects for (each task runs once).
             await self.app(scope, receive, send)
             return
-        tasks = _context.RequestTasks(self.config.max_tasks, scope, self.stats)
+        config = self.config
+        tasks = _context.RequestTasks(config.max_tasks, scope, self.stats, config.celery_app)
         token = _context.activate(tasks)
         try:
             if kind == "http":

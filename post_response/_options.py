@@ -41,6 +41,7 @@ class Options(TypedDict, total=False):
     max_running: int | None
     max_queued: int | None
     opentelemetry: bool
+    celery_app: object
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Config:
     max_running: int | None = None
     max_queued: int | None = None
     opentelemetry: bool = False
+    celery_app: object = None
 
 
 DEFAULTS = Config()
@@ -91,6 +93,10 @@ def configure(options: Mapping[str, object], source: str = "PostResponseMiddlewa
     for name in ("timeout", "shutdown_timeout"):
         if name in given:
             given[name] = check_timeout(given[name], f"{source}({name}=...)")
+    app = given.get("celery_app")
+    if app is not None and not hasattr(app, "tasks"):
+        msg = f"celery_app must be a Celery app (`Celery(...)`); got {app!r}."
+        raise ConfigurationError(msg)
     hook = given.get("on_error")
     if hook is not None and not callable(hook):
         msg = f"on_error must be a callable taking (task, exception); got {hook!r}."

@@ -281,6 +281,9 @@ class Batch:
 
 async def _call(task: TaskHandle, environment: TaskEnvironment | None) -> None:
     context, func = task.context, task.func
+    if task.dispatch is not None:  # a Celery task, enqueued (post_response.celery)
+        await _in_thread(functools.partial(context.run, task.dispatch))
+        return
     if _is_async(func):
         coroutine: Awaitable[Any] = context.run(func, *task.args, **task.kwargs)  # type: ignore[arg-type]
         if environment is not None:

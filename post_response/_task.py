@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import sys
 import time
+from importlib import import_module
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from . import _context
@@ -22,7 +24,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import Context
 
-__all__ = ["FINAL_STATES", "UNSET", "Stats", "TaskHandle", "TaskState", "add_task", "check_timeout"]
+__all__ = [
+    "FINAL_STATES",
+    "UNSET",
+    "Stats",
+    "TaskHandle",
+    "TaskState",
+    "add_task",
+    "check_timeout",
+    "describe",
+    "register_router",
+]
 
 P = ParamSpec("P")
 logger = logging.getLogger("post_response")
@@ -93,6 +105,7 @@ class TaskHandle:
         "always",
         "args",
         "context",
+        "dispatch",
         "duration",
         "func",
         "kwargs",
@@ -118,13 +131,16 @@ class TaskHandle:
         self._started = 0.0
         self.duration: float | None = None  # seconds it ran, once it has
         self.always = False
+        # Called in a worker thread instead of func(*args, **kwargs), when set: how a Celery
+        # task is enqueued rather than run here (post_response.celery).
+        self.dispatch: Callable[[], object] | None = None
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
 
     @property
     def name(self) -> str:
         """The name given with `set(name=...)`, else the callable's `module.qualname`."""
-        return self._name or _describe(self.func)
+        return self._name or describe(self.func)
 
     @property
     def request(self) -> str:
@@ -257,7 +273,7 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         tasks = _context.captures[-1].request
     if tasks.phase is _context.Phase.CLOSED:
         msg = (
-            f"add_task({_describe(func)}) was called after the tasks of {tasks.label} had "
+            f"add_task({describe(func)}) was called after the tasks of {tasks.label} had "
             "all run, so nothing would ever run this one. Call add_task() while the request "
             "or one of its tasks is still running."
         )
@@ -265,14 +281,27 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     if len(tasks.tasks) >= tasks.limit:
         msg = (
             f"{tasks.label} already added {tasks.limit} tasks, the `max_tasks` limit of "
-            f"PostResponseMiddleware, so {_describe(func)} was not added. A task that keeps "
+            f"PostResponseMiddleware, so {describe(func)} was not added. A task that keeps "
             "adding itself is the usual cause; otherwise raise the limit with "
             "`PostResponseMiddleware(app, max_tasks=...)`."
         )
         raise TaskLimitError(msg)
     task = TaskHandle(func, args, kwargs, tasks)
+    if _router is None and "celery" in sys.modules:
+        import_module("post_response.celery")  # a Celery task must be enqueued, not called
+    if _router is not None:
+        _router(task)  # raises for a Celery task whose arguments cannot be encoded
     tasks.tasks.append(task)
     return task
+
+
+_router: Callable[[TaskHandle], None] | None = None
+
+
+def register_router(router: Callable[[TaskHandle], None]) -> None:
+    """Have `router` look at each new task, and set its `dispatch` where it should (Celery)."""
+    global _router  # noqa: PLW0603  (set once, when post_response.celery is imported)
+    _router = router
 
 
 _OUTSIDE_REQUEST = (
@@ -302,7 +331,7 @@ def _not_callable(func: object) -> InvalidTaskError:
     return InvalidTaskError(msg)
 
 
-def _describe(func: object) -> str:
+def describe(func: object) -> str:
     """`module.qualname` of a callable, seen through `functools.partial`."""
     while isinstance(func, functools.partial):
         func = func.func

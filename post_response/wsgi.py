@@ -63,7 +63,8 @@ class PostResponseWSGIMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         scope = {"type": "http", "method": environ.get("REQUEST_METHOD", ""),
                  "path": environ.get("PATH_INFO", "")}  # fmt: skip
-        tasks = _context.RequestTasks(self.config.max_tasks, scope, self.stats)
+        config = self.config
+        tasks = _context.RequestTasks(config.max_tasks, scope, self.stats, config.celery_app)
         _context.activate(tasks)  # no reset: the sandbox is discarded after the call
         response = _Response(self, tasks, start_response)
         try:

@@ -107,6 +107,45 @@ def run(
     return serve([sys.executable, "-m", module, *args, *options], port, env)
 
 
+@dataclass
+class Process:
+    """A helper process (a Celery worker, a Redis server) and its output."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def background(argv: list[str], ready: str, env: dict[str, str] | None = None) -> Iterator[Process]:
+    """Run `argv` until the block ends (SIGTERM, then kill); start once `ready` is in its output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "process.log"
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=environ, cwd=ROOT
+            )
+        started = Process(popen, log)
+        try:
+            deadline = time.monotonic() + STARTUP_LIMIT
+            while ready not in started.output():
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start:\n{started.output()}")
+                time.sleep(0.05)
+            yield started
+        finally:
+            if popen.poll() is None:
+                popen.terminate()
+                try:
+                    popen.wait(timeout=STOP_LIMIT)
+                except subprocess.TimeoutExpired:
+                    popen.kill()
+                    popen.wait()
+
+
 def uvicorn(target: str, *options: str) -> contextlib.AbstractContextManager[Server]:
     """Serve `module:app` from tests/apps/ with uvicorn's CLI and its default logging."""
     return run("uvicorn-h11", target, *options)

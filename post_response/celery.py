@@ -1,0 +1,131 @@
+"""Hand `add_task()` calls to Celery after the response, when one process is not enough.
+
+    @celery_app.task
+    def send_welcome_email(to: str) -> None: ...
+
+    add_task(send_welcome_email, "ada@example.com")   # enqueued once the response is sent
+
+When the callable given to `add_task()` is a Celery task (or a signature such as
+`send_welcome_email.s(to).set(queue="mail")`), the drain does not call it: it enqueues it
+with `apply_async`, in a worker thread, after the response is complete. The outcome
+policy applies as for any task: a request that failed enqueues nothing. With the
+middleware option `celery_app=app`, a plain function whose `module.qualname` is the name
+of one of `app`'s tasks is routed to that task as well.
+
+The arguments are checked against the task's serializer when `add_task()` is called, so
+an argument that cannot travel is an error in the request, not a lost task after it.
+Enqueueing retries with a bounded backoff (`RETRY_POLICY`); a task that still cannot be
+enqueued fails like any task: logged by name with a summary of its arguments, counted,
+never raised into the server.
+
+This module is imported by `add_task()` itself as soon as Celery is, so a Celery task is
+never run in the web process by mistake. Needs the `post_response[celery]` extra.
+"""
+
+from __future__ import annotations
+
+import functools
+import reprlib
+from typing import TYPE_CHECKING, Any, cast
+
+from celery import Celery, Task
+from celery.canvas import Signature
+from kombu import serialization
+from kombu.exceptions import EncodeError
+
+from . import _task
+from ._errors import PostResponseError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._task import TaskHandle
+
+__all__ = ["RETRY_POLICY", "EnqueueError", "UnserializableArgumentsError"]
+
+# Kombu's publish retry: up to 3 retries, 0.2 s then 0.4 s then 0.5 s apart (about 1 s in
+# all, plus the broker's connection timeout per attempt).
+RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5}
+
+_dumps = cast("Callable[..., object]", serialization.dumps)  # untyped in some Kombu versions
+_summary = reprlib.Repr()
+_summary.maxstring = _summary.maxother = 40
+
+
+class UnserializableArgumentsError(PostResponseError, TypeError):
+    """A Celery task's arguments cannot be encoded with its serializer."""
+
+
+class EnqueueError(PostResponseError, RuntimeError):
+    """A Celery task could not be enqueued, retries included."""
+
+
+def route(handle: TaskHandle) -> None:
+    """Make `handle` enqueue its Celery task instead of calling it, if it has one."""
+    target = _celery_target(handle)
+    if target is None:
+        return
+    task, args, kwargs = target
+    _check_serializable(task, args, kwargs)
+    if handle._name is None:
+        handle._name = task.name
+    handle.dispatch = functools.partial(_enqueue, handle.func, task, args, kwargs)
+
+
+def _celery_target(handle: TaskHandle) -> tuple[Task, tuple[Any, ...], dict[str, Any]] | None:
+    """The Celery task behind `handle` and its arguments, or None for an ordinary callable."""
+    func = handle.func
+    if isinstance(func, Task):
+        return func, handle.args, handle.kwargs
+    if isinstance(func, Signature):
+        if handle.args or handle.kwargs:
+            msg = (
+                f"add_task() got a Celery signature ({func!r}) and more arguments; put them "
+                "in the signature: `add_task(task.s(*args, **kwargs))`."
+            )
+            raise TypeError(msg)
+        task = func.type if func.type is not None else func.app.tasks[func.task]
+        return task, tuple(func.args), dict(func.kwargs)
+    app = handle.owner.celery_app
+    if isinstance(app, Celery):
+        name = _task.describe(func)
+        if name in app.tasks:
+            return app.tasks[name], handle.args, handle.kwargs
+    return None
+
+
+def _check_serializable(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    serializer = task.serializer or task.app.conf.task_serializer
+    try:
+        _dumps((args, kwargs, {}), serializer=serializer)
+    except EncodeError as exc:
+        msg = (
+            f"The arguments of Celery task {task.name!r} cannot be encoded with its "
+            f"{serializer!r} serializer ({exc}); pass values it can encode (ids, strings, "
+            "numbers), or choose another serializer for the task."
+        )
+        raise UnserializableArgumentsError(msg) from exc
+
+
+def _enqueue(
+    func: Task | Signature, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Send the task to the broker (in a worker thread), with Kombu's bounded retry."""
+    try:
+        if isinstance(func, Signature):
+            func.apply_async(retry=True, retry_policy=RETRY_POLICY)
+        else:
+            task.apply_async(args, kwargs, retry=True, retry_policy=RETRY_POLICY)
+    except Exception as exc:
+        summary = ", ".join(
+            [_summary.repr(a) for a in args]
+            + [f"{k}={_summary.repr(v)}" for k, v in kwargs.items()]
+        )
+        msg = (
+            f"Could not enqueue Celery task {task.name}({summary}) after "
+            f"{RETRY_POLICY['max_retries']} retries: {type(exc).__name__}: {exc}"
+        )
+        raise EnqueueError(msg) from exc
+
+
+_task.register_router(route)

@@ -1,0 +1,42 @@
+"""A raw ASGI app whose tasks go to Celery, for tests with a real Redis and worker.
+
+Run: CELERY_BROKER=redis://127.0.0.1:6379/13 python -m uvicorn tests.apps.celery_web:app
+"""
+
+from __future__ import annotations
+
+from post_response import PostResponseMiddleware, add_task
+from post_response._types import Receive, Scope, Send
+
+from .celery_tasks import app as celery_app
+from .celery_tasks import record, record_plain
+from .control import gated, options, query, with_controls
+
+
+class Unsendable:
+    """Not something JSON (even Kombu's, which knows dates and UUIDs) can carry."""
+
+
+async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    params, path, status = query(scope), scope["path"], 200
+    if path == "/signup":  # a gated local task, then the Celery task: enqueued after both
+        if "gate" in params:
+            add_task(gated, params["gate"])
+        add_task(record, params["id"])
+    elif path == "/signature":
+        add_task(record.s(params["id"]).set(queue="post_response_tests"))
+    elif path == "/plain":
+        add_task(record_plain, params["id"])
+    elif path == "/failed":
+        add_task(record, params["id"])
+        status = 500
+    elif path == "/unserializable":
+        add_task(record, Unsendable())  # a Celery task: its arguments are not checked statically
+    body = b"ok"
+    headers = [(b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+middleware = PostResponseMiddleware(endpoint, celery_app=celery_app, **options())
+app = with_controls(middleware, middleware)
