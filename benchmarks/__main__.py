@@ -1,0 +1,7 @@
+"""`python -m benchmarks [--quick] [--out DIR] [--only a,b,...]`: see `benchmarks.cli`."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())
