@@ -1,0 +1,267 @@
+"""Where our hot path spends its time: `python -m benchmarks.profile [inprocess|server|all]`.
+
+- `inprocess`: cProfile around the timed part of (a) for ours (`--work async:1` by default:
+  one no-op async task per request). Deterministic, with call counts, but it inflates
+  small functions: read it for what is called how often, and for the order of costs.
+- `server`: py-spy samples a uvicorn server (as in (b)) while wrk loads it, for ours and
+  for the bare app, and splits the samples by function and by package. Sampling does not
+  inflate small functions; `µs/req` is the share of samples times the time per request
+  measured meanwhile.
+
+Examples:
+    python -m benchmarks.profile inprocess --requests 20000 --top 30
+    python -m benchmarks.profile server --seconds 8 --system ours --work sync:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import cProfile
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import inprocess, server
+from .apps import COUNTER, Work, build
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["main", "profile_inprocess", "profile_server"]
+
+# Packages, by the path fragment of their frames, for the per-package split.
+GROUPS = [
+    ("post_response", "/post_response/"),
+    ("anyio", "/anyio/"),
+    ("asyncio", "/asyncio/"),
+    ("uvicorn", "/uvicorn/"),
+    ("starlette", "/starlette/"),
+    ("contextvars_extras", "/contextvars_extras/"),
+    ("logging", "/logging/"),
+    ("concurrent.futures", "/concurrent/futures/"),
+    ("threading", "/threading.py"),
+    ("sniffio", "/sniffio/"),
+    ("inspect", "/inspect.py"),
+    ("selectors", "/selectors.py"),
+    ("benchmarks (the app)", "/benchmarks/"),
+]
+
+
+def group_of(location: str) -> str:
+    if location == "~":  # cProfile's name for built-in functions and methods
+        return "built-ins (C)"
+    for name, fragment in GROUPS:
+        if fragment in location:
+            return name
+    return "other"
+
+
+# In-process ------------------------------------------------------------------------------
+
+
+async def _profiled(system: str, work: Work, count: int, profiler: cProfile.Profile) -> float:
+    app = build(system, work)
+    async with inprocess.running(app):
+        await inprocess.check(app, work)
+        expected = COUNTER.value + 500 * work.tasks
+        await inprocess.requests(app, 500)
+        await inprocess.settle(app, expected)
+        expected = COUNTER.value + count * work.tasks
+        start = time.perf_counter()
+        profiler.enable()
+        await inprocess.requests(app, count)
+        await inprocess.settle(app, expected)
+        profiler.disable()
+        return time.perf_counter() - start
+
+
+def profile_inprocess(system: str, work: Work, count: int, top: int) -> str:
+    """The report: the cost per request, then the top functions by own time."""
+    profiler = cProfile.Profile()
+    COUNTER.value = 0
+    elapsed = asyncio.run(_profiled(system, work, count, profiler))
+    stats = pstats.Stats(profiler)
+    entries = stats.stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    total = sum(entry[2] for entry in entries.values())
+    lines = [
+        f"cProfile, in-process: {system} doing {work.encode()}, {count:,} requests: "
+        f"{elapsed / count * 1e6:.1f} µs/request under the profiler",
+        "",
+        f"{'own %':>6} {'own µs/req':>10} {'cum µs/req':>10} {'calls/req':>9}  function",
+    ]
+    ranked = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)
+    for (path, line, name), (_, calls, own, cumulative, _) in ranked[:top]:
+        lines.append(
+            f"{own / total * 100:6.1f} {own / count * 1e6:10.2f} {cumulative / count * 1e6:10.2f} "
+            f"{calls / count:9.2f}  {name} ({_short(path)}:{line})"
+        )
+    lines += ["", "own time by package:"]
+    by_group: collections.Counter[str] = collections.Counter()
+    for (path, _, _), entry in entries.items():
+        by_group[group_of(path)] += entry[2]
+    lines += [f"{own / total * 100:6.1f}%  {name}" for name, own in by_group.most_common()]
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+# Server -----------------------------------------------------------------------------------
+
+
+def _py_spy() -> str | None:
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else None
+
+
+FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    """`func (file:line);...` from py-spy's raw output, as (function, file) pairs."""
+    frames = []
+    for frame in stack.split(";"):
+        found = FRAME.match(frame)
+        frames.append((found["name"], found["file"]) if found else (frame, ""))
+    return frames
+
+
+@contextlib.contextmanager
+def _sampling(spy: str, pid: int, seconds: float, out: Path) -> Iterator[None]:
+    argv = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200"]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking", "--full-filenames"]
+    process = subprocess.Popen(  # noqa: S603  (py-spy from this environment)
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.5)  # py-spy attaches
+        yield
+        _, err = process.communicate(timeout=seconds + 30)
+        if process.returncode:
+            msg = f"py-spy failed: {err.decode(errors='replace')}"
+            raise RuntimeError(msg)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# The layers a sample is charged to: walking a stack from its innermost frame outwards,
+# the first frame of one of these; library code (asyncio's locks and tasks, anyio, the
+# standard library) counts for the layer that called it. Time under `Runner.run` with no
+# layer deeper is the event loop's own C code (uvloop: sockets, scheduling).
+LAYERS = [
+    ("post_response", "/post_response/"),
+    ("uvicorn", "/uvicorn/"),
+    ("starlette", "/starlette/"),
+    ("the app (benchmarks)", "/benchmarks/"),
+    ("event loop (uvloop, C)", "/asyncio/runners.py"),
+]
+
+
+def _layer(frames: list[tuple[str, str]]) -> tuple[str, tuple[str, str]]:
+    """The layer a stack is charged to, and that layer's innermost frame."""
+    for frame in reversed(frames):
+        for name, fragment in LAYERS:
+            if fragment in frame[1]:
+                return name, frame
+    return "other", frames[-1]
+
+
+def _summarise(raw: Path, label: str, per_request_us: float, top: int) -> list[str]:
+    own: collections.Counter[tuple[str, str]] = collections.Counter()
+    charged: collections.Counter[tuple[str, str]] = collections.Counter()  # post_response's
+    layers: collections.Counter[str] = collections.Counter()
+    groups: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count, frames = int(count_text), _frames(stack)
+        total += count
+        own[frames[-1]] += count
+        groups[group_of(frames[-1][1])] += count
+        layer, frame = _layer(frames)
+        layers[layer] += count
+        if layer == "post_response":
+            charged[frame] += count
+    if not total:
+        return [f"{label}: no samples"]
+
+    def share(count: int, text: str) -> str:
+        return f"{count / total * 100:6.1f} {count / total * per_request_us:8.2f}  {text}"
+
+    def where(frame: tuple[str, str]) -> str:
+        return f"{frame[0]} ({_short(frame[1])})"
+
+    return [
+        f"{label}: {total:,} samples, {per_request_us:.1f} µs per request meanwhile",
+        "",
+        f"{'%':>6} {'µs/req':>8}  charged to (a layer, with the library code it calls)",
+        *(share(count, name) for name, count in layers.most_common()),
+        "",
+        f"{'%':>6} {'µs/req':>8}  post_response functions, with the library code they call",
+        *(share(count, where(frame)) for frame, count in charged.most_common(top)),
+        "",
+        f"{'own %':>6} {'µs/req':>8}  function (top {top} by own samples)",
+        *(share(count, where(frame)) for frame, count in own.most_common(top)),
+        "",
+        f"{'own %':>6} {'µs/req':>8}  own samples by package",
+        *(share(count, name) for name, count in groups.most_common()),
+    ]
+
+
+def profile_server(system: str, work: Work, seconds: float, top: int) -> str:
+    """py-spy over a uvicorn server under wrk, for `system` and for the bare app."""
+    spy = _py_spy()
+    if spy is None:
+        return "py-spy is not installed: pip install py-spy"
+    report: list[str] = []
+    targets = {"bare": ("bare", Work()), system: (system, work)}
+    with server.serving(targets) as servers, tempfile.TemporaryDirectory() as tmp:
+        for name, target in servers.items():
+            server.load(target, 1)  # warm-up
+            raw = Path(tmp) / f"{name}.txt"
+            with _sampling(spy, target.process.pid, seconds, raw):
+                result = server.load(target, seconds)
+            label = f"py-spy, uvicorn serving {name} ({targets[name][1].encode()})"
+            report += [*_summarise(raw, label, 1e6 / result.rate, top), "", ""]
+    return "\n".join(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
+    parser.add_argument("what", nargs="?", default="all", choices=["inprocess", "server", "all"])
+    parser.add_argument("--system", default="ours", help="a system of benchmarks.apps")
+    parser.add_argument("--work", default="async:1", help="kind:count[:seconds], e.g. sync:1")
+    parser.add_argument("--requests", type=int, default=20_000, help="in-process requests")
+    parser.add_argument("--seconds", type=float, default=6.0, help="server sampling time")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    work = Work.decode(args.work)
+    if args.what in ("inprocess", "all"):
+        print(profile_inprocess(args.system, work, args.requests, args.top), end="\n\n")
+    if args.what in ("server", "all"):
+        print(profile_server(args.system, work, args.seconds, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
