@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 from post_response import PostResponseMiddleware, add_task
 
@@ -285,34 +285,37 @@ def starlette_ours(work: Work) -> ASGIApp:
     return _starlette(endpoint, [Middleware(PostResponseMiddleware)])
 
 
+def peer(module: str) -> Any:
+    """An optional peer's module, untyped on purpose: the benchmarks type-check (and run,
+    skipping that peer) where it is not installed."""
+    return importlib.import_module(module)
+
+
 def asgi_background(work: Work) -> ASGIApp:
     """The raw app with asgi-background: `await BackgroundTasks(scope).add_task(fn)`.
 
     It only takes async callables; its middleware needs lifespan (its task group lives
     there) and answers lifespan itself, so the app under it never sees that scope.
     """
-    from asgi_background import BackgroundTaskMiddleware, BackgroundTasks  # noqa: PLC0415
-
+    module = peer("asgi_background")
     func, args = task_call(work)
 
     async def before(scope: Scope) -> None:
-        tasks = BackgroundTasks(scope)
+        tasks = module.BackgroundTasks(scope)
         for _ in range(work.count):
             await tasks.add_task(func, *args)
 
-    return BackgroundTaskMiddleware(raw_app(before))
+    return cast("ASGIApp", module.BackgroundTaskMiddleware(raw_app(before)))
 
 
 def fastapi_events(work: Work) -> ASGIApp:
     """The raw app with fastapi-events: `dispatch(name)` per task, and a `LocalHandler`
     whose handler for that name runs the task (its docs' set-up, with a private handler
     instance instead of the global `local_handler`)."""
-    from fastapi_events.dispatcher import dispatch  # noqa: PLC0415
-    from fastapi_events.handlers.local import LocalHandler  # noqa: PLC0415
-    from fastapi_events.middleware import EventHandlerASGIMiddleware  # noqa: PLC0415
-
+    dispatch = peer("fastapi_events.dispatcher").dispatch
+    middleware = peer("fastapi_events.middleware").EventHandlerASGIMiddleware
     func, args = task_call(work)
-    handler = LocalHandler()  # type: ignore[no-untyped-call]
+    handler = peer("fastapi_events.handlers.local").LocalHandler()
     if work.is_async:
 
         async def on_event(event: Any) -> None:
@@ -323,13 +326,13 @@ def fastapi_events(work: Work) -> ASGIApp:
         def on_event(event: Any) -> None:  # type: ignore[misc]  # run in an executor
             func(*args)
 
-    handler.register(on_event, event_name="bench")  # type: ignore[no-untyped-call]
+    handler.register(on_event, event_name="bench")
 
     async def before(scope: Scope) -> None:
         for _ in range(work.count):
             dispatch("bench")
 
-    return EventHandlerASGIMiddleware(raw_app(before), handlers=[handler])
+    return cast("ASGIApp", middleware(raw_app(before), handlers=[handler]))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import math
 import os
@@ -11,12 +12,10 @@ import shutil
 import subprocess
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import datetime
-
-    from matplotlib.axes import Axes
 
     from .results import Section, Target
 
@@ -182,7 +181,7 @@ def markdown(
     return "\n".join(lines)
 
 
-def _bars(ax: Axes, section: Section) -> None:
+def _bars(ax: Any, section: Section) -> None:
     """One bar per (row, column) ratio; a target's bar is green when met, red when not,
     with its threshold marked by a black tick."""
     metric = section.chart_metric or section.metrics[0].key
@@ -220,11 +219,11 @@ def _bars(ax: Axes, section: Section) -> None:
 _COLORS = {None: "#4c72b0", True: "#55a868", False: "#c44e52"}
 
 
-def _title(ax: Axes, section: Section) -> None:
+def _title(ax: Any, section: Section) -> None:
     ax.set_title(textwrap.fill(f"({section.key}) {section.title}", 70), fontsize=8)
 
 
-def _series(ax: Axes, section: Section) -> None:
+def _series(ax: Any, section: Section) -> None:
     for label, points in section.series.items():
         ax.plot([t for t, _ in points], [y for _, y in points], label=label)
     ax.set_xlabel("seconds", fontsize=7)
@@ -237,12 +236,13 @@ def _series(ax: Axes, section: Section) -> None:
 def write_chart(sections: list[Section], path: Path) -> bool:
     """A PNG of each section's ratios (bars with the range over rounds as whiskers, 1.0 as
     a grey line) and of the RSS samples. False when matplotlib is not installed."""
+    # matplotlib is optional (the bench extra), so imported untyped: the Axes are `Any`.
     try:
-        import matplotlib as mpl  # noqa: PLC0415  (optional: the bench extra)
+        mpl = importlib.import_module("matplotlib")
     except ImportError:
         return False
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = importlib.import_module("matplotlib.pyplot")
 
     panels = [s for s in sections if s.series or any(r.compare for r in s.rows)]
     if not panels:
