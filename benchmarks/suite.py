@@ -208,7 +208,9 @@ def _load_method(plan: Plan) -> str:
     return (
         "uvicorn (`--http httptools --loop uvloop --no-access-log`, one worker) on 127.0.0.1, "
         f"loaded by {how} for {plan.load_seconds:g} s per run; one server per system, all "
-        f"started first, each warmed up; median of {plan.rounds} interleaved rounds."
+        "started first"
+        + (f", each warmed up for {plan.load_warmup:g} s" if plan.load_warmup else "")
+        + f"; median of {plan.rounds} interleaved rounds."
     )
 
 
