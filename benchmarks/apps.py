@@ -15,11 +15,16 @@ asgi-background's in a lifespan task group; ours in the owner's).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import importlib.util
+import json
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeAlias, cast
 
 from post_response import PostResponseMiddleware, add_task
@@ -365,9 +370,37 @@ def build(system: str, work: Work = NONE) -> ASGIApp:
 
 
 def from_env() -> ASGIApp:
-    """uvicorn's `--factory` entry: the app named by BENCH_SYSTEM, doing BENCH_WORK."""
+    """uvicorn's `--factory` entry: the app named by BENCH_SYSTEM, doing BENCH_WORK.
+
+    With BENCH_GC_LOG set, the process also times its garbage collections and writes the
+    totals to that file (JSON) when it exits: for `python -m benchmarks.profile`.
+    """
     work = Work.decode(os.environ.get("BENCH_WORK", "none"))
+    gc_log = os.environ.get("BENCH_GC_LOG")
+    if gc_log:
+        record_gc(gc_log)
     return build(os.environ["BENCH_SYSTEM"], work)
+
+
+def record_gc(path: str) -> None:
+    """Time every garbage collection, per generation; write the totals at exit."""
+    totals = {generation: {"count": 0, "seconds": 0.0, "longest": 0.0} for generation in "012"}
+    began = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        took, total = time.perf_counter() - began[0], totals[str(info["generation"])]
+        total["count"] += 1
+        total["seconds"] += took
+        total["longest"] = max(total["longest"], took)
+
+    def write() -> None:
+        Path(path).write_text(json.dumps(totals))
+
+    gc.callbacks.append(callback)
+    atexit.register(write)
 
 
 def ours_middleware(app: object) -> PostResponseMiddleware | None:

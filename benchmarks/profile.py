@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import cProfile
+import json
 import pstats
 import re
 import shutil
@@ -228,22 +229,50 @@ def _summarise(raw: Path, label: str, per_request_us: float, top: int) -> list[s
     ]
 
 
-def profile_server(system: str, work: Work, seconds: float, top: int) -> str:
-    """py-spy over a uvicorn server under wrk, for `system` and for the bare app."""
+def profile_server(
+    system: str, work: Work, seconds: float, top: int, baseline: str = "bare"
+) -> str:
+    """py-spy over a uvicorn server under wrk, for `baseline` (doing the same work, unless
+    it is the bare app) and then for `system`."""
     spy = _py_spy()
     if spy is None:
         return "py-spy is not installed: pip install py-spy"
     report: list[str] = []
-    targets = {"bare": ("bare", Work()), system: (system, work)}
-    with server.serving(targets) as servers, tempfile.TemporaryDirectory() as tmp:
-        for name, target in servers.items():
-            server.load(target, 1)  # warm-up
-            raw = Path(tmp) / f"{name}.txt"
-            with _sampling(spy, target.process.pid, seconds, raw):
-                result = server.load(target, seconds)
-            label = f"py-spy, uvicorn serving {name} ({targets[name][1].encode()})"
-            report += [*_summarise(raw, label, 1e6 / result.rate, top), "", ""]
+    targets = {f"{baseline} (baseline)": (baseline, Work() if baseline == "bare" else work)}
+    targets[system] = (system, work)
+    with tempfile.TemporaryDirectory() as tmp:
+        gc_logs = {name: Path(tmp) / f"{name}.gc.json" for name in targets}
+        env = {name: {"BENCH_GC_LOG": str(path)} for name, path in gc_logs.items()}
+        loaded: dict[str, float] = {}
+        with server.serving(targets, env) as servers:
+            for name, target in servers.items():
+                began = time.monotonic()
+                server.load(target, 1)  # warm-up
+                raw = Path(tmp) / f"{name}.txt"
+                with _sampling(spy, target.process.pid, seconds, raw):
+                    result = server.load(target, seconds)
+                loaded[name] = time.monotonic() - began
+                label = f"py-spy, uvicorn serving {name} ({targets[name][1].encode()})"
+                report += [*_summarise(raw, label, 1e6 / result.rate, top), ""]
+        # The servers have exited: each wrote its garbage collections' totals.
+        for name, path in gc_logs.items():
+            report += [_gc_summary(name, path, loaded[name]), ""]
     return "\n".join(report)
+
+
+def _gc_summary(name: str, path: Path, seconds: float) -> str:
+    if not path.exists():
+        return f"{name}: no GC record"
+    totals = json.loads(path.read_text())
+    spent = sum(gen["seconds"] for gen in totals.values())
+    counts = "/".join(str(totals[gen]["count"]) for gen in "012")
+    longest = max(gen["longest"] for gen in totals.values())
+    return (
+        f"GC in {name}'s server over its whole life (~{seconds:.0f} s of load, warm-up "
+        f"included): {counts} collections of generations 0/1/2, {spent * 1000:.0f} ms in all "
+        f"(~{spent / seconds * 100:.1f}% of the load time), longest pause {longest * 1000:.1f} ms "
+        f"(generation 2: {totals['2']['seconds'] * 1000:.0f} ms)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,12 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="in-process requests")
     parser.add_argument("--seconds", type=float, default=6.0, help="server sampling time")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--baseline",
+        default="bare",
+        help="the server profiled first, for comparison "
+        "(default: the bare app; e.g. raw-spawn with --work sleep:1:0.5)",
+    )
     args = parser.parse_args(argv)
     work = Work.decode(args.work)
     if args.what in ("inprocess", "all"):
         print(profile_inprocess(args.system, work, args.requests, args.top), end="\n\n")
     if args.what in ("server", "all"):
-        print(profile_server(args.system, work, args.seconds, args.top))
+        print(profile_server(args.system, work, args.seconds, args.top, args.baseline))
     return 0
 
 

@@ -220,7 +220,7 @@ _COLORS = {None: "#4c72b0", True: "#55a868", False: "#c44e52"}
 
 
 def _title(ax: Any, section: Section) -> None:
-    ax.set_title(textwrap.fill(f"({section.key}) {section.title}", 70), fontsize=8)
+    ax.set_title(textwrap.fill(f"({section.key}) {section.title}", 55), fontsize=8)
 
 
 def _series(ax: Any, section: Section) -> None:
@@ -228,6 +228,7 @@ def _series(ax: Any, section: Section) -> None:
         ax.plot([t for t, _ in points], [y for _, y in points], label=label)
     ax.set_xlabel("seconds", fontsize=7)
     ax.set_ylabel("RSS MiB", fontsize=7)
+    ax.set_ylim(bottom=0)  # growth in proportion to the whole
     ax.legend(fontsize=7)
     _title(ax, section)
     ax.tick_params(labelsize=7)

@@ -83,14 +83,17 @@ def command(port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(apps: dict[str, tuple[str, Work]]) -> Iterator[dict[str, Server]]:
+def serving(
+    apps: dict[str, tuple[str, Work]], env: dict[str, dict[str, str]] | None = None
+) -> Iterator[dict[str, Server]]:
     """Start one server per entry of `apps` (name -> system, work) at once, wait until
-    all listen, and stop them all when the block ends."""
+    all listen, and stop them all when the block ends. `env[name]`: more variables."""
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="post_response-bench-") as tmp:
         try:
             for name, (system, work) in apps.items():
-                servers[name] = _start(name, system, work, Path(tmp))
+                extra = (env or {}).get(name, {})
+                servers[name] = _start(name, system, work, Path(tmp), extra)
             for server in servers.values():
                 _wait_until_listening(server)
             yield servers
@@ -99,7 +102,7 @@ def serving(apps: dict[str, tuple[str, Work]]) -> Iterator[dict[str, Server]]:
                 _stop(server)
 
 
-def _start(name: str, system: str, work: Work, tmp: Path) -> Server:
+def _start(name: str, system: str, work: Work, tmp: Path, extra: dict[str, str]) -> Server:
     port = free_port()
     log = tmp / f"{name}.log"
     env = {
@@ -107,6 +110,7 @@ def _start(name: str, system: str, work: Work, tmp: Path) -> Server:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "BENCH_SYSTEM": system,
         "BENCH_WORK": work.encode(),
+        **extra,
     }
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603  (our own interpreter, fixed arguments)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, report, server, suite
+from benchmarks import cli, profile, report, server, suite
 from benchmarks.apps import Work
 from benchmarks.openloop import open_loop
 from benchmarks.results import Metric, Row, Section, Target
@@ -79,3 +79,22 @@ def test_targets_are_judged_on_paired_ratios() -> None:
     assert section.targets[0].ratio == pytest.approx(0.9)  # median of 0.96, 0.8, 0.9
     assert section.targets[0].met is False
     assert "0.90 (0.80-0.96)" in "\n".join(report.section_table(section))
+
+
+def test_the_in_process_profile_names_our_functions() -> None:
+    text = profile.profile_inprocess("ours", Work("async"), count=50, top=40)
+    assert "µs/request under the profiler" in text
+    assert "post_response/_middleware.py" in text
+
+
+def test_py_spy_samples_are_charged_to_the_innermost_layer(tmp_path: Path) -> None:
+    loop = "Runner.run (/x/asyncio/runners.py:118)"
+    ours = "PostResponseMiddleware.__call__ (/x/post_response/_middleware.py:80)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        f"{loop};{ours};Event.wait (/x/asyncio/locks.py:200) 3\n"
+        f"{loop};{ours};send (/x/uvicorn/protocols/http/httptools_impl.py:500) 1\n"
+    )
+    text = "\n".join(profile._summarise(raw, "test", per_request_us=10.0, top=5))
+    assert "  75.0     7.50  post_response" in text  # Event.wait counts for its caller
+    assert "  25.0     2.50  uvicorn" in text
