@@ -331,6 +331,10 @@ def fastapi_events(work: Work) -> ASGIApp:
         def on_event(event: Any) -> None:  # type: ignore[misc]  # run in an executor
             func(*args)
 
+    # fastapi-events inspects the handler's signature at every event, and compiles a
+    # ForwardRef for each string annotation (this module's, under `from __future__ import
+    # annotations`): give it real ones, as a module without that import would.
+    on_event.__annotations__ = {"event": Any, "return": None}
     handler.register(on_event, event_name="bench")
 
     async def before(scope: Scope) -> None:
