@@ -53,6 +53,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _memory() -> str:
+    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return "unknown"
+
+
 def _run(argv: list[str]) -> str:
     """A command's first line of output, or "" when it is missing or fails."""
     if shutil.which(argv[0]) is None:
@@ -70,6 +78,7 @@ def _run(argv: list[str]) -> str:
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
     commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    changed = _run(["git", "log", "-1", "--format=%h %s", "--", "post_response"])
     dirty = _run(["git", "status", "--porcelain", "--", "post_response"])
     load = os.getloadavg()
     return {
@@ -78,7 +87,10 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "wrk": _run(["wrk", "-v"]).split(" [")[0] or "not installed",
-        "post_response source": f"commit {commit}" + (" + uncommitted changes" if dirty else ""),
+        "repository": f"commit {commit}",
+        "post_response last changed in": changed
+        + (" (+ uncommitted changes in post_response/)" if dirty else ""),
+        "memory": _memory(),
         "load average at start": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         **{package: _version(package) for package in PACKAGES},
     }
