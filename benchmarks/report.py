@@ -175,7 +175,8 @@ def markdown(
         "comparison interleaves its systems (A B C A B C ...) over several rounds, and a "
         "ratio is the median of the ratios within each round, with their range in brackets. "
         'Tasks are no-ops unless said otherwise. "Ours" is `PostResponseMiddleware` with '
-        "its defaults (`detach=True`).",
+        "its defaults (`detach=True`). The targets are those of issue 5. Where our time "
+        "goes: `python -m benchmarks.profile`.",
         "",
     ]
     if chart:
