@@ -43,6 +43,7 @@ class Plan:
     memory_requests: int = 5000
     rss_requests: int = 200_000
     rss_warmup: float = 2.0
+    rss_chunk: float = 2.0  # seconds of each load run until rss_requests are done
     rss_limit: float = 90.0  # seconds the RSS run may take, whatever it reached
     sync_requests: int = 1000  # (f): requests of `sync_tasks` tasks each, in-process
     sync_tasks: int = 10
@@ -61,8 +62,9 @@ QUICK = Plan(
     rate_warmup=0.2,
     memory_rounds=1,
     memory_requests=500,
-    rss_requests=20_000,
+    rss_requests=10_000,
     rss_warmup=1.0,
+    rss_chunk=1.0,
     rss_limit=15.0,
     sync_requests=100,
 )
@@ -420,7 +422,7 @@ def _rss_run(plan: Plan, target: server.Server, section: Section, key: str) -> N
         row.add("warm", server.rss_bytes(pid) / MIB)
         done, began = 0, time.monotonic()
         while done < plan.rss_requests and time.monotonic() - began < plan.rss_limit:
-            done += server.load(target, 2.0, client=plan.client).requests
+            done += server.load(target, plan.rss_chunk, client=plan.client).requests
         took = time.monotonic() - began
         time.sleep(1.0)  # the last tasks end
     end = server.rss_bytes(pid)
@@ -438,7 +440,8 @@ def server_rss(plan: Plan) -> Section:
         f"Server RSS over {plan.rss_requests:,} requests, one no-op async task each",
         "uvicorn as in (b); RSS from /proc/<pid>/status: at start, after a "
         f"{plan.rss_warmup:g} s wrk warm-up, sampled every 0.1 s while {plan.client or 'wrk'} "
-        f"sends {plan.rss_requests:,} more requests in 2 s runs (the peak), and 1 s after "
+        f"sends {plan.rss_requests:,} more requests in {plan.rss_chunk:g} s runs (the peak), and "
+        "1 s after "
         "the last (the end). The bare app shows what uvicorn itself does.",
         [
             Metric("start", "start MiB", 1, higher_is_better=False),
