@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import enum
 from contextvars import Context, ContextVar, copy_context
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 
 from contextvars_extras.context_management import bind_to_sandbox_context
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
     from ._task import Stats, TaskHandle
 
@@ -47,31 +47,24 @@ class Phase(enum.Enum):
 
 
 class RequestTasks:
-    """The tasks one request added, in order, with what the logs need to name it."""
+    """The tasks one request added, in order, with what the logs need to name it.
 
-    __slots__ = (
-        "_label",
-        "celery_app",
-        "limit",
-        "method",
-        "path",
-        "phase",
-        "scope",
-        "stats",
-        "tasks",
-    )
+    It keeps the request's method and path, not its scope, so tasks waiting to run do
+    not keep whole requests alive.
+    """
+
+    __slots__ = ("celery_app", "limit", "method", "path", "phase", "stats", "tasks")
 
     def __init__(
-        self, limit: int, scope: Mapping[str, Any], stats: Stats, celery_app: object = None
+        self, limit: int, method: str, path: str, stats: Stats, celery_app: object = None
     ) -> None:
         self.tasks: list[TaskHandle] = []
         self.limit = limit
         self.phase = Phase.COLLECTING
-        self.scope: Mapping[str, Any] | None = scope
+        self.method = method
+        self.path = path
         self.stats = stats
         self.celery_app = celery_app  # the middleware's option (post_response.celery)
-        self._label: str | None = None
-        self.method = self.path = ""  # filled in with the label
 
     def close(self) -> None:
         """Accept no more tasks, and let go of those it holds.
@@ -86,17 +79,7 @@ class RequestTasks:
     @property
     def label(self) -> str:
         """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""
-        if self._label is None:
-            scope = self.scope or {}
-            self.method = scope.get("method") or str(scope.get("type", "")).upper()
-            self.path = scope.get("path", "")
-            self._label = f"{self.method} {self.path}"
-        return self._label
-
-    def release_scope(self) -> None:
-        """Keep the label, let go of the scope: tasks waiting to run do not pin the request."""
-        _ = self.label
-        self.scope = None
+        return f"{self.method} {self.path}"
 
 
 _current: ContextVar[RequestTasks | None] = ContextVar("post_response.tasks", default=None)

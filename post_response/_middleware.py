@@ -91,7 +91,10 @@ class PostResponseMiddleware:
             await self.app(scope, receive, send)
             return
         config = self.config
-        tasks = _context.RequestTasks(config.max_tasks, scope, self.stats, config.celery_app)
+        method = scope.get("method") or "WEBSOCKET"
+        tasks = _context.RequestTasks(
+            config.max_tasks, method, scope.get("path", ""), self.stats, config.celery_app
+        )
         token = _context.activate(tasks)
         try:
             if kind == "http":

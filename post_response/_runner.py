@@ -84,7 +84,7 @@ class Batch:
     how many tasks run at once across all requests.
     """
 
-    __slots__ = ("label", "limiter", "next", "request", "settings", "skip_reason", "tasks")
+    __slots__ = ("limiter", "next", "request", "settings", "skip_reason", "tasks")
 
     def __init__(
         self,
@@ -94,10 +94,8 @@ class Batch:
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         request.phase = Phase.DRAINING  # add_task() from a task now joins this batch
-        request.release_scope()
         self.request = request
         self.tasks = request.tasks
-        self.label = request.label
         self.settings = settings
         self.skip_reason = skip_reason
         self.limiter = limiter
@@ -121,12 +119,16 @@ class Batch:
         finally:
             self.close()
 
+    @property
+    def label(self) -> str:
+        return self.request.label
+
     def close(self) -> None:
         """The batch is over: its request accepts no more tasks and lets go of them."""
         self.request.close()
-        with _idle:
-            _unfinished.discard(self)
-            if not _unfinished:
+        _unfinished.discard(self)
+        if _idle_waiters and not _unfinished:  # the lock only when someone waits
+            with _idle:
                 _idle.notify_all()
 
     def capture(self, into: list[TaskHandle]) -> None:
@@ -212,23 +214,12 @@ class Batch:
                     group.start_soon(self._work)
 
     async def _run(self, task: TaskHandle) -> None:
+        """Run one task to its final state: logged, reported, traced."""
         task._start()
-        spans = self.settings.spans
-        if spans is None:
-            await self._execute(task)
-            return
-        span, error = spans.start(task), None
-        try:
-            error = await self._execute(task)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            spans.end(span, task, error)
-
-    async def _execute(self, task: TaskHandle) -> BaseException | None:
-        """Run the task to its final state, logged and reported; return the error it ended with."""
         settings = self.settings
+        spans = settings.spans
+        error: BaseException | None = None
+        span = spans.start(task) if spans is not None else None
         timeout = settings.timeout if task.timeout is UNSET else task.timeout
         try:
             if timeout is None:
@@ -237,21 +228,25 @@ class Batch:
                 with anyio.move_on_after(timeout) as scope:
                     await _call(task, settings.environment)
                 if scope.cancelled_caught:
-                    timed_out = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
-                    await self._timed_out(task, timeout, timed_out)
-                    return timed_out
+                    error = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
+                    await self._timed_out(task, timeout, error)
+                    return
         except Exception as exc:
+            error = exc
             task._end(TaskState.FAILED)
             task._log(logging.ERROR, "failed", exc_info=exc)
             await self._report(task, exc)
-            return exc
-        except BaseException:
+        except BaseException as exc:
+            error = exc
             task._end(_CANCELLED)
             task._log(logging.WARNING, "cancelled while running")
             raise
-        task._end(TaskState.COMPLETED)
-        task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
-        return None
+        else:
+            task._end(TaskState.COMPLETED)
+            task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+        finally:
+            if spans is not None:
+                spans.end(span, task, error)
 
     async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> None:
         task._end(TaskState.TIMED_OUT)
@@ -308,14 +303,21 @@ def _call_sync(
 
 
 _unfinished: set[Batch] = set()  # batches not closed yet, for the report at exit
-_idle = threading.Condition()  # notified when the last unfinished batch closes
+_idle = threading.Condition()  # notified when the last unfinished batch closes...
+_idle_waiters = 0  # ...if anybody waits for that
 
 
 def wait_idle(timeout: float | None) -> list[str]:
     """Block until no batch is unfinished, at most `timeout` seconds; return the names of
     the tasks still waiting or running then (empty: all done)."""
+    global _idle_waiters  # noqa: PLW0603
     with _idle:
-        if _idle.wait_for(lambda: not _unfinished, timeout):
+        _idle_waiters += 1
+        try:
+            done = _idle.wait_for(lambda: not _unfinished, timeout)
+        finally:
+            _idle_waiters -= 1
+        if done:
             return []
         return [
             f"{task.name} of {batch.label}"
@@ -354,6 +356,9 @@ def _abandon_at_exit() -> None:
 
 
 def _is_async(func: object) -> bool:
+    code = getattr(func, "__code__", None)
+    if code is not None and code.co_flags & inspect.CO_COROUTINE:  # `async def`: the usual case
+        return True
     while isinstance(func, functools.partial):
         func = func.func
     # A callable object counts when its class defines `async def __call__`.

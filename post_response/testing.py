@@ -41,9 +41,7 @@ class CapturedTasks(Sequence[TaskHandle]):
     def __init__(self) -> None:
         # add_task() outside any request (Django's test client, a view called directly)
         # lands here too, as if in this pseudo-request.
-        self.request = _context.RequestTasks(
-            sys.maxsize, {"type": "test", "path": "(captured)"}, Stats()
-        )
+        self.request = _context.RequestTasks(sys.maxsize, "TEST", "(captured)", Stats())
 
     @overload
     def __getitem__(self, index: int) -> TaskHandle: ...

@@ -61,10 +61,14 @@ class PostResponseWSGIMiddleware:
 
     @_context.sandboxed  # a fresh context per request, though the server reuses threads
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        scope = {"type": "http", "method": environ.get("REQUEST_METHOD", ""),
-                 "path": environ.get("PATH_INFO", "")}  # fmt: skip
         config = self.config
-        tasks = _context.RequestTasks(config.max_tasks, scope, self.stats, config.celery_app)
+        tasks = _context.RequestTasks(
+            config.max_tasks,
+            environ.get("REQUEST_METHOD", ""),
+            environ.get("PATH_INFO", ""),
+            self.stats,
+            config.celery_app,
+        )
         _context.activate(tasks)  # no reset: the sandbox is discarded after the call
         response = _Response(self, tasks, start_response)
         try:

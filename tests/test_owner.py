@@ -209,3 +209,37 @@ async def test_a_request_after_shutdown_has_its_tasks_abandoned(
 def app_handles(app: PostResponseMiddleware) -> list[TaskHandle]:
     handles: list[TaskHandle] = app.app.handles  # type: ignore[attr-defined]
     return handles
+
+
+async def test_workers_do_not_keep_the_requests_that_started_them_alive() -> None:
+    """A value the request put in a context variable is freed once its tasks ran, although
+    the worker that ran them lives on (parked for the next request)."""
+    import contextvars
+    import gc
+    import weakref
+
+    class Session:
+        pass
+
+    session: contextvars.ContextVar[Session] = contextvars.ContextVar("session")
+    alive: list[weakref.ref[Session]] = []
+
+    async def task() -> None:
+        pass
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        value = Session()
+        alive.append(weakref.ref(value))
+        session.set(value)
+        add_task(task)
+        for message in OK:
+            await send(message)
+
+    middleware = PostResponseMiddleware(app)
+    for _ in range(3):
+        async with anyio.create_task_group() as group:  # a task per request, as servers do
+            group.start_soon(request, middleware)
+    await middleware.join()
+    gc.collect()
+    assert len(alive) == 3
+    assert [ref() for ref in alive] == [None, None, None]
