@@ -47,7 +47,7 @@ __all__ = [
     "ours_middleware",
 ]
 
-Kind = Literal["none", "async", "sync", "sleep", "gate"]
+Kind = Literal["none", "async", "sync", "sleep", "gate", "cpu", "celery"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Work:
 
     @property
     def is_async(self) -> bool:
-        return self.kind != "sync"
+        return self.kind not in ("sync", "cpu")
 
     def encode(self) -> str:
         return f"{self.kind}:{self.count}:{self.seconds:g}"
@@ -73,7 +73,7 @@ class Work:
     @classmethod
     def decode(cls, text: str) -> Work:
         kind, count, seconds = [*text.split(":"), "1", "0"][:3]
-        if kind not in ("none", "async", "sync", "sleep", "gate"):
+        if kind not in ("none", "async", "sync", "sleep", "gate", "cpu", "celery"):
             msg = f"unknown work kind {kind!r}"
             raise ValueError(msg)
         return cls(kind, int(count), float(seconds))  # type: ignore[arg-type]
@@ -140,6 +140,30 @@ async def gate_task() -> None:
     COUNTER.tick()
 
 
+def _iterations_for(seconds: float) -> int:
+    """How many turns of `burn_cpu`'s loop take about `seconds` on this machine."""
+    turns, started = 200_000, time.perf_counter()
+    _burn(turns)
+    return max(1, int(turns * seconds / (time.perf_counter() - started)))
+
+
+def _burn(turns: int) -> int:
+    total = 0
+    for i in range(turns):
+        total += i * i
+    return total
+
+
+_CPU_TURNS: list[int] = []  # calibrated on first use
+
+
+def burn_cpu() -> None:
+    """About 50 ms of pure-Python work (holding the GIL), as a heavy task would."""
+    if not _CPU_TURNS:
+        _CPU_TURNS.append(_iterations_for(0.05))
+    _burn(_CPU_TURNS[0])
+
+
 def task_call(work: Work) -> tuple[TaskFunc, tuple[Any, ...]]:
     """The function each of a request's tasks calls, with its arguments."""
     if work.kind == "async":
@@ -150,6 +174,10 @@ def task_call(work: Work) -> tuple[TaskFunc, tuple[Any, ...]]:
         return sleep_task, (work.seconds,)
     if work.kind == "gate":
         return gate_task, ()
+    if work.kind == "cpu":
+        return burn_cpu, ()
+    if work.kind == "celery":  # the same work, handed to a Celery worker (section g)
+        return importlib.import_module("benchmarks.celery_app").burn, ()
     msg = "this work schedules no task"
     raise ValueError(msg)
 

@@ -7,10 +7,17 @@ a section are all started before the first round and stay up until the last.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import apps, inprocess, server
@@ -19,7 +26,7 @@ from .openloop import open_loop
 from .results import Metric, Row, Section, Target
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 __all__ = ["FULL", "QUICK", "SECTIONS", "Plan", "Variant"]
 
@@ -48,6 +55,8 @@ class Plan:
     sync_requests: int = 1000  # (f): requests of `sync_tasks` tasks each, in-process
     sync_tasks: int = 10
     client: str | None = None  # "wrk" or "python"; None: wrk when installed
+    cpu_rate: float = 30.0  # (g): requests per second, each with ~50 ms of CPU work
+    cpu_seconds: float = 8.0
 
 
 FULL = Plan()
@@ -67,6 +76,7 @@ QUICK = Plan(
     rss_chunk=1.0,
     rss_limit=15.0,
     sync_requests=100,
+    cpu_seconds=2.0,
 )
 
 
@@ -546,6 +556,117 @@ def sync_latency(plan: Plan) -> Section:
     return section
 
 
+# (g) --------------------------------------------------------------------------------------
+
+
+CELERY_BROKER = "redis://127.0.0.1:6379/11"
+
+
+def celery_offload(plan: Plan) -> Section:
+    """Client latency while each request's task burns ~50 ms of CPU: in the server's process
+    (a worker thread, holding the GIL) or handed to a Celery worker process."""
+    rate, seconds = plan.cpu_rate, plan.cpu_seconds
+    section = Section(
+        "g",
+        "A CPU-heavy task (about 50 ms of pure Python) per request: in-process vs Celery",
+        f"uvicorn as in (b), one Celery worker (`--pool=solo`, Redis on 127.0.0.1); the "
+        f"open-loop client of (d) at {rate:g} requests/s for {seconds:g} s. Median of "
+        f"{plan.rounds} interleaved rounds.",
+        list(LATENCY_METRICS),
+        columns=[("ours-none", "÷ no task")],
+        chart_metric="p99",
+    )
+    variants = [
+        Variant("ours-none", "raw + ours, no task", "ours", Work()),
+        Variant("ours-cpu", "raw + ours, CPU task in-process", "ours", Work("cpu"), ("ours-none",)),
+        Variant("ours-celery", "raw + ours, CPU task to Celery", "ours", Work("celery"),
+                ("ours-none",)),
+    ]  # fmt: skip
+    missing = _celery_missing()
+    if missing:
+        row = Row("ours-celery", variants[2].label, compare=variants[2].compare)
+        row.missing = missing
+        section.rows.append(row)
+        variants = variants[:2]
+    notes: list[str] = []
+    measure = _latency_at(rate, seconds, plan.rate_warmup, notes)
+    with _celery_worker(enabled=not missing):
+
+        def settled(target: server.Server) -> dict[str, float]:
+            values = measure(target)
+            _wait_for_celery_queue(enabled=not missing)  # its backlog must not load the next
+            return values
+
+        _server_section(section, replace(plan, load_warmup=0.0), variants, settled, 0.5)
+    section.notes += notes
+    return section
+
+
+def _latency_at(
+    rate: float, seconds: float, warmup: float, notes: list[str]
+) -> Callable[[server.Server], dict[str, float]]:
+    def measure(target: server.Server) -> dict[str, float]:
+        found = open_loop(target.port, rate, seconds, warmup)
+        if found.errors:
+            notes.append(f"{target.name}: {found.errors} non-200 responses")
+        return {"p50": found.p50_ms, "p99": found.p99_ms, "late": found.late_p99_ms}
+
+    return measure
+
+
+def _celery_missing() -> str:
+    """Why section (g) cannot hand tasks to Celery here, or "" when it can."""
+    for module in ("celery", "redis"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (the celery extra)"
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 6379), timeout=1):
+        return ""
+    return "no Redis on 127.0.0.1:6379"
+
+
+@contextlib.contextmanager
+def _celery_worker(*, enabled: bool) -> Iterator[None]:
+    """A Celery worker process for (g), on an emptied Redis database, stopped afterwards."""
+    if not enabled:
+        yield
+        return
+    import redis  # noqa: PLC0415  (the celery extra; checked by _celery_missing)
+
+    redis.Redis.from_url(CELERY_BROKER).flushdb()
+    argv = [sys.executable, "-m", "celery", "-A", "benchmarks.celery_app:app", "worker",
+            "--pool=solo", "--without-mingle", "--without-gossip", "--loglevel=INFO"]  # fmt: skip
+    env = {**os.environ, "BENCH_CELERY_BROKER": CELERY_BROKER, "PYTHONPATH": str(server.ROOT)}
+    with tempfile.NamedTemporaryFile() as out:
+        worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+        try:
+            deadline = time.monotonic() + 30
+            while b"ready." not in Path(out.name).read_bytes():
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    msg = f"the Celery worker did not start:\n{Path(out.name).read_text()}"
+                    raise RuntimeError(msg)
+                time.sleep(0.1)
+            yield
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def _wait_for_celery_queue(*, enabled: bool, limit: float = 60.0) -> None:
+    """Until the worker has taken every task off the queue (bounded)."""
+    if not enabled:
+        return
+    import redis  # noqa: PLC0415
+
+    store, deadline = redis.Redis.from_url(CELERY_BROKER), time.monotonic() + limit
+    while store.llen("post_response_bench") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # the last one, taken, finishes
+
+
 SECTIONS: dict[str, Callable[[Plan], Section]] = {
     "a": inprocess_cost,
     "b": server_throughput,
@@ -555,4 +676,5 @@ SECTIONS: dict[str, Callable[[Plan], Section]] = {
     "e2": server_rss,
     "f1": sync_tasks,
     "f2": sync_latency,
+    "g": celery_offload,
 }

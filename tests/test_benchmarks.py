@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,16 @@ def test_py_spy_samples_are_charged_to_the_innermost_layer(tmp_path: Path) -> No
     text = "\n".join(profile._summarise(raw, "test", per_request_us=10.0, top=5))
     assert "  75.0     7.50  post_response" in text  # Event.wait counts for its caller
     assert "  25.0     2.50  uvicorn" in text
+
+
+def test_the_celery_section_has_its_work() -> None:
+    """Section (g)'s CPU work takes about 50 ms, and its Celery variant enqueues a Celery task."""
+    from benchmarks import apps
+
+    assert apps.Work.decode("cpu").kind == "cpu"
+    func, args = apps.task_call(apps.Work("celery"))
+    assert (getattr(func, "name", None), args) == ("benchmarks.burn", ())
+    started = time.perf_counter()
+    apps.burn_cpu()  # calibrates, then burns
+    apps.burn_cpu()
+    assert time.perf_counter() - started > 0.05  # it does burn (the bound is loose on purpose)
