@@ -304,13 +304,7 @@ def long_tasks(plan: Plan) -> Section:
 
 
 def _latency(plan: Plan, notes: list[str]) -> Callable[[server.Server], dict[str, float]]:
-    def measure(target: server.Server) -> dict[str, float]:
-        found = open_loop(target.port, plan.rate, plan.rate_seconds, plan.rate_warmup)
-        if found.errors:
-            notes.append(f"{target.name}: {found.errors} non-200 responses")
-        return {"p50": found.p50_ms, "p99": found.p99_ms, "late": found.late_p99_ms}
-
-    return measure
+    return _latency_at(plan.rate, plan.rate_seconds, plan.rate_warmup, notes)
 
 
 def _latency_method(plan: Plan) -> str:
