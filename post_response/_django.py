@@ -3,7 +3,6 @@ connection open. Imported by the middleware only once Django's settings are conf
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
@@ -12,6 +11,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from ._errors import ConfigurationError
+from ._owner import asyncio_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -38,14 +38,6 @@ def settings_options() -> dict[str, Any]:
     return options
 
 
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 class Environment:
     """Run each task as Django runs a request, as far as database connections go.
 
@@ -64,7 +56,7 @@ class Environment:
             close_old_connections()
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
-        if not _on_asyncio():  # Django's async support is asyncio's; nothing to do on trio
+        if asyncio_loop() is None:  # Django's async support is asyncio's: nothing to do on trio
             return await awaitable
         async with ThreadSensitiveContext():
             try:

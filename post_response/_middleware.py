@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -13,7 +12,7 @@ from anyio.lowlevel import RunVar
 from . import _context, _runner
 from ._errors import ConfigurationError
 from ._options import Config, Options, configure, skip_reason
-from ._owner import Owner
+from ._owner import Owner, asyncio_loop
 from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
@@ -238,10 +237,7 @@ class PostResponseMiddleware:
     def _owner_here(self) -> Owner:
         """This event loop's owner: the lifespan's, or else one made on first use (spawned
         to serve detached batches, or only holding the `max_running` limiter inline)."""
-        try:
-            loop: object = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            loop = None
+        loop = asyncio_loop()  # None under trio
         if self._last is not None and loop is self._last[0]:
             return self._last[1]  # anyio's RunVar costs a backend lookup per call
         owner = self._owners.get(None)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._runner import Batch
 
-__all__ = ["Owner"]
+__all__ = ["Owner", "asyncio_loop"]
 
 logger = logging.getLogger("post_response")
 
@@ -90,7 +90,7 @@ class Owner:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run submitted batches until `shutdown()` (or until cancelled)."""
-        self._loop = _asyncio_loop()
+        self._loop = asyncio_loop()
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
@@ -234,7 +234,7 @@ class Owner:
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None (under trio)."""
     try:
         return asyncio.get_running_loop()
