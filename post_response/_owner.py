@@ -3,10 +3,9 @@
 Once a response is complete, the middleware hands the request's `Batch` to the owner of
 its event loop and returns, so the server is done with the request at once: uvicorn's
 `--limit-concurrency` stops counting it and daphne's `application_close_timeout` no
-longer applies to it. The owner runs each batch as a task of a task group that lives as
-long as the server: opened at `lifespan.startup` where the server runs lifespan, or else
-(daphne, test harnesses) spawned on first use as a detached task: an asyncio task, or a
-trio system task.
+longer applies to it. The owner runs batches on worker tasks, and lives as long as the
+server: opened at `lifespan.startup` where the server runs lifespan, or else (daphne, test
+harnesses) started on first use as a detached task: an asyncio task, or a trio system task.
 
 At `lifespan.shutdown`, `shutdown()` waits for every batch up to a deadline and then
 cancels what is left: tasks still running end `cancelled`, tasks not started end
@@ -132,7 +131,7 @@ class Owner:
             logger.exception("The post_response owner failed")
 
     def submit(self, batch: Batch) -> None:
-        """Run `batch` in the owner's task group; the caller does not wait for it."""
+        """Queue `batch` for the owner's workers; the caller does not wait for it."""
         if self.closed:
             batch.abandon(_ABANDONED, "the server had already shut down")
             batch.close()
