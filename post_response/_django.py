@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from ._errors import ConfigurationError
-from ._owner import asyncio_loop
+from ._runner import asyncio_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

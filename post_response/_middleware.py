@@ -12,10 +12,13 @@ from anyio.lowlevel import RunVar
 from . import _context, _runner
 from ._errors import ConfigurationError
 from ._options import Config, Options, configure, skip_reason
-from ._owner import Owner, asyncio_loop
+from ._owner import Owner
+from ._runner import asyncio_loop
 from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from typing_extensions import Unpack
 
     from ._types import AnyASGIApp, Message, Receive, Scope, Send
@@ -172,15 +175,11 @@ class PostResponseMiddleware:
 
     async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""
-        if not tasks.tasks:
-            tasks.close()
-            return
-        if _context.captures:  # post_response.testing.capture_tasks()
-            _runner.Batch(tasks, self.settings, reason).capture(_context.captures[-1].request.tasks)
+        batch = _runner.finished(tasks, self.settings, reason, self.config.max_queued)
+        if batch is None:
             return
         owner = self._owner_here()
-        batch = _runner.Batch(tasks, self.settings, reason, owner.limiter)
-        batch.enqueue(self.config.max_queued)
+        batch.limiter = owner.limiter
         if self.config.detach:
             owner.submit(batch)
         else:
@@ -211,14 +210,13 @@ class PostResponseMiddleware:
             self._owners.set(owner)
             self._last = None
             try:
-                await self.app(scope, watch_receive, send)
-            except Exception:
-                if received:
-                    raise
-                logger.debug("The app rejected the lifespan scope; the middleware answers it")
-                await self._answer_lifespan(receive, send, owner)
-            else:
-                if not received:
+                try:
+                    await self.app(scope, watch_receive, send)
+                except Exception:
+                    if received:
+                        raise
+                    logger.debug("The app rejected the lifespan scope; the middleware answers it")
+                if not received:  # the app does not speak lifespan (it returned or raised)
                     await self._answer_lifespan(receive, send, owner)
             finally:
                 owner.stop()
@@ -268,21 +266,23 @@ def setup(options: Options) -> tuple[Config, _runner.Settings]:
 
 def _with_framework_settings(options: Options) -> dict[str, object]:
     """`options` over the framework's own settings for the middleware (Django's, for now)."""
-    django_conf = sys.modules.get("django.conf")
-    if django_conf is None or not django_conf.settings.configured:
-        return dict(options)
-    from . import _django  # noqa: PLC0415  (only where Django is in use)
-
-    return {**_django.settings_options(), **options}
+    django = _django_support()
+    return dict(options) if django is None else {**django.settings_options(), **options}
 
 
 def _framework_environment() -> _runner.TaskEnvironment | None:
+    django = _django_support()
+    return None if django is None else django.Environment()
+
+
+def _django_support() -> ModuleType | None:
+    """`post_response._django` where Django is in use (its settings configured), else None."""
     django_conf = sys.modules.get("django.conf")
     if django_conf is None or not django_conf.settings.configured:
         return None
-    from . import _django  # noqa: PLC0415  (only where Django is in use)
+    from . import _django  # noqa: PLC0415  (it imports Django)
 
-    return _django.Environment()
+    return _django
 
 
 def _task_spans() -> _runner.TaskSpans:

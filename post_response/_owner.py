@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _context
+from ._runner import asyncio_loop
 from ._task import TaskState
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._runner import Batch
 
-__all__ = ["Owner", "asyncio_loop"]
+__all__ = ["Owner"]
 
 logger = logging.getLogger("post_response")
 
@@ -231,14 +232,6 @@ class Owner:
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks]
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
-
-
-def asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop, or None (under trio)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _start_task(

@@ -23,7 +23,7 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 from asgiref.sync import iscoroutinefunction
 
-from ._context import Phase
+from ._context import Phase, captures
 from ._task import UNSET, TaskState
 
 if TYPE_CHECKING:
@@ -34,7 +34,17 @@ if TYPE_CHECKING:
     from ._options import ErrorHook
     from ._task import TaskHandle
 
-__all__ = ["THREADS", "Batch", "Settings", "TaskEnvironment", "TaskSpans", "run_now", "wait_idle"]
+__all__ = [
+    "THREADS",
+    "Batch",
+    "Settings",
+    "TaskEnvironment",
+    "TaskSpans",
+    "asyncio_loop",
+    "finished",
+    "run_now",
+    "wait_idle",
+]
 
 logger = logging.getLogger("post_response")
 
@@ -136,11 +146,10 @@ class Batch:
         for task in self.tasks:
             if task.state is not _PENDING:
                 continue
-            if self.skip_reason is None or task.always:
+            if self._runs(task):
                 into.append(task)
             else:
-                task._end(TaskState.SKIPPED)
-                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+                self._skip(task)
         self.close()
 
     def enqueue(self, limit: int | None) -> None:
@@ -151,7 +160,7 @@ class Batch:
         """
         stats, dropped = self.request.stats, []
         for task in self.tasks:
-            if task.state is not _PENDING or (self.skip_reason is not None and not task.always):
+            if task.state is not _PENDING or not self._runs(task):
                 continue
             if limit is not None and stats.queued >= limit:
                 task._end(TaskState.DROPPED)
@@ -182,6 +191,14 @@ class Batch:
                 task._end(state)
                 task._log(level, "%s: %s", state.value, reason)
 
+    def _runs(self, task: TaskHandle) -> bool:
+        """Whether the request's outcome lets `task` run."""
+        return self.skip_reason is None or task.always
+
+    def _skip(self, task: TaskHandle) -> None:
+        task._end(TaskState.SKIPPED)
+        task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+
     def _take(self) -> TaskHandle | None:
         """The next pending task in the order they were added, or None."""
         tasks = self.tasks
@@ -194,15 +211,13 @@ class Batch:
 
     async def _work(self) -> None:
         while (task := self._take()) is not None:
-            if self.skip_reason is None or task.always:
-                if self.limiter is None:
-                    await self._run(task)
-                else:
-                    async with self.limiter:
-                        await self._run(task)
+            if not self._runs(task):
+                self._skip(task)
+            elif self.limiter is None:
+                await self._run(task)
             else:
-                task._end(TaskState.SKIPPED)
-                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+                async with self.limiter:
+                    await self._run(task)
 
     async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in
@@ -302,6 +317,22 @@ def _call_sync(
     return (result,) if inspect.isawaitable(result) else None
 
 
+def finished(
+    request: RequestTasks, settings: Settings, skip_reason: str | None, max_queued: int | None
+) -> Batch | None:
+    """A finished request's tasks, queued and ready to run; or None when there is nothing
+    to run: no task, or `post_response.testing.capture_tasks()` took them."""
+    if not request.tasks:
+        request.close()
+        return None
+    batch = Batch(request, settings, skip_reason)
+    if captures:
+        batch.capture(captures[-1].request.tasks)
+        return None
+    batch.enqueue(max_queued)
+    return batch
+
+
 _unfinished: set[Batch] = set()  # batches not closed yet, for the report at exit
 _idle = threading.Condition()  # notified when the last unfinished batch closes...
 _idle_waiters = 0  # ...if anybody waits for that
@@ -373,11 +404,18 @@ async def _in_thread(call: Callable[[], _T]) -> _T:
     never happens, and the process then hangs at exit on SIGTERM. The executor's idle
     threads exit with the interpreter. On trio, anyio's threads are trio's daemon ones.
     """
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # trio
+    loop = asyncio_loop()
+    if loop is None:  # trio
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=_trio_limiter())
     return await loop.run_in_executor(_executor(), call)
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None (under trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @functools.cache

@@ -124,19 +124,11 @@ class _Response:
             return
         self.done = True
         tasks, config = self.tasks, self.middleware.config
-        if not tasks.tasks:
-            tasks.close()
-            return
         status = 500 if self.failed and self.status < 500 else self.status
         reason = skip_reason(config.policy, status, complete, client_gone, raised=raised)
-        if _context.captures:  # post_response.testing.capture_tasks()
-            _runner.Batch(tasks, self.middleware.settings, reason).capture(
-                _context.captures[-1].request.tasks
-            )
-            return
-        batch = _runner.Batch(tasks, self.middleware.settings, reason)
-        batch.enqueue(config.max_queued)
-        self.middleware._run(batch)
+        batch = _runner.finished(tasks, self.middleware.settings, reason, config.max_queued)
+        if batch is not None:
+            self.middleware._run(batch)
 
 
 class _ClosingIterable:
