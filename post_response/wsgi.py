@@ -92,6 +92,7 @@ class PostResponseWSGIMiddleware:
         with self._loop_lock:
             if self._loop is None:
                 self._loop = _TaskLoop(self.config.max_running, self.config.shutdown_timeout)
+        batch.limiter = self._loop.owner.limiter  # max_running counts tasks, as for ASGI
         self._loop.submit(batch)
 
 

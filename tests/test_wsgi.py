@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 from post_response import TaskHandle, TaskState, add_task
@@ -148,3 +149,31 @@ def test_capture_tasks_works_for_wsgi_apps() -> None:
     assert {t.state for t in tasks} == {TaskState.PENDING}
     tasks.run()
     assert {t.state for t in tasks} == {TaskState.COMPLETED}
+
+
+def test_max_running_counts_tasks_not_requests() -> None:
+    """With `max_running=2`, a request's four concurrent tasks run two at a time, as under
+    ASGI (the bound is on tasks, across requests, not on requests)."""
+    running = peak = 0
+    both_in: list[anyio.Event] = []
+
+    async def work() -> None:
+        nonlocal running, peak
+        if not both_in:
+            both_in.append(anyio.Event())
+        running += 1
+        peak = max(peak, running)
+        if running == 2:
+            both_in[0].set()
+        await both_in[0].wait()  # the first two finish only once two run together
+        await anyio.sleep(0)
+        running -= 1
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        for _ in range(4):
+            add_task(work)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    serve(PostResponseWSGIMiddleware(app, concurrency=4, max_running=2))
+    assert peak == 2
