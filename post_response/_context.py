@@ -6,23 +6,27 @@ Everything the app runs inherits that same object (tasks, threads, sync views), 
 made inside a framework's worker thread or child task would be invisible to us.
 
 Each task runs in a snapshot of its caller's context. `contextvars.copy_context()` is
-exactly that snapshot and costs ~0.05 µs; contextvars-extras' `bind_to_snapshot_context`
-costs ~4 µs per call on this machine class, too much for the request path, so it is
-not used for that. Its sandbox serves the WSGI middleware (`sandboxed`). This is the only
+exactly that snapshot and the cheapest one; contextvars-extras' `bind_to_snapshot_context`
+costs many times more per call (docs/benchmarks.md), too much for the request path, so
+it is not used for that. Its sandbox serves the WSGI middleware (`sandboxed`). This is the only
 module that imports contextvars-extras.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from contextvars import Context, ContextVar, copy_context
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 
 from contextvars_extras.context_management import bind_to_sandbox_context
 
+from ._errors import RequestFinishedError, TaskLimitError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._dispatch import Dispatchers
     from ._task import Stats, TaskHandle
 
 __all__ = [
@@ -46,40 +50,100 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # all done: add_task() is an error
 
 
-class RequestTasks:
-    """The tasks one request added, in order, with what the logs need to name it.
+# Guards the hand-over between add_task() (from any thread a request left behind) and the
+# end of a drain: a task is either seen by the drain or refused, never left pending.
+_lock = threading.Lock()
 
-    It keeps the request's method and path, not its scope, so tasks waiting to run do
-    not keep whole requests alive.
+
+class RequestTasks:
+    """The tasks one request added, in order, and the phase the request is in.
+
+    Only this object changes its phase and its list. It keeps the request's method and
+    path, not its scope, so tasks waiting to run do not keep whole requests alive.
     """
 
-    __slots__ = ("celery_app", "limit", "method", "path", "phase", "stats", "tasks")
+    __slots__ = ("dispatchers", "limit", "method", "next", "path", "phase", "stats", "tasks")
 
     def __init__(
-        self, limit: int, method: str, path: str, stats: Stats, celery_app: object = None
+        self,
+        limit: int,
+        method: str,
+        path: str,
+        stats: Stats,
+        dispatchers: Dispatchers | None = None,
     ) -> None:
         self.tasks: list[TaskHandle] = []
+        self.next = 0  # the index of the next task to run
         self.limit = limit
         self.phase = Phase.COLLECTING
         self.method = method
         self.path = path
         self.stats = stats
-        self.celery_app = celery_app  # the middleware's option (post_response.celery)
-
-    def close(self) -> None:
-        """Accept no more tasks, and let go of those it holds.
-
-        Each task's context snapshot refers back to this object; holding on to the tasks
-        would leave every request that added one as a reference cycle for the garbage
-        collector, instead of being freed as soon as the last task ends.
-        """
-        self.phase = Phase.CLOSED
-        self.tasks.clear()
+        self.dispatchers = dispatchers  # how tasks are handed to a queue (post_response.celery)
 
     @property
     def label(self) -> str:
         """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""
         return f"{self.method} {self.path}"
+
+    def add(self, task: TaskHandle) -> None:
+        """Append `task`, unless the request is closed or at its limit."""
+        with _lock:
+            if self.phase is Phase.CLOSED:
+                msg = (
+                    f"add_task({task.name}) was called after the tasks of {self.label} had "
+                    "all run, so nothing would ever run this one. Call add_task() while the "
+                    "request or one of its tasks is still running."
+                )
+                raise RequestFinishedError(msg)
+            if len(self.tasks) >= self.limit:
+                msg = (
+                    f"{self.label} already added {self.limit} tasks, the `max_tasks` limit of "
+                    f"PostResponseMiddleware, so {task.name} was not added. A task that keeps "
+                    "adding itself is the usual cause; otherwise raise the limit with "
+                    "`PostResponseMiddleware(app, max_tasks=...)`."
+                )
+                raise TaskLimitError(msg)
+            self.tasks.append(task)
+
+    def drain(self) -> None:
+        """The response is over: tasks added from now on join the running drain."""
+        self.phase = Phase.DRAINING
+
+    def take(self, *, close: bool) -> TaskHandle | None:
+        """The next task not yet taken, in the order they were added; or None, and then,
+        with `close`, the request is closed in the same step (no add_task() slips between)."""
+        with _lock:
+            tasks = self.tasks
+            if self.next < len(tasks):
+                self.next += 1
+                return tasks[self.next - 1]
+            if close:
+                self._close()
+            return None
+
+    def close_if_done(self) -> bool:
+        """Close the request unless tasks were added that no one has taken yet."""
+        with _lock:
+            if self.next < len(self.tasks):
+                return False
+            self._close()
+            return True
+
+    def close(self) -> list[TaskHandle]:
+        """Accept no more tasks; return those never taken."""
+        with _lock:
+            left = self.tasks[self.next :]
+            self._close()
+            return left
+
+    def _close(self) -> None:
+        # Each task's context snapshot refers back to this object; holding on to the tasks
+        # would leave every request that added one as a reference cycle for the garbage
+        # collector, instead of being freed as soon as the last task ends.
+        self.phase = Phase.CLOSED
+        self.tasks = []
+        self.next = 0
 
 
 _current: ContextVar[RequestTasks | None] = ContextVar("post_response.tasks", default=None)
@@ -91,6 +155,9 @@ class Capture(Protocol):
     # Stands in for a request for add_task() called outside any (Django's test client,
     # a view called directly); the tasks of requests the middleware handles join its list.
     request: RequestTasks
+
+    def take_over(self, request: RequestTasks, skip_reason: str | None) -> None:
+        """Record a finished request's tasks that its outcome lets run; skip the others."""
 
 
 # Active captures, innermost last. Process-wide, not per context: test clients run the

@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
+from ._backend import asyncio_loop
 from ._errors import ConfigurationError
-from ._runner import asyncio_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.lowlevel import RunVar
 
-from . import _context, _runner
+from . import _batch, _context
+from ._backend import asyncio_loop
+from ._dispatch import Dispatchers
 from ._errors import ConfigurationError
 from ._options import Config, Options, configure, skip_reason
 from ._owner import Owner
-from ._runner import asyncio_loop
 from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Unpack
 
+    from ._call import TaskEnvironment
     from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["PostResponseMiddleware"]
@@ -95,7 +97,7 @@ class PostResponseMiddleware:
         config = self.config
         method = scope.get("method") or "WEBSOCKET"
         tasks = _context.RequestTasks(
-            config.max_tasks, method, scope.get("path", ""), self.stats, config.celery_app
+            config.max_tasks, method, scope.get("path", ""), self.stats, self.settings.dispatchers
         )
         token = _context.activate(tasks)
         try:
@@ -154,7 +156,7 @@ class PostResponseMiddleware:
             await self._finish(tasks, reason)
             raise
         except BaseException:
-            self._abandon(tasks, "the request was cancelled")
+            _abandon(tasks, "the request was cancelled")
             raise
         await self._finish(
             tasks, skip_reason(self.config.policy, status, complete, client_gone, raised=False)
@@ -169,31 +171,24 @@ class PostResponseMiddleware:
             await self._finish(tasks, None if self.config.policy == "always" else "the app raised")
             raise
         except BaseException:
-            self._abandon(tasks, "the connection was cancelled")
+            _abandon(tasks, "the connection was cancelled")
             raise
         await self._finish(tasks, None)
 
     async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""
-        batch = _runner.finished(tasks, self.settings, reason, self.config.max_queued)
+        batch = _batch.finished(tasks, self.settings, reason)
         if batch is None:
             return
         owner = self._owner_here()
-        batch.limiter = owner.limiter
         if self.config.detach:
             owner.submit(batch)
         else:
-            await batch.run(reason="the request was cancelled")
-
-    def _abandon(self, tasks: _context.RequestTasks, reason: str) -> None:
-        """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
-        batch = _runner.Batch(tasks, self.settings)
-        batch.abandon(TaskState.CANCELLED, reason)
-        batch.close()
+            await owner.run_here(batch)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
-        owner = Owner(self.config.max_running)
+        owner = Owner(self.config.max_running, self.config.max_queued)
         received = False
 
         async def watch_receive() -> Message:
@@ -240,26 +235,33 @@ class PostResponseMiddleware:
             return self._last[1]  # anyio's RunVar costs a backend lookup per call
         owner = self._owners.get(None)
         if owner is None:
-            owner = (
-                Owner.spawn(self.config.max_running)
-                if self.config.detach
-                else Owner(self.config.max_running)
-            )
+            config = self.config
+            make = Owner.spawn if config.detach else Owner
+            owner = make(config.max_running, config.max_queued)
             self._owners.set(owner)
         if loop is not None:
             self._last = (loop, owner)
         return owner
 
 
-def setup(options: Options) -> tuple[Config, _runner.Settings]:
+def _abandon(tasks: _context.RequestTasks, reason: str) -> None:
+    """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
+    for task in tasks.close():
+        if task.state is TaskState.PENDING:
+            task._end(TaskState.CANCELLED)
+            task._log(logging.WARNING, "cancelled: %s", reason)
+
+
+def setup(options: Options) -> tuple[Config, _batch.Settings]:
     """The options checked (over the framework's settings), and how tasks are to run."""
     config = configure(_with_framework_settings(options))
-    settings = _runner.Settings(
+    settings = _batch.Settings(
         concurrency=config.concurrency,
         timeout=config.timeout,
         on_error=config.on_error,
         environment=_framework_environment(),
         spans=_task_spans() if config.opentelemetry else None,
+        dispatchers=Dispatchers(config.celery_app),
     )
     return config, settings
 
@@ -270,7 +272,7 @@ def _with_framework_settings(options: Options) -> dict[str, object]:
     return dict(options) if django is None else {**django.settings_options(), **options}
 
 
-def _framework_environment() -> _runner.TaskEnvironment | None:
+def _framework_environment() -> TaskEnvironment | None:
     django = _django_support()
     return None if django is None else django.Environment()
 
@@ -285,7 +287,7 @@ def _django_support() -> ModuleType | None:
     return _django
 
 
-def _task_spans() -> _runner.TaskSpans:
+def _task_spans() -> _batch.TaskSpans:
     try:
         from . import _otel  # noqa: PLC0415  (an optional dependency)
     except ImportError as exc:

@@ -28,7 +28,7 @@ class TaskSpans:
 
     def start(self, task: TaskHandle) -> Span:
         parent = task.context.run(context.get_current)
-        request = task.owner
+        request = task.request_tasks
         span = self._tracer.start_span(
             f"post_response {task.name}",
             context=parent,

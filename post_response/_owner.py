@@ -5,42 +5,44 @@ its event loop and returns, so the server is done with the request at once: uvic
 `--limit-concurrency` stops counting it and daphne's `application_close_timeout` no
 longer applies to it. The owner runs batches on worker tasks, and lives as long as the
 server: opened at `lifespan.startup` where the server runs lifespan, or else (daphne, test
-harnesses) started on first use as a detached task: an asyncio task, or a trio system task.
+harnesses) started on first use, detached from any request.
 
 At `lifespan.shutdown`, `shutdown()` waits for every batch up to a deadline and then
-cancels what is left: tasks still running end `cancelled`, tasks not started end
-`abandoned`, each logged by name. (A process that exits without a lifespan shutdown
-logs the tasks it leaves behind at exit: see `_runner`.)
+cancels what is left: tasks still running end `cancelled` (or `abandoned`, for a sync
+task whose thread runs on), tasks not started end `abandoned`, each logged by name.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextvars
+import enum
 import logging
-import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _context
-from ._runner import asyncio_loop
+from . import _backend, _context
 from ._task import TaskState
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ._runner import Batch
+    from ._backend import Spot
+    from ._batch import Batch
 
 __all__ = ["Owner"]
 
 logger = logging.getLogger("post_response")
 
-_ABANDONED = TaskState.ABANDONED
-_detached: set[asyncio.Task[None]] = set()  # strong references to fallback owners' tasks
+_ABANDONED, _DROPPED = TaskState.ABANDONED, TaskState.DROPPED
+_NOT_STARTED = "the server shut down before it started"
+
+
+class Life(enum.Enum):
+    NEW = "new"  # built; batches submitted now wait until it serves
+    SERVING = "serving"
+    STOPPING = "stopping"  # shutting down: no new worker, what runs is being cancelled
+    CLOSED = "closed"  # every batch ended; later ones are abandoned at once
 
 
 class Owner:
@@ -50,79 +52,66 @@ class Owner:
     parks until one comes, so a busy server reuses its workers instead of starting a task
     per request. A worker is started when a batch arrives and none is parked, so batches of
     different requests never wait for each other, and one retires when `SPARE_WORKERS`
-    others are parked. With `max_batches`, at most that many batches run at once; the rest
-    stay queued, costing no task, until a worker is free.
+    others are parked. With `max_running`, at most that many tasks run at once; the
+    batches beyond wait in the queue, costing no task, and with `max_queued` at most that
+    many tasks wait: the tasks of a batch that cannot start are dropped past it.
 
-    On asyncio, workers are plain asyncio tasks parked on futures: anyio's `start_soon` and
-    `Event` cost ~30 µs and ~3 µs a request here, against ~5 µs and ~1 µs. On trio they
-    are tasks of the owner's task group, parked on anyio events.
+    A worker survives whatever a batch raises except the owner's own cancellation, so no
+    task can stop the batches of other requests.
     """
 
     SPARE_WORKERS = 64
 
-    def __init__(self, max_batches: int | None = None) -> None:
+    def __init__(self, max_running: int | None = None, max_queued: int | None = None) -> None:
+        self._backend = _backend.current()
+        self.life = Life.NEW
         self._group: TaskGroup | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # set while serving on asyncio
-        self._workers: set[asyncio.Task[None]] = set()  # asyncio's, outside the group
-        self._batches: set[Batch] = set()  # submitted and not finished
+        self._workers: set[Any] = set()  # the backend's, outside the group
+        self._batches: set[Batch] = set()  # accepted and not finished
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
-        self._parked: list[asyncio.Future[None] | anyio.Event] = []  # a worker's each
+        self._parked: list[Spot] = []
         self._running = 0  # batches being run by workers
-        self._max_batches = max_batches
-        # Bounds running tasks (not just batches): a batch may run several at once.
-        self.limiter = None if max_batches is None else anyio.CapacityLimiter(max_batches)
+        self._max_running = max_running
+        self._max_queued = max_queued
+        self._limiter = None if max_running is None else anyio.CapacityLimiter(max_running)
         self._finished: anyio.Event | None = None  # set when a batch ends, if someone waits
         self._stop = anyio.Event()
-        self._stopped = anyio.Event()
-        self._stopping = False
-        self.closed = False
+        self._closed = anyio.Event()
 
     @classmethod
-    def spawn(cls, max_batches: int | None = None) -> Owner:
+    def spawn(cls, max_running: int | None = None, max_queued: int | None = None) -> Owner:
         """An owner serving from a detached task, for servers that run no lifespan."""
-        owner = cls(max_batches)
-        trio = sys.modules.get("trio")
-        if trio is not None and trio.lowlevel.in_trio_run():
-            trio.lowlevel.spawn_system_task(owner._serve_detached, name="post_response owner")
-        else:
-            _start_task(asyncio.get_running_loop(), owner._serve_detached(), _detached)
+        owner = cls(max_running, max_queued)
+        owner._backend.spawn(owner._serve_detached)
         return owner
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run submitted batches until `shutdown()` (or until cancelled)."""
-        self._loop = asyncio_loop()
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
-                for _ in range(len(self._waiting)):  # submitted before the group was open
+                self.life = Life.SERVING
+                for _ in range(len(self._waiting)):  # submitted before it served
                     self._wake()
                 task_status.started()
                 await self._stop.wait()
                 group.cancel_scope.cancel()  # what shutdown() gave up on
         finally:
-            self._stopping = True
-            await self._cancel_workers()
+            self.life = Life.STOPPING
+            with anyio.CancelScope(shield=True):
+                await self._backend.stop_workers(self._workers)
             self._group = None
-            self.closed = True
+            self.life = Life.CLOSED
             while self._waiting:
                 batch = self._waiting.popleft()
                 self._batches.discard(batch)
-                batch.abandon(_ABANDONED, "the server shut down before it started")
-                batch.close()
-            self._stopped.set()
-
-    async def _cancel_workers(self) -> None:
-        """Cancel the asyncio workers (trio's went with the group) and wait for them."""
-        workers = list(self._workers)
-        for worker in workers:
-            worker.cancel()
-        if workers:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(workers)
+                batch.abandon(_ABANDONED, _NOT_STARTED)
+            self._closed.set()
 
     def stop(self) -> None:
         """Make `serve()` return now, cancelling what still runs (see `shutdown()`)."""
-        self._stopping = True
+        if self.life is not Life.CLOSED:
+            self.life = Life.STOPPING
         self._stop.set()
 
     async def _serve_detached(self) -> None:
@@ -133,55 +122,104 @@ class Owner:
 
     def submit(self, batch: Batch) -> None:
         """Queue `batch` for the owner's workers; the caller does not wait for it."""
-        if self.closed:
+        if self.life is Life.CLOSED:
             batch.abandon(_ABANDONED, "the server had already shut down")
-            batch.close()
             return
-        self._batches.add(batch)
-        self._waiting.append(batch)
-        self._wake()
+        if self._admit(batch):
+            self._batches.add(batch)
+            self._waiting.append(batch)
+            self._wake()
+
+    async def run_here(self, batch: Batch) -> None:
+        """Run `batch` in the caller's task (the middleware's `detach=False`)."""
+        if self._admit(batch):
+            await batch.run(reason="the request was cancelled")
+
+    def _admit(self, batch: Batch) -> bool:
+        """Give `batch` the limiter and count its tasks as queued, dropping those past
+        `max_queued` when they would have to wait; False when nothing is left to run."""
+        batch.limiter = self._limiter
+        tasks = batch.runnable()
+        limit = self._max_queued
+        dropped = []
+        if limit is not None and self._full():
+            stats = batch.request.stats
+            room = max(limit - stats.queued, 0)
+            tasks, dropped = tasks[:room], tasks[room:]
+            for task in dropped:
+                task._end(_DROPPED)
+        for task in tasks:
+            task._enqueue()
+        if dropped:
+            self._log_drops(batch, [task.name for task in dropped])
+        if dropped and not any(task.state is TaskState.PENDING for task in batch.tasks()):
+            batch.close()  # nothing left to run or to skip
+            return False
+        return True
+
+    def _full(self) -> bool:
+        """Whether a new task would have to wait for `max_running`: only then is it queued."""
+        limiter = self._limiter
+        return limiter is not None and (
+            limiter.available_tokens < 1
+            or (self._max_running is not None and self._running >= self._max_running)
+        )
+
+    def _log_drops(self, batch: Batch, names: list[str]) -> None:
+        """Drops are logged once per request, naming each task: under overload, a log
+        record per task would only add to the load."""
+        request = batch.request
+        logger.error(
+            "Dropped %d tasks of %s, max_queued=%d tasks already waiting to run: %s",
+            len(names),
+            batch.label,
+            self._max_queued,
+            ", ".join(map(repr, names)),
+            extra={
+                "task_names": names,
+                "task_outcome": _DROPPED.value,
+                "request_method": request.method,
+                "request_path": request.path,
+            },
+        )
 
     def _wake(self) -> None:
         """Get a worker onto the queue: a parked one, or else a new one."""
         group = self._group
-        if group is None or self._stopping:  # not serving yet, or stopping
+        if group is None or self.life is not Life.SERVING:
             return
-        if self._max_batches is not None and self._running >= self._max_batches:
+        if self._max_running is not None and self._running >= self._max_running:
             return  # a worker takes the next batch when it is done with its own
-        while self._parked:
-            parked = self._parked.pop()
-            if isinstance(parked, anyio.Event):
-                parked.set()
-                return
-            if not parked.done():
-                parked.set_result(None)
-                return
-        if self._loop is None:  # an empty context: the worker outlives this request
-            contextvars.Context().run(group.start_soon, self._work)
+        if self._parked:
+            self._parked.pop().wake()
         else:
-            _start_task(self._loop, self._work(), self._workers)
+            self._backend.start(self._work, group, self._workers)
 
     async def _work(self) -> None:
         """A worker: run queued batches, one after another; park when there are none."""
-        limit = self._max_batches
-        while True:
-            while self._waiting and (limit is None or self._running < limit):
-                await self._run(self._waiting.popleft())  # no local keeps it once run
-            if len(self._parked) >= self.SPARE_WORKERS:
-                return
-            if self._loop is None:
-                event = anyio.Event()
-                self._parked.append(event)
-                await event.wait()
-            else:
-                future = self._loop.create_future()
-                self._parked.append(future)
-                await future
+        limit = self._max_running
+        try:
+            while self.life is Life.SERVING:
+                while self._waiting and (limit is None or self._running < limit):
+                    await self._run(self._waiting.popleft())  # no local keeps it once run
+                if len(self._parked) >= self.SPARE_WORKERS:
+                    return
+                spot = self._backend.spot()
+                self._parked.append(spot)
+                await spot
+        finally:
+            if self._waiting:  # however this worker ended, queued batches still get one
+                self._wake()
 
     async def _run(self, batch: Batch) -> None:
         self._running += 1
         try:
-            await batch.run(cancelled=_ABANDONED, reason="the server shut down before it started")
+            await batch.run(cancelled=_ABANDONED, reason=_NOT_STARTED)
+        except self._backend.cancelled:
+            raise
+        except BaseException:
+            logger.exception("post_response failed running the tasks of %s", batch.label)
+            batch.abandon(_ABANDONED, "post_response failed running them (see the error above)")
         finally:
             self._running -= 1
             self._batches.discard(batch)
@@ -214,7 +252,7 @@ class Owner:
                     waiting,
                 )
         self.stop()
-        await self._stopped.wait()
+        await self._closed.wait()
 
     async def join(self) -> None:
         """Wait until no batch is left (batches submitted meanwhile included).
@@ -230,22 +268,5 @@ class Owner:
             await self._finished.wait()
 
     def _count(self) -> tuple[int, int]:
-        states = [task.state for batch in self._batches for task in batch.tasks]
+        states = [task.state for batch in self._batches for task in batch.tasks()]
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
-
-
-def _start_task(
-    loop: asyncio.AbstractEventLoop,
-    coroutine: Coroutine[Any, Any, None],
-    registry: set[asyncio.Task[None]],
-) -> None:
-    """Start an asyncio task that outlives the request that starts it, kept in `registry`.
-
-    Its context is empty, and so is its done callback's: a task or a callback made in the
-    request's context would keep a copy of it, and with it the request's task list, alive
-    for as long as the task lives.
-    """
-    context = contextvars.Context()
-    task = context.run(loop.create_task, coroutine)
-    registry.add(task)
-    task.add_done_callback(registry.discard, context=context)

@@ -5,20 +5,11 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import sys
 import time
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from . import _context
-from ._errors import (
-    ConfigurationError,
-    InvalidTaskError,
-    OutsideRequestError,
-    RequestFinishedError,
-    TaskLimitError,
-    TaskStartedError,
-)
+from ._errors import ConfigurationError, InvalidTaskError, OutsideRequestError, TaskStartedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,7 +24,7 @@ __all__ = [
     "add_task",
     "check_timeout",
     "describe",
-    "register_router",
+    "safe_repr",
 ]
 
 P = ParamSpec("P")
@@ -51,7 +42,7 @@ class TaskState(str, enum.Enum):
     SKIPPED = "skipped"  # not run because of the request's outcome (the policy)
     CANCELLED = "cancelled"  # by `TaskHandle.cancel()`, by the server, or at shutdown's deadline
     DROPPED = "dropped"  # not run: `max_queued` tasks were already waiting
-    ABANDONED = "abandoned"  # never started: the server shut down first
+    ABANDONED = "abandoned"  # not run to its end: the server shut down, or the process exited
 
 
 FINAL_STATES = tuple(TaskState)[2:]
@@ -109,7 +100,7 @@ class TaskHandle:
         "duration",
         "func",
         "kwargs",
-        "owner",
+        "request_tasks",
         "state",
         "timeout",
     )
@@ -119,12 +110,12 @@ class TaskHandle:
         func: Callable[..., object],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        owner: _context.RequestTasks,
+        request_tasks: _context.RequestTasks,
     ) -> None:
         self.func = func
         self.args = args
         self.kwargs = kwargs
-        self.owner = owner
+        self.request_tasks = request_tasks  # the list of the request that added it
         self.context: Context = _context.snapshot()
         self.state = _PENDING
         self._queued = False  # counted in `Stats.queued` while it waits to run
@@ -145,7 +136,7 @@ class TaskHandle:
     @property
     def request(self) -> str:
         """The request that added the task, as logs name it (`GET /path`)."""
-        return self.owner.label
+        return self.request_tasks.label
 
     def set(
         self,
@@ -196,10 +187,10 @@ class TaskHandle:
 
     def _enqueue(self) -> None:
         self._queued = True
-        self.owner.stats.queued += 1
+        self.request_tasks.stats.queued += 1
 
     def _start(self) -> None:
-        stats = self.owner.stats
+        stats = self.request_tasks.stats
         if self._queued:
             self._queued = False
             stats.queued -= 1
@@ -208,7 +199,7 @@ class TaskHandle:
         self._started = time.perf_counter()
 
     def _end(self, state: TaskState) -> None:
-        stats = self.owner.stats
+        stats = self.request_tasks.stats
         if self._queued:
             self._queued = False
             stats.queued -= 1
@@ -224,7 +215,7 @@ class TaskHandle:
         """Log "Task 'name' of GET /path <what>", with the task's fields for structured logs."""
         if not logger.isEnabledFor(level):
             return
-        name, request = self.name, self.owner
+        name, request = self.name, self.request_tasks
         fields = {
             "task_name": name,
             "task_outcome": self.state.value,
@@ -271,37 +262,11 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         if not _context.captures:
             raise OutsideRequestError(_OUTSIDE_REQUEST)
         tasks = _context.captures[-1].request
-    if tasks.phase is _context.Phase.CLOSED:
-        msg = (
-            f"add_task({describe(func)}) was called after the tasks of {tasks.label} had "
-            "all run, so nothing would ever run this one. Call add_task() while the request "
-            "or one of its tasks is still running."
-        )
-        raise RequestFinishedError(msg)
-    if len(tasks.tasks) >= tasks.limit:
-        msg = (
-            f"{tasks.label} already added {tasks.limit} tasks, the `max_tasks` limit of "
-            f"PostResponseMiddleware, so {describe(func)} was not added. A task that keeps "
-            "adding itself is the usual cause; otherwise raise the limit with "
-            "`PostResponseMiddleware(app, max_tasks=...)`."
-        )
-        raise TaskLimitError(msg)
     task = TaskHandle(func, args, kwargs, tasks)
-    if _router is None and "celery" in sys.modules:
-        import_module("post_response.celery")  # a Celery task must be enqueued, not called
-    if _router is not None:
-        _router(task)  # raises for a Celery task whose arguments cannot be encoded
-    tasks.tasks.append(task)
+    if tasks.dispatchers is not None:
+        tasks.dispatchers.route(task)  # raises for a queued task whose arguments cannot travel
+    tasks.add(task)
     return task
-
-
-_router: Callable[[TaskHandle], None] | None = None
-
-
-def register_router(router: Callable[[TaskHandle], None]) -> None:
-    """Have `router` look at each new task, and set its `dispatch` where it should (Celery)."""
-    global _router  # noqa: PLW0603  (set once, when post_response.celery is imported)
-    _router = router
 
 
 _OUTSIDE_REQUEST = (
@@ -327,17 +292,35 @@ def _not_callable(func: object) -> InvalidTaskError:
             f"Pass the function and its arguments instead: `add_task({name}, ...)`."
         )
     else:
-        msg = f"add_task() needs a callable as its first argument, got {func!r}."
+        msg = f"add_task() needs a callable as its first argument, got {safe_repr(func)}."
     return InvalidTaskError(msg)
 
 
 def describe(func: object) -> str:
-    """`module.qualname` of a callable, seen through `functools.partial`."""
-    while isinstance(func, functools.partial):
-        func = func.func
-    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-    module = getattr(func, "__module__", None)
-    return f"{module}.{qualname}" if module else qualname
+    """`module.qualname` of a callable, seen through `functools.partial`.
+
+    Never raises: a callable whose `__qualname__` or `__module__` raises is named by
+    `object.__repr__` (`<module.Class object at 0x...>`), so its failure is still logged.
+    """
+    try:
+        while isinstance(func, functools.partial):
+            func = func.func
+        qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+        module = getattr(func, "__module__", None)
+        name = f"{module}.{qualname}" if module else qualname
+        if isinstance(name, str):
+            return name
+    except BaseException:  # noqa: S110  (a name for a log line must not fail)
+        pass
+    return object.__repr__(func)
+
+
+def safe_repr(value: object) -> str:
+    """`repr(value)`, or `object.__repr__(value)` when its own `__repr__` raises."""
+    try:
+        return repr(value)
+    except BaseException:
+        return object.__repr__(value)
 
 
 def check_timeout(value: object, where: str) -> float | None:

@@ -18,8 +18,9 @@ Enqueueing retries with a bounded backoff (`RETRY_POLICY`); a task that still ca
 enqueued fails like any task: logged by name with a summary of its arguments, counted,
 never raised into the server.
 
-This module is imported by `add_task()` itself as soon as Celery is, so a Celery task is
-never run in the web process by mistake. Needs the `post_response[celery]` extra.
+Each middleware asks its `CeleryDispatcher` about every new task once Celery has been
+imported (see `post_response._dispatch`), so a Celery task is never run in the web process
+by mistake. Needs the `post_response[celery]` extra.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from celery.canvas import Signature
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from . import _task
 from ._errors import PostResponseError
+from ._task import describe
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._task import TaskHandle
 
-__all__ = ["RETRY_POLICY", "EnqueueError", "UnserializableArgumentsError"]
+__all__ = ["RETRY_POLICY", "CeleryDispatcher", "EnqueueError", "UnserializableArgumentsError"]
 
 # Kombu's publish retry: up to 3 retries, 0.2 s then 0.4 s then 0.5 s apart (about 1 s in
 # all, plus the broker's connection timeout per attempt).
@@ -60,38 +61,42 @@ class EnqueueError(PostResponseError, RuntimeError):
     """A Celery task could not be enqueued, retries included."""
 
 
-def route(handle: TaskHandle) -> None:
-    """Make `handle` enqueue its Celery task instead of calling it, if it has one."""
-    target = _celery_target(handle)
-    if target is None:
-        return
-    task, args, kwargs = target
-    _check_serializable(task, args, kwargs)
-    if handle._name is None:
-        handle._name = task.name
-    handle.dispatch = functools.partial(_enqueue, handle.func, task, args, kwargs)
+class CeleryDispatcher:
+    """Enqueues Celery tasks and signatures, and with `app`, plain functions whose
+    `module.qualname` is the name of one of its tasks (the middleware's `celery_app`)."""
 
+    def __init__(self, app: object = None) -> None:
+        self.app = app if isinstance(app, Celery) else None
 
-def _celery_target(handle: TaskHandle) -> tuple[Task, tuple[Any, ...], dict[str, Any]] | None:
-    """The Celery task behind `handle` and its arguments, or None for an ordinary callable."""
-    func = handle.func
-    if isinstance(func, Task):
-        return func, handle.args, handle.kwargs
-    if isinstance(func, Signature):
-        if handle.args or handle.kwargs:
-            msg = (
-                f"add_task() got a Celery signature ({func!r}) and more arguments; put them "
-                "in the signature: `add_task(task.s(*args, **kwargs))`."
-            )
-            raise TypeError(msg)
-        task = func.type if func.type is not None else func.app.tasks[func.task]
-        return task, tuple(func.args), dict(func.kwargs)
-    app = handle.owner.celery_app
-    if isinstance(app, Celery):
-        name = _task.describe(func)
-        if name in app.tasks:
-            return app.tasks[name], handle.args, handle.kwargs
-    return None
+    def __call__(self, handle: TaskHandle) -> Callable[[], object] | None:
+        target = self._target(handle)
+        if target is None:
+            return None
+        task, args, kwargs = target
+        _check_serializable(task, args, kwargs)
+        if handle._name is None:
+            handle._name = task.name
+        return functools.partial(_enqueue, handle.func, task, args, kwargs)
+
+    def _target(self, handle: TaskHandle) -> tuple[Task, tuple[Any, ...], dict[str, Any]] | None:
+        """The Celery task behind `handle` and its arguments, or None for an ordinary callable."""
+        func = handle.func
+        if isinstance(func, Task):
+            return func, handle.args, handle.kwargs
+        if isinstance(func, Signature):
+            if handle.args or handle.kwargs:
+                msg = (
+                    f"add_task() got a Celery signature ({func!r}) and more arguments; put "
+                    "them in the signature: `add_task(task.s(*args, **kwargs))`."
+                )
+                raise TypeError(msg)
+            task = func.type if func.type is not None else func.app.tasks[func.task]
+            return task, tuple(func.args), dict(func.kwargs)
+        if self.app is not None:
+            name = describe(func)
+            if name in self.app.tasks:
+                return self.app.tasks[name], handle.args, handle.kwargs
+        return None
 
 
 def _check_serializable(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -126,6 +131,3 @@ def _enqueue(
             f"{RETRY_POLICY['max_retries']} retries: {type(exc).__name__}: {exc}"
         )
         raise EnqueueError(msg) from exc
-
-
-_task.register_router(route)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import overload
@@ -26,8 +27,9 @@ from typing import overload
 import anyio
 import anyio.to_thread
 
-from . import _context, _runner
-from ._task import Stats, TaskHandle
+from . import _backend, _context, _registry
+from ._call import call
+from ._task import Stats, TaskHandle, TaskState
 
 __all__ = ["CapturedTasks", "capture_tasks", "wait_for_tasks", "wait_for_tasks_async"]
 
@@ -56,11 +58,23 @@ class CapturedTasks(Sequence[TaskHandle]):
     def __repr__(self) -> str:
         return f"<CapturedTasks {list(self)!r}>"
 
+    def take_over(self, request: _context.RequestTasks, skip_reason: str | None) -> None:
+        """Record a finished request's tasks that its outcome lets run; skip the others."""
+        request.drain()
+        while (task := request.take(close=True)) is not None:
+            if task.state is not TaskState.PENDING:
+                continue
+            if skip_reason is None or task.always:
+                self.request.add(task)
+            else:
+                task._end(TaskState.SKIPPED)
+                task._log(logging.WARNING, "skipped: %s", skip_reason)
+
     async def arun(self) -> None:
         """Run the captured tasks that are still pending, in order, each in its context
         snapshot. The first failure propagates, and the tasks after it stay pending."""
         for task in list(self):
-            await _runner.run_now(task)
+            await _run_now(task)
 
     def run(self) -> None:
         """`arun()` for sync tests (it starts an event loop; in async tests, `await arun()`)."""
@@ -105,7 +119,7 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
         TimeoutError: Tasks are still waiting or running after `timeout` seconds; the
             message names them.
     """
-    left = _runner.wait_idle(timeout)
+    left = _registry.wait_idle(timeout)
     if left:
         msg = f"{len(left)} tasks still not done after {timeout}s: {', '.join(left)}"
         raise TimeoutError(msg)
@@ -114,3 +128,18 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
 async def wait_for_tasks_async(timeout: float | None = 10.0) -> None:  # noqa: ASYNC109
     """`wait_for_tasks()` for async tests: waits in a thread, so the tasks can run."""
     await anyio.to_thread.run_sync(wait_for_tasks, timeout, abandon_on_cancel=True)
+
+
+async def _run_now(task: TaskHandle) -> None:
+    """Run a pending task here and now, in its context; its failure propagates."""
+    if task.state is not TaskState.PENDING:
+        return
+    try:
+        await call(task, None, _backend.current(), task._start)
+    except Exception:
+        task._end(TaskState.FAILED)
+        raise
+    except BaseException:
+        task._end(TaskState.CANCELLED)
+        raise
+    task._end(TaskState.COMPLETED)

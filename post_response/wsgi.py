@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _context, _runner
+from . import _batch, _context
 from ._middleware import setup
 from ._options import skip_reason
 from ._owner import Owner
-from ._task import Stats
+from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 __all__ = ["PostResponseWSGIMiddleware"]
+
+logger = logging.getLogger("post_response")
 
 
 class PostResponseWSGIMiddleware:
@@ -67,7 +70,7 @@ class PostResponseWSGIMiddleware:
             environ.get("REQUEST_METHOD", ""),
             environ.get("PATH_INFO", ""),
             self.stats,
-            config.celery_app,
+            self.settings.dispatchers,
         )
         _context.activate(tasks)  # no reset: the sandbox is discarded after the call
         response = _Response(self, tasks, start_response)
@@ -84,16 +87,31 @@ class PostResponseWSGIMiddleware:
         loop = self._loop
         return loop is None or loop.join(timeout)
 
-    def _run(self, batch: _runner.Batch) -> None:
-        """Run a finished request's tasks: on the task loop, or here (`detach=False`)."""
-        if not self.config.detach:
-            anyio.run(_run_inline, batch)
-            return
+    def _run(self, batch: _batch.Batch) -> None:
+        """Run a finished request's tasks: on the task loop, or here (`detach=False`).
+
+        Never raises into the server: whatever goes wrong ends the tasks, logged.
+        """
+        try:
+            if self.config.detach:
+                self._task_loop().submit(batch)
+            else:
+                anyio.run(_run_inline, batch, self.config.max_running, self.config.max_queued)
+        except Exception:
+            logger.exception("post_response could not run the tasks of %s", batch.label)
+            batch.abandon(TaskState.ABANDONED, "post_response could not run them (see above)")
+
+    def _task_loop(self) -> _TaskLoop:
+        """The running task loop; a new one if there is none, or if the last one died."""
         with self._loop_lock:
-            if self._loop is None:
-                self._loop = _TaskLoop(self.config.max_running, self.config.shutdown_timeout)
-        batch.limiter = self._loop.owner.limiter  # max_running counts tasks, as for ASGI
-        self._loop.submit(batch)
+            if self._loop is None or not self._loop.alive():
+                if self._loop is not None:
+                    logger.error("The post_response task loop had stopped; starting a new one")
+                config = self.config
+                self._loop = _TaskLoop(
+                    config.max_running, config.max_queued, config.shutdown_timeout
+                )
+            return self._loop
 
 
 class _Response:
@@ -127,7 +145,7 @@ class _Response:
         tasks, config = self.tasks, self.middleware.config
         status = 500 if self.failed and self.status < 500 else self.status
         reason = skip_reason(config.policy, status, complete, client_gone, raised=raised)
-        batch = _runner.finished(tasks, self.middleware.settings, reason, config.max_queued)
+        batch = _batch.finished(tasks, self.middleware.settings, reason)
         if batch is not None:
             self.middleware._run(batch)
 
@@ -172,16 +190,19 @@ class _ClosingIterable:
             )
 
 
-async def _run_inline(batch: _runner.Batch) -> None:
-    await batch.run(reason="the request was cancelled")
+async def _run_inline(batch: _batch.Batch, max_running: int | None, max_queued: int | None) -> None:
+    await Owner(max_running, max_queued).run_here(batch)
 
 
 class _TaskLoop:
     """A daemon thread with an event loop whose owner runs WSGI requests' tasks."""
 
-    def __init__(self, max_running: int | None, shutdown_timeout: float | None) -> None:
+    def __init__(
+        self, max_running: int | None, max_queued: int | None, shutdown_timeout: float | None
+    ) -> None:
         self._shutdown_timeout = shutdown_timeout
         self._max_running = max_running
+        self._max_queued = max_queued
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name="post_response", daemon=True)
         self._thread.start()
@@ -193,16 +214,19 @@ class _TaskLoop:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.owner = Owner(self._max_running)
+        self.owner = Owner(self._max_running, self._max_queued)
         async with anyio.create_task_group() as group:
             await group.start(self.owner.serve)
             self._started.set()
 
-    def submit(self, batch: _runner.Batch) -> None:
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    def submit(self, batch: _batch.Batch) -> None:
         """Hand a batch to the owner, from any thread (as a task: anyio needs one)."""
         asyncio.run_coroutine_threadsafe(self._submit(batch), self.loop)
 
-    async def _submit(self, batch: _runner.Batch) -> None:
+    async def _submit(self, batch: _batch.Batch) -> None:
         self.owner.submit(batch)
 
     def join(self, timeout: float | None) -> bool:

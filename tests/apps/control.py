@@ -114,8 +114,8 @@ def _of(task_id: str) -> list[str]:
 
 def _alive() -> dict[str, int]:
     """How many of post_response's per-request objects the garbage collector can see."""
+    from post_response._batch import Batch
     from post_response._context import RequestTasks
-    from post_response._runner import Batch
     from post_response._task import TaskHandle
 
     gc.collect()

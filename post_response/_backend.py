@@ -1,0 +1,294 @@
+"""Where asyncio and trio differ, behind one seam chosen once per event loop.
+
+The owner and the runner ask the running loop's `Backend` to start a worker, park it
+until there is work, run a sync call in a thread, and tell whether a task cancelled
+itself. Everything above this module is the same on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import math
+import sys
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+
+from ._threads import THREADS, Job, pool
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
+    from anyio.abc import TaskGroup
+
+__all__ = ["Backend", "Spot", "asyncio_loop", "current"]
+
+_T = TypeVar("_T")
+
+
+class Spot(Protocol):
+    """Where one parked worker waits until `wake()`."""
+
+    def wake(self) -> None: ...
+
+    def __await__(self) -> Any: ...
+
+
+class Backend(Protocol):
+    @property
+    def cancelled(self) -> type[BaseException]:
+        """The exception by which the runtime cancels a task."""
+
+    @property
+    def delivers_by_throw(self) -> bool:
+        """Whether the loop throws its cancellation into a task (asyncio), so that one
+        raised out of a task's own step is the task's (trio sends it in as a value)."""
+
+    def start(
+        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
+    ) -> None:
+        """Start `worker` in an empty context (it outlives the request that starts it), in
+        `group` or else kept in `workers`."""
+
+    def spot(self) -> Spot:
+        """A new place for a worker to park."""
+
+    async def stop_workers(self, workers: set[Any]) -> None:
+        """Cancel the workers kept in `workers` (outside the group), and wait for them."""
+
+    def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `main` detached from the caller, for as long as the event loop runs."""
+
+    async def run_in_thread(self, call: Callable[[], _T], started: Callable[[], None]) -> _T:
+        """Run `call` in a worker thread, calling `started()` here once a thread takes it.
+
+        Cancelled before that, the call never runs; after it, the thread runs on.
+        """
+
+    def watch_self_cancel(self) -> Callable[[], bool]:
+        """A check, for the current task, of whether it asked to cancel itself since the
+        last call (its own `cancel()`, which the runtime never uses on a task's worker)."""
+
+    def forgive_self_cancel(self) -> None:
+        """Forget a cancellation the current task asked for itself, once it is handled."""
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None (under trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Future:
+    """A parked asyncio worker: a future that `wake()` resolves."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def wake(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def __await__(self) -> Any:
+        return self._future.__await__()
+
+
+class AsyncioBackend:
+    """Workers are plain asyncio tasks outside any task group (anyio's `start_soon` costs
+    several times `create_task`; see docs/benchmarks.md); sync calls go to `_threads`."""
+
+    cancelled = asyncio.CancelledError
+    delivers_by_throw = True
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def start(
+        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
+    ) -> None:
+        _start_task(self.loop, worker(), workers)
+
+    def spot(self) -> Spot:
+        return _Future(self.loop)
+
+    async def stop_workers(self, workers: set[Any]) -> None:
+        tasks = list(workers)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+
+    def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        _start_task(self.loop, main(), _detached)
+
+    async def run_in_thread(self, call: Callable[[], _T], started: Callable[[], None]) -> _T:
+        loop = self.loop
+        future: asyncio.Future[_T] = loop.create_future()
+        begun = False
+
+        def begin() -> None:
+            nonlocal begun
+            if not begun:
+                begun = True
+                started()
+
+        def settle(start: bool, result: Any, error: BaseException | None) -> None:
+            if start:
+                loop_call(begin)
+            elif error is None:
+                loop_call(_set_result, future, result)
+            else:
+                loop_call(_set_exception, future, error)
+
+        def loop_call(callback: Callable[..., None], *args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(callback, *args)
+
+        job = Job(call, settle)
+        if pool.submit(job):
+            begin()
+        try:
+            return await future
+        except BaseException:
+            if not pool.withdraw(job):  # a thread has it: it is running, whatever we heard
+                begin()
+            raise
+
+    def watch_self_cancel(self) -> Callable[[], bool]:
+        task = asyncio.current_task()
+        if task is None:
+            return _never
+        # Set while the task runs only when it called cancel() on itself; the loop's own
+        # cancellations reach a task while it is suspended, and leave it unset.
+        return lambda: bool(task._must_cancel)  # type: ignore[attr-defined]
+
+    def forgive_self_cancel(self) -> None:
+        task: Any = asyncio.current_task()
+        if hasattr(task, "uncancel") and task.cancelling():  # Python 3.11+
+            task.uncancel()
+
+
+class TrioBackend:
+    """Workers are tasks of the owner's group; sync calls use trio's daemon threads, at
+    most `THREADS` at once per run."""
+
+    delivers_by_throw = False
+
+    @property
+    def cancelled(self) -> type[BaseException]:
+        return anyio.get_cancelled_exc_class()
+
+    def start(
+        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
+    ) -> None:
+        contextvars.Context().run(group.start_soon, worker)
+
+    def spot(self) -> Spot:
+        return _Event()
+
+    async def stop_workers(self, workers: set[Any]) -> None:
+        pass  # they are in the owner's group, which is cancelled
+
+    def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        trio = sys.modules["trio"]
+        trio.lowlevel.spawn_system_task(main, name="post_response owner")
+
+    async def run_in_thread(self, call: Callable[[], _T], started: Callable[[], None]) -> _T:
+        admitted, unbounded = _trio_limiters()
+        async with admitted:  # waiting here is waiting for a thread: the task is queued
+            started()
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=unbounded)
+
+    def watch_self_cancel(self) -> Callable[[], bool]:
+        return _never  # trio cancels through scopes only, which the task's code owns
+
+    def forgive_self_cancel(self) -> None:
+        pass
+
+
+class _Event:
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def __await__(self) -> Any:
+        return self._event.wait().__await__()
+
+
+_trio = TrioBackend()
+_last: tuple[object, AsyncioBackend] | None = None  # the last asyncio loop's backend
+_backends: RunVar[AsyncioBackend] = RunVar("post_response.backend")
+_limiters: RunVar[tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]] = RunVar(
+    "post_response.threads"
+)
+_detached: set[asyncio.Task[None]] = set()  # strong references to spawned owners' tasks
+
+
+def current() -> Backend:
+    """The running event loop's backend."""
+    global _last  # noqa: PLW0603  (a one-entry cache: anyio's RunVar costs a lookup per call)
+    loop = asyncio_loop()
+    if loop is None:
+        return _trio
+    last = _last
+    if last is not None and last[0] is loop:
+        return last[1]
+    backend = _backends.get(None)
+    if backend is None:
+        backend = AsyncioBackend(loop)
+        _backends.set(backend)
+    _last = (loop, backend)
+    return backend
+
+
+def _trio_limiters() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+    try:
+        return _limiters.get()
+    except LookupError:
+        limiters = (anyio.CapacityLimiter(THREADS), anyio.CapacityLimiter(math.inf))
+        _limiters.set(limiters)
+        return limiters
+
+
+def _never() -> bool:
+    return False
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _start_task(
+    loop: asyncio.AbstractEventLoop,
+    coroutine: Coroutine[Any, Any, None],
+    registry: set[asyncio.Task[None]],
+) -> None:
+    """Start an asyncio task that outlives the request that starts it, kept in `registry`.
+
+    Its context is empty, and so is its done callback's: a task or a callback made in the
+    request's context would keep a copy of it, and with it the request's task list, alive
+    for as long as the task lives.
+    """
+    context = contextvars.Context()
+    task = context.run(loop.create_task, coroutine)
+    registry.add(task)
+    task.add_done_callback(registry.discard, context=context)

@@ -1,0 +1,260 @@
+"""Running one request's tasks: order, concurrency, timeouts, isolation and reporting.
+
+Knows nothing about ASGI or servers: a `Batch` gets a finished request's task list, the
+settings and, when the request's outcome says so, the reason to skip the tasks not
+marked `always`. The middleware runs it in place, or hands it to an `Owner` that runs it
+detached from the request. Whatever a task raises ends that task, in one state, logged;
+only the runtime's own cancellation ends the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+from . import _backend, _context, _registry
+from ._call import OwnCancellation, call, is_async
+from ._task import UNSET, TaskState
+from ._threads import THREADS
+
+if TYPE_CHECKING:
+    from ._call import TaskEnvironment
+    from ._context import RequestTasks
+    from ._dispatch import Dispatchers
+    from ._options import ErrorHook
+    from ._task import TaskHandle
+
+__all__ = ["Batch", "Settings", "TaskSpans", "finished"]
+
+logger = logging.getLogger("post_response")
+
+_PENDING, _RUNNING = TaskState.PENDING, TaskState.RUNNING
+_CANCELLED, _ABANDONED = TaskState.CANCELLED, TaskState.ABANDONED
+_THREAD_RUNS_ON = (
+    "its thread keeps running until the function returns (Python cannot stop a thread)"
+)
+
+
+class TaskSpans(Protocol):
+    """Tracing: a span around each task that runs."""
+
+    def start(self, task: TaskHandle) -> object:
+        """Open the task's span (and make it current in the task's context)."""
+
+    def end(self, span: object, task: TaskHandle, error: BaseException | None) -> None:
+        """Close the span, recording the task's outcome and `error` if it failed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run a request's tasks (the middleware builds it from its options)."""
+
+    concurrency: int = 1
+    timeout: float | None = None
+    on_error: ErrorHook | None = None
+    environment: TaskEnvironment | None = None
+    spans: TaskSpans | None = None
+    dispatchers: Dispatchers | None = None
+
+
+def finished(request: RequestTasks, settings: Settings, skip_reason: str | None) -> Batch | None:
+    """A finished request's tasks, ready to run; or None when there is nothing to run:
+    no task, or `post_response.testing.capture_tasks()` took them."""
+    if not request.tasks:
+        request.close()
+        return None
+    if _context.captures:
+        _context.captures[-1].take_over(request, skip_reason)
+        return None
+    return Batch(request, settings, skip_reason)
+
+
+class Batch:
+    """One request's tasks, ready to run once its response is complete.
+
+    With `skip_reason`, the tasks not marked `always` are skipped and logged instead of
+    run. The owner that runs it sets `limiter`: each task then holds one of its tokens
+    while it runs, which bounds how many tasks run at once across all requests.
+    """
+
+    __slots__ = ("_tasks", "limiter", "request", "settings", "skip_reason")
+
+    def __init__(
+        self, request: RequestTasks, settings: Settings, skip_reason: str | None = None
+    ) -> None:
+        request.drain()  # add_task() from a task now joins this batch
+        self.request = request
+        self._tasks = request.tasks  # kept for reports once the request lets go of it
+        self.settings = settings
+        self.skip_reason = skip_reason
+        self.limiter: anyio.CapacityLimiter | None = None
+        _registry.add(self)
+
+    @property
+    def label(self) -> str:
+        return self.request.label
+
+    def tasks(self) -> list[TaskHandle]:
+        """Every task of the batch so far, in the order they were added."""
+        return self._tasks
+
+    def runnable(self) -> list[TaskHandle]:
+        """The pending tasks that the request's outcome lets run."""
+        return [t for t in self._tasks if t.state is _PENDING and self.runs(t)]
+
+    def runs(self, task: TaskHandle) -> bool:
+        """Whether the request's outcome lets `task` run."""
+        return self.skip_reason is None or task.always
+
+    async def run(self, *, cancelled: TaskState = _CANCELLED, reason: str) -> None:
+        """Run every pending task, including those added while this runs, then end.
+
+        If the runtime cancels this (shutdown, the server cancelling the request), each
+        task not started yet ends in `cancelled` (logged with `reason`), and the
+        cancellation propagates.
+        """
+        try:
+            if self.settings.concurrency == 1:
+                await self._work(close=True)
+            else:
+                await self._work_concurrently()
+        except BaseException:
+            self.abandon(cancelled, reason)
+            raise
+        finally:
+            _registry.discard(self)
+
+    def close(self) -> None:
+        """The batch is over: its request accepts no more tasks."""
+        self.request.close()
+        _registry.discard(self)
+
+    def abandon(self, state: TaskState, reason: str) -> None:
+        """End every task that has not started in `state`, logging each with `reason`."""
+        level = logging.WARNING if state is _CANCELLED else logging.ERROR
+        self.request.close()
+        for task in self._tasks:
+            if task.state is _PENDING:
+                task._end(state)
+                task._log(level, "%s: %s", state.value, reason)
+        _registry.discard(self)
+
+    async def _work(self, *, close: bool) -> None:
+        request = self.request
+        while (task := request.take(close=close)) is not None:
+            if task.state is not _PENDING:  # cancelled with its handle
+                continue
+            if not self.runs(task):
+                task._end(TaskState.SKIPPED)
+                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+            elif self.limiter is None:
+                await self._run(task)
+            else:
+                async with self.limiter:
+                    await self._run(task)
+
+    async def _work_concurrently(self) -> None:
+        # Each worker takes the next task as soon as it is free, so tasks start in order
+        # and at most `concurrency` run at once. Tasks added by a task once the others
+        # have finished are picked up by the next round.
+        while not self.request.close_if_done():
+            async with anyio.create_task_group() as group:
+                for _ in range(self.settings.concurrency):
+                    group.start_soon(self._work_unclosed)
+
+    async def _work_unclosed(self) -> None:
+        await self._work(close=False)
+
+    async def _run(self, task: TaskHandle) -> None:
+        """Run one task to its final state: logged, reported, traced."""
+        settings = self.settings
+        spans = settings.spans
+        timeout = settings.timeout if task.timeout is UNSET else task.timeout
+        scope = anyio.CancelScope() if timeout is not None else None
+        span: object = None
+
+        def started() -> None:
+            nonlocal span
+            task._start()
+            if scope is not None and timeout is not None:
+                scope.deadline = anyio.current_time() + timeout  # counts from the start
+            if spans is not None:
+                span = spans.start(task)
+
+        backend, environment = _backend.current(), settings.environment
+        error: BaseException | None = None
+        try:
+            if timeout is None or scope is None:
+                await call(task, environment, backend, started)
+            else:
+                with scope:
+                    await call(task, environment, backend, started)
+                if scope.cancelled_caught:
+                    error = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
+                    await self._timed_out(task, timeout, error)
+                    return
+        except OwnCancellation as own:
+            error = own.error
+            await self._fail(task, own.error, "failed: it raised a cancellation of its own")
+        except backend.cancelled as exc:
+            error = exc
+            self._interrupted(task)
+            raise
+        except BaseException as exc:
+            error = exc
+            await self._fail(task, exc, "failed")
+        else:
+            task._end(TaskState.COMPLETED)
+            task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+        finally:
+            if spans is not None and span is not None:
+                spans.end(span, task, error)
+
+    def _interrupted(self, task: TaskHandle) -> None:
+        """The runtime cancelled the batch while `task` waited for a thread or ran."""
+        if task.state is _PENDING:
+            task._end(_ABANDONED)
+            task._log(
+                logging.ERROR,
+                "abandoned: it never started, all %d worker threads were busy until then",
+                THREADS,
+            )
+        elif is_async(task.func) and task.dispatch is None:
+            task._end(_CANCELLED)
+            task._log(logging.WARNING, "cancelled while running")
+        else:
+            task._end(_ABANDONED)
+            task._log(logging.ERROR, "abandoned while running: %s", _THREAD_RUNS_ON)
+
+    async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> None:
+        if task.state is _PENDING:  # failed before it started (a thread could not be had)
+            task._start()
+        task._end(TaskState.FAILED)
+        task._log(logging.ERROR, what, exc_info=exc)
+        await self._report(task, exc)
+
+    async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> None:
+        task._end(TaskState.TIMED_OUT)
+        if is_async(task.func) and task.dispatch is None:
+            task._log(logging.ERROR, "timed out after %gs and was cancelled", seconds)
+        else:
+            task._log(logging.ERROR, "timed out after %gs; %s", seconds, _THREAD_RUNS_ON)
+        await self._report(task, error)
+
+    async def _report(self, task: TaskHandle, exc: BaseException) -> None:
+        """Hand a failure to the `on_error` hook; a failing hook is logged, never raised."""
+        hook = self.settings.on_error
+        if hook is None:
+            return
+        try:
+            result = hook(task, exc)
+            if inspect.isawaitable(result):
+                await result
+        except _backend.current().cancelled:
+            raise
+        except BaseException:
+            logger.exception("The on_error hook raised for task %r of %s", task.name, self.label)
