@@ -21,11 +21,12 @@ from anyio.lowlevel import RunVar
 from ._threads import THREADS, Job, pool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import AsyncIterator, Callable, Coroutine
+    from contextlib import AbstractAsyncContextManager
 
-    from anyio.abc import TaskGroup
+    from anyio.abc import TaskGroup, TaskStatus
 
-__all__ = ["Backend", "Spot", "asyncio_loop", "current"]
+__all__ = ["Backend", "Spot", "Workers", "asyncio_loop", "current"]
 
 _T = TypeVar("_T")
 
@@ -38,6 +39,21 @@ class Spot(Protocol):
     def __await__(self) -> Any: ...
 
 
+class Workers(Protocol):
+    """Where an owner's workers run: out of reach of a loop that closes without asking.
+
+    A loop torn down without a lifespan shutdown (`asyncio.run()` returning, a test
+    client's portal closing) cancels everything it finds; workers kept here are not
+    found, so the owner can finish their tasks first, within its shutdown timeout.
+    """
+
+    def start(self, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Start `worker` in an empty context (it outlives the request that starts it)."""
+
+    async def stop(self) -> None:
+        """Cancel every worker and wait for them."""
+
+
 class Backend(Protocol):
     @property
     def cancelled(self) -> type[BaseException]:
@@ -48,17 +64,11 @@ class Backend(Protocol):
         """Whether the loop throws its cancellation into a task (asyncio), so that one
         raised out of a task's own step is the task's (trio sends it in as a value)."""
 
-    def start(
-        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
-    ) -> None:
-        """Start `worker` in an empty context (it outlives the request that starts it), in
-        `group` or else kept in `workers`."""
+    def workers(self) -> AbstractAsyncContextManager[Workers]:
+        """A place for workers, open while the block runs; its end stops them."""
 
     def spot(self) -> Spot:
         """A new place for a worker to park."""
-
-    async def stop_workers(self, workers: set[Any]) -> None:
-        """Cancel the workers kept in `workers` (outside the group), and wait for them."""
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `main` detached from the caller, for as long as the event loop runs."""
@@ -111,21 +121,16 @@ class AsyncioBackend:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def start(
-        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
-    ) -> None:
-        _start_task(self.loop, worker(), workers)
+    @contextlib.asynccontextmanager
+    async def workers(self) -> AsyncIterator[Workers]:
+        workers = _AsyncioWorkers(self.loop)
+        try:
+            yield workers
+        finally:
+            await workers.stop()
 
     def spot(self) -> Spot:
         return _Future(self.loop)
-
-    async def stop_workers(self, workers: set[Any]) -> None:
-        tasks = list(workers)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(tasks)
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         _start_task(self.loop, main(), _detached)
@@ -187,16 +192,17 @@ class TrioBackend:
     def cancelled(self) -> type[BaseException]:
         return anyio.get_cancelled_exc_class()
 
-    def start(
-        self, worker: Callable[[], Coroutine[Any, Any, None]], group: TaskGroup, workers: set[Any]
-    ) -> None:
-        contextvars.Context().run(group.start_soon, worker)
+    @contextlib.asynccontextmanager
+    async def workers(self) -> AsyncIterator[Workers]:
+        async with anyio.create_task_group() as host:
+            workers: _TrioWorkers = await host.start(_TrioWorkers.host)
+            try:
+                yield workers
+            finally:
+                await workers.stop()
 
     def spot(self) -> Spot:
         return _Event()
-
-    async def stop_workers(self, workers: set[Any]) -> None:
-        pass  # they are in the owner's group, which is cancelled
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         trio = sys.modules["trio"]
@@ -213,6 +219,52 @@ class TrioBackend:
 
     def forgive_self_cancel(self) -> None:
         pass
+
+
+class _AsyncioWorkers:
+    """Plain asyncio tasks (anyio's `start_soon` costs several times `create_task`; see
+    docs/benchmarks.md), left out of `asyncio.all_tasks()`, which is what a closing loop
+    cancels; the owner, which the loop does find, cancels them when it is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = _start_task(self._loop, worker(), self._tasks)
+        _unregister_task(task)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+
+
+class _TrioWorkers:
+    """Tasks of a shielded task group hosted by a task of its own, so that a run ending
+    (which cancels its system tasks) does not reach them; `stop()` cancels them."""
+
+    def __init__(self, group: TaskGroup) -> None:
+        self._group = group
+        self._stopped = anyio.Event()
+
+    @classmethod
+    async def host(cls, *, task_status: TaskStatus[_TrioWorkers]) -> None:
+        async with anyio.create_task_group() as group:
+            group.cancel_scope.shield = True
+            workers = cls(group)
+            task_status.started(workers)
+            await workers._stopped.wait()
+            group.cancel_scope.cancel()
+
+    def start(self, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        contextvars.Context().run(self._group.start_soon, worker)
+
+    async def stop(self) -> None:
+        self._stopped.set()
 
 
 class _Event:
@@ -281,7 +333,7 @@ def _start_task(
     loop: asyncio.AbstractEventLoop,
     coroutine: Coroutine[Any, Any, None],
     registry: set[asyncio.Task[None]],
-) -> None:
+) -> asyncio.Task[None]:
     """Start an asyncio task that outlives the request that starts it, kept in `registry`.
 
     Its context is empty, and so is its done callback's: a task or a callback made in the
@@ -292,3 +344,10 @@ def _start_task(
     task = context.run(loop.create_task, coroutine)
     registry.add(task)
     task.add_done_callback(registry.discard, context=context)
+    return task
+
+
+# Low-level asyncio API "for third-party task implementations" (Python 3.10-3.13).
+_unregister_task: Callable[[asyncio.Task[Any]], None] = getattr(
+    asyncio.tasks, "_unregister_task", lambda task: None
+)

@@ -22,6 +22,8 @@ from ._task import UNSET, TaskState
 from ._threads import THREADS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._call import TaskEnvironment
     from ._context import RequestTasks
     from ._dispatch import Dispatchers
@@ -73,6 +75,10 @@ def finished(request: RequestTasks, settings: Settings, skip_reason: str | None)
     return Batch(request, settings, skip_reason)
 
 
+def _no_reason() -> str:
+    return "the runtime cancelled it"
+
+
 class Batch:
     """One request's tasks, ready to run once its response is complete.
 
@@ -81,7 +87,7 @@ class Batch:
     while it runs, which bounds how many tasks run at once across all requests.
     """
 
-    __slots__ = ("_tasks", "limiter", "request", "settings", "skip_reason")
+    __slots__ = ("_tasks", "_why", "limiter", "request", "settings", "skip_reason")
 
     def __init__(
         self, request: RequestTasks, settings: Settings, skip_reason: str | None = None
@@ -92,6 +98,7 @@ class Batch:
         self.settings = settings
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None
+        self._why: Callable[[], str] = _no_reason
         _registry.add(self)
 
     @property
@@ -110,20 +117,21 @@ class Batch:
         """Whether the request's outcome lets `task` run."""
         return self.skip_reason is None or task.always
 
-    async def run(self, *, cancelled: TaskState = _CANCELLED, reason: str) -> None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
         """Run every pending task, including those added while this runs, then end.
 
         If the runtime cancels this (shutdown, the server cancelling the request), each
-        task not started yet ends in `cancelled` (logged with `reason`), and the
-        cancellation propagates.
+        task not started yet ends in `cancelled`, each logged with the reason `why()`
+        gives then, and the cancellation propagates.
         """
+        self._why = why
         try:
             if self.settings.concurrency == 1:
                 await self._work(close=True)
             else:
                 await self._work_concurrently()
         except BaseException:
-            self.abandon(cancelled, reason)
+            self.abandon(cancelled, f"{why()} before it started")
             raise
         finally:
             _registry.discard(self)
@@ -216,19 +224,21 @@ class Batch:
 
     def _interrupted(self, task: TaskHandle) -> None:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
+        why = self._why()
         if task.state is _PENDING:
             task._end(_ABANDONED)
             task._log(
                 logging.ERROR,
-                "abandoned: it never started, all %d worker threads were busy until then",
+                "abandoned: %s before it started; all %d worker threads were busy until then",
+                why,
                 THREADS,
             )
         elif is_async(task.func) and task.dispatch is None:
             task._end(_CANCELLED)
-            task._log(logging.WARNING, "cancelled while running")
+            task._log(logging.WARNING, "cancelled while running: %s", why)
         else:
             task._end(_ABANDONED)
-            task._log(logging.ERROR, "abandoned while running: %s", _THREAD_RUNS_ON)
+            task._log(logging.ERROR, "abandoned while running: %s; %s", why, _THREAD_RUNS_ON)
 
     async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> None:
         if task.state is _PENDING:  # failed before it started (a thread could not be had)

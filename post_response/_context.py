@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 from contextvars_extras.context_management import bind_to_sandbox_context
 
 from ._errors import RequestFinishedError, TaskLimitError
+from ._text import escape
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,7 +60,9 @@ class RequestTasks:
     """The tasks one request added, in order, and the phase the request is in.
 
     Only this object changes its phase and its list. It keeps the request's method and
-    path, not its scope, so tasks waiting to run do not keep whole requests alive.
+    path, not its scope, so tasks waiting to run do not keep whole requests alive. They
+    are kept raw (as the client sent them, decoded by the server) for structured log
+    fields; `label` is their escaped form for messages.
     """
 
     __slots__ = ("dispatchers", "limit", "method", "next", "path", "phase", "stats", "tasks")
@@ -83,15 +86,16 @@ class RequestTasks:
 
     @property
     def label(self) -> str:
-        """The request as logs name it: `GET /path` or `WEBSOCKET /path`."""
-        return f"{self.method} {self.path}"
+        """The request as logs name it: `GET /path` or `WEBSOCKET /path`, with control
+        characters escaped (they come from the client). Computed only when a message needs it."""
+        return f"{escape(self.method)} {escape(self.path)}"
 
     def add(self, task: TaskHandle) -> None:
         """Append `task`, unless the request is closed or at its limit."""
         with _lock:
             if self.phase is Phase.CLOSED:
                 msg = (
-                    f"add_task({task.name}) was called after the tasks of {self.label} had "
+                    f"add_task({task.name!r}) was called after the tasks of {self.label} had "
                     "all run, so nothing would ever run this one. Call add_task() while the "
                     "request or one of its tasks is still running."
                 )
@@ -99,7 +103,7 @@ class RequestTasks:
             if len(self.tasks) >= self.limit:
                 msg = (
                     f"{self.label} already added {self.limit} tasks, the `max_tasks` limit of "
-                    f"PostResponseMiddleware, so {task.name} was not added. A task that keeps "
+                    f"PostResponseMiddleware, so {task.name!r} was not added. A task that keeps "
                     "adding itself is the usual cause; otherwise raise the limit with "
                     "`PostResponseMiddleware(app, max_tasks=...)`."
                 )

@@ -188,7 +188,8 @@ class PostResponseMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
-        owner = Owner(self.config.max_running, self.config.max_queued)
+        config = self.config
+        owner = Owner(config.max_running, config.max_queued, config.shutdown_timeout)
         received = False
 
         async def watch_receive() -> Message:
@@ -237,7 +238,7 @@ class PostResponseMiddleware:
         if owner is None:
             config = self.config
             make = Owner.spawn if config.detach else Owner
-            owner = make(config.max_running, config.max_queued)
+            owner = make(config.max_running, config.max_queued, config.shutdown_timeout)
             self._owners.set(owner)
         if loop is not None:
             self._last = (loop, owner)

@@ -25,9 +25,9 @@ from . import _backend, _context
 from ._task import TaskState
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskStatus
 
-    from ._backend import Spot
+    from ._backend import Spot, Workers
     from ._batch import Batch
 
 __all__ = ["Owner"]
@@ -35,7 +35,11 @@ __all__ = ["Owner"]
 logger = logging.getLogger("post_response")
 
 _ABANDONED, _DROPPED = TaskState.ABANDONED, TaskState.DROPPED
-_NOT_STARTED = "the server shut down before it started"
+_SHUT_DOWN = "the server shut down"
+
+
+def _request_cancelled() -> str:
+    return "the request was cancelled"
 
 
 class Life(enum.Enum):
@@ -62,51 +66,78 @@ class Owner:
 
     SPARE_WORKERS = 64
 
-    def __init__(self, max_running: int | None = None, max_queued: int | None = None) -> None:
+    def __init__(
+        self,
+        max_running: int | None = None,
+        max_queued: int | None = None,
+        shutdown_timeout: float | None = 20.0,
+    ) -> None:
         self._backend = _backend.current()
         self.life = Life.NEW
-        self._group: TaskGroup | None = None
-        self._workers: set[Any] = set()  # the backend's, outside the group
+        self._workers: Workers | None = None
         self._batches: set[Batch] = set()  # accepted and not finished
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
         self._parked: list[Spot] = []
         self._running = 0  # batches being run by workers
         self._max_running = max_running
         self._max_queued = max_queued
+        self._shutdown_timeout = shutdown_timeout
         self._limiter = None if max_running is None else anyio.CapacityLimiter(max_running)
         self._finished: anyio.Event | None = None  # set when a batch ends, if someone waits
         self._stop = anyio.Event()
         self._closed = anyio.Event()
+        self._why = _SHUT_DOWN  # why what is left is cancelled, for the logs
 
     @classmethod
-    def spawn(cls, max_running: int | None = None, max_queued: int | None = None) -> Owner:
+    def spawn(
+        cls,
+        max_running: int | None = None,
+        max_queued: int | None = None,
+        shutdown_timeout: float | None = 20.0,
+    ) -> Owner:
         """An owner serving from a detached task, for servers that run no lifespan."""
-        owner = cls(max_running, max_queued)
+        owner = cls(max_running, max_queued, shutdown_timeout)
         owner._backend.spawn(owner._serve_detached)
         return owner
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run submitted batches until `shutdown()` (or until cancelled)."""
+        """Run submitted batches until `shutdown()` (or until the event loop closes: then
+        finish them first, within the shutdown timeout)."""
         try:
-            async with anyio.create_task_group() as group:
-                self._group = group
+            async with self._backend.workers() as workers:
+                self._workers = workers
                 self.life = Life.SERVING
                 for _ in range(len(self._waiting)):  # submitted before it served
                     self._wake()
                 task_status.started()
-                await self._stop.wait()
-                group.cancel_scope.cancel()  # what shutdown() gave up on
+                try:
+                    await self._stop.wait()
+                except self._backend.cancelled:
+                    if self.life is Life.SERVING:  # not by stop(): the loop closes under us
+                        await self._finish_before_the_loop_closes()
+                    raise
+                finally:
+                    self.life = Life.STOPPING  # the end of the block stops the workers
         finally:
-            self.life = Life.STOPPING
-            with anyio.CancelScope(shield=True):
-                await self._backend.stop_workers(self._workers)
-            self._group = None
+            self._workers = None
             self.life = Life.CLOSED
             while self._waiting:
                 batch = self._waiting.popleft()
                 self._batches.discard(batch)
-                batch.abandon(_ABANDONED, _NOT_STARTED)
+                batch.abandon(_ABANDONED, f"{self._cause()} before it started")
             self._closed.set()
+
+    async def _finish_before_the_loop_closes(self) -> None:
+        """The event loop is being closed without a lifespan shutdown (`asyncio.run()` or
+        `anyio.run()` returning, a test client's portal closing): let the tasks finish,
+        as at a shutdown, rather than have the loop cancel them."""
+        self._why = (
+            "the event loop closed without a lifespan shutdown, and "
+            f"shutdown_timeout={self._shutdown_timeout}s passed (in tests: "
+            "`with TestClient(app)`, or the post_response.pytest_plugin, waits for tasks)"
+        )
+        with anyio.CancelScope(shield=True):
+            await self._drain(self._shutdown_timeout)
 
     def stop(self) -> None:
         """Make `serve()` return now, cancelling what still runs (see `shutdown()`)."""
@@ -133,7 +164,7 @@ class Owner:
     async def run_here(self, batch: Batch) -> None:
         """Run `batch` in the caller's task (the middleware's `detach=False`)."""
         if self._admit(batch):
-            await batch.run(reason="the request was cancelled")
+            await batch.run(why=_request_cancelled)
 
     def _admit(self, batch: Batch) -> bool:
         """Give `batch` the limiter and count its tasks as queued, dropping those past
@@ -185,15 +216,15 @@ class Owner:
 
     def _wake(self) -> None:
         """Get a worker onto the queue: a parked one, or else a new one."""
-        group = self._group
-        if group is None or self.life is not Life.SERVING:
+        workers = self._workers
+        if workers is None or self.life is not Life.SERVING:
             return
         if self._max_running is not None and self._running >= self._max_running:
             return  # a worker takes the next batch when it is done with its own
         if self._parked:
             self._parked.pop().wake()
         else:
-            self._backend.start(self._work, group, self._workers)
+            workers.start(self._work)
 
     async def _work(self) -> None:
         """A worker: run queued batches, one after another; park when there are none."""
@@ -214,7 +245,7 @@ class Owner:
     async def _run(self, batch: Batch) -> None:
         self._running += 1
         try:
-            await batch.run(cancelled=_ABANDONED, reason=_NOT_STARTED)
+            await batch.run(cancelled=_ABANDONED, why=self._cause)
         except self._backend.cancelled:
             raise
         except BaseException:
@@ -232,27 +263,35 @@ class Owner:
 
         Every task that does not complete is logged by name with its final state.
         """
-        if self._batches:
-            running, waiting = self._count()
-            logger.info(
-                "Shutdown: waiting for %d running and %d queued tasks (shutdown_timeout=%s)",
-                running,
-                waiting,
-                deadline,
-            )
-            with anyio.move_on_after(deadline):
-                await self.join()
-            if self._batches:
-                running, waiting = self._count()
-                logger.error(
-                    "Shutdown: shutdown_timeout=%ss reached; cancelling %d running tasks "
-                    "and abandoning %d that have not started",
-                    deadline,
-                    running,
-                    waiting,
-                )
+        await self._drain(deadline)
         self.stop()
         await self._closed.wait()
+
+    async def _drain(self, deadline: float | None) -> None:
+        """Wait for every batch at most `deadline` seconds, saying what is waited for."""
+        if not self._batches:
+            return
+        running, waiting = self._count()
+        logger.info(
+            "Shutdown: waiting for %d running and %d queued tasks (shutdown_timeout=%s)",
+            running,
+            waiting,
+            deadline,
+        )
+        with anyio.move_on_after(deadline):
+            await self.join()
+        if self._batches:
+            running, waiting = self._count()
+            logger.error(
+                "Shutdown: shutdown_timeout=%ss reached; cancelling %d running tasks "
+                "and abandoning %d that have not started",
+                deadline,
+                running,
+                waiting,
+            )
+
+    def _cause(self) -> str:
+        return self._why
 
     async def join(self) -> None:
         """Wait until no batch is left (batches submitted meanwhile included).

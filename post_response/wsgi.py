@@ -214,7 +214,7 @@ class _TaskLoop:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.owner = Owner(self._max_running, self._max_queued)
+        self.owner = Owner(self._max_running, self._max_queued, self._shutdown_timeout)
         async with anyio.create_task_group() as group:
             await group.start(self.owner.serve)
             self._started.set()

@@ -1,6 +1,8 @@
 """Fault and load test on a real uvicorn: every task is accounted for, and memory comes back.
 
-Bounded and self-stopping, loopback only. The default suite runs a short version;
+Some tasks are hostile (they raise SystemExit, KeyboardInterrupt, CancelledError or
+GeneratorExit): they fail like the others, and the server keeps serving. Bounded and
+self-stopping, loopback only. The default suite runs a short version;
 `LOAD_REQUESTS=20000 pytest tests/test_load.py` (run by .ci/run) the full one.
 """
 
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 from .load import hammer, rss_bytes
@@ -23,33 +26,49 @@ CONNECTIONS = 100
 WARM_UP = REQUESTS
 BURST = 2000  # requests with 0.5 s tasks: some dropped, many still queued at SIGTERM
 OPTIONS = {"max_running": 100, "max_queued": 100_000, "shutdown_timeout": 2}
+DRAIN_LIMIT = 60.0  # seconds the tasks of a load may take to drain
+HOSTILE = ["system exit", "keyboard interrupt", "cancelled error", "generator exit"]
 
 # The log line that reports each final state but `completed`.
 LOGGED = {
     "failed": r" failed$",
     "timed_out": r" timed out after 0\.01s and was cancelled$",
-    "cancelled": r" cancelled while running$",
+    "cancelled": r" cancelled while running: the server shut down$",
     "abandoned": r" abandoned: the server shut down before it started$",
 }
 
 
 def load(server: Server, first: int, count: int, *, slow: bool = False) -> None:
     paths = (f"/load?n={n}{'&slow=1' if slow else ''}" for n in range(first, first + count))
-    statuses = asyncio.run(hammer(server.port, paths, CONNECTIONS))
+    try:
+        statuses = asyncio.run(hammer(server.port, paths, CONNECTIONS))
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        still_running(server)
+        raise AssertionError(f"the load failed, the server still running: {exc!r}") from exc
     assert statuses == {200: count}
+    still_running(server)
+
+
+def still_running(server: Server) -> None:
+    """The server process still runs: no task stopped it."""
+    code = server.process.poll()
+    assert code is None, f"the server exited with code {code}:\n{server.output()[-5000:]}"
 
 
 def drained(server: Server) -> dict[str, int]:
-    """Wait until no task is queued or running; return the counters."""
+    """Wait until no task is queued or running (at most `DRAIN_LIMIT`); return the counters."""
+    deadline = time.monotonic() + DRAIN_LIMIT
     while True:
         stats: dict[str, int] = server.control("stats")
         if stats["queued"] == stats["running"] == 0:
             return stats
+        assert time.monotonic() < deadline, f"tasks still queued or running: {stats}"
 
 
 def test_every_task_under_load_and_shutdown_ends_in_one_logged_state(tmp_path: Path) -> None:
-    """Thousands of requests with failing, slow and timing-out tasks, then SIGTERM with tasks
-    queued: the counts add up, nothing ran twice, every loss is logged, RSS comes back."""
+    """Thousands of requests with failing, hostile, slow and timing-out tasks, then SIGTERM
+    with tasks queued: the server survives, the counts add up, nothing ran twice, every loss is
+    logged, RSS comes back."""
     report = tmp_path / "report.json"
     environ = {"LOAD_REPORT": str(report)}
     with run(
@@ -78,6 +97,11 @@ def test_every_task_under_load_and_shutdown_ends_in_one_logged_state(tmp_path: P
     ran = ended["completed"] + ended["failed"] + ended["timed_out"] + ended["cancelled"]
     assert result["ran"] == ran  # the tasks whose body started are exactly those
     assert ended["skipped"] == 0
+    kinds = result["kinds"]
+    for kind in HOSTILE:
+        assert kinds.get(kind, 0) > 0, f"the run had no {kind} task: {kinds}"
+    # Everything but the burst drained before SIGTERM: each raising or hostile task failed.
+    assert ended["failed"] == kinds["raise"] + sum(kinds[kind] for kind in HOSTILE)
     for state in LOGGED:
         assert ended[state] > 0, f"the run never reached {state}: {ended}"
     for state, pattern in LOGGED.items():

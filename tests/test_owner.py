@@ -189,7 +189,10 @@ async def test_shutdown_timeout_cancels_running_and_abandons_queued(
         "Shutdown: shutdown_timeout=0.05s reached; cancelling 1 running tasks "
         "and abandoning 1 that have not started"
     ) in messages
-    assert any(m.endswith(".forever' of GET / cancelled while running") for m in messages)
+    assert any(
+        m.endswith(".forever' of GET / cancelled while running: the server shut down")
+        for m in messages
+    )
     assert any(".never_reached' of GET / abandoned: the server shut down" in m for m in messages)
 
 

@@ -1,0 +1,35 @@
+"""Text the library writes but did not choose: client input, and a task's arguments.
+
+A request's path and method come from the client, percent-decoded by the server: written
+into a log message as they are, a `%0A` starts a forged log line and a `%1B` sends escape
+codes to the terminal of whoever reads the log. `escape()` makes them harmless.
+
+A task's arguments carry emails, tokens and passwords, so the library never writes their
+values: `outline()` names a call by its argument types only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["escape", "outline"]
+
+
+def escape(text: str) -> str:
+    """`text` with each non-printable character written as Python writes it in a repr
+    (`\\n`, `\\x1b`, `\\u2028`); printable characters, non-ASCII ones such as `é`
+    included, stay as they are.
+
+    Backslashes are left alone, so `\\n` in a message may also be a backslash and an `n`
+    the client sent; structured log fields keep the raw value for whoever must tell.
+    """
+    if text.isprintable():  # nearly always: no copy, no per-character work
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def outline(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """`name(str, subject=str)`: a call by its argument types, never their values."""
+    parts = [type(arg).__qualname__ for arg in args]
+    parts += [f"{escape(str(key))}={type(value).__qualname__}" for key, value in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
