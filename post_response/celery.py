@@ -15,8 +15,8 @@ of one of `app`'s tasks is routed to that task as well.
 The arguments are checked against the task's serializer when `add_task()` is called, so
 an argument that cannot travel is an error in the request, not a lost task after it.
 Enqueueing retries with a bounded backoff (`RETRY_POLICY`); a task that still cannot be
-enqueued fails like any task: logged by name with a summary of its arguments, counted,
-never raised into the server.
+enqueued fails like any task: logged by name with the types of its arguments (never their
+values: they carry emails and tokens), counted, never raised into the server.
 
 Each middleware asks its `CeleryDispatcher` about every new task once Celery has been
 imported (see `post_response._dispatch`), so a Celery task is never run in the web process
@@ -26,7 +26,6 @@ by mistake. Needs the `post_response[celery]` extra.
 from __future__ import annotations
 
 import functools
-import reprlib
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Celery, Task
@@ -34,8 +33,9 @@ from celery.canvas import Signature
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from ._errors import PostResponseError
+from ._errors import InvalidTaskError, PostResponseError
 from ._task import describe
+from ._text import outline
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,8 +49,6 @@ __all__ = ["RETRY_POLICY", "CeleryDispatcher", "EnqueueError", "UnserializableAr
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5}
 
 _dumps = cast("Callable[..., object]", serialization.dumps)  # untyped in some Kombu versions
-_summary = reprlib.Repr()
-_summary.maxstring = _summary.maxother = 40
 
 
 class UnserializableArgumentsError(PostResponseError, TypeError):
@@ -85,11 +83,11 @@ class CeleryDispatcher:
             return func, handle.args, handle.kwargs
         if isinstance(func, Signature):
             if handle.args or handle.kwargs:
-                msg = (
-                    f"add_task() got a Celery signature ({func!r}) and more arguments; put "
-                    "them in the signature: `add_task(task.s(*args, **kwargs))`."
+                msg = (  # the signature's name, not its repr: that shows its arguments
+                    f"add_task() got a Celery signature of {func.task!r} and more arguments; "
+                    "put them in the signature: `add_task(task.s(*args, **kwargs))`."
                 )
-                raise TypeError(msg)
+                raise InvalidTaskError(msg)
             task = func.type if func.type is not None else func.app.tasks[func.task]
             return task, tuple(func.args), dict(func.kwargs)
         if self.app is not None:
@@ -106,10 +104,24 @@ def _check_serializable(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any
     except EncodeError as exc:
         msg = (
             f"The arguments of Celery task {task.name!r} cannot be encoded with its "
-            f"{serializer!r} serializer ({exc}); pass values it can encode (ids, strings, "
-            "numbers), or choose another serializer for the task."
+            f"{serializer!r} serializer: {_culprit(task, args, kwargs, serializer)}. Pass "
+            "values it can encode (ids, strings, numbers), or choose another serializer for "
+            "the task."
         )
         raise UnserializableArgumentsError(msg) from exc
+
+
+def _culprit(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -> str:
+    """Which argument cannot be encoded, by position or name and type (never its value:
+    some serializers' errors show it, so theirs is only chained)."""
+    items = [(f"argument {n}", value) for n, value in enumerate(args, 1)]
+    items += [(f"argument {key!r}", value) for key, value in kwargs.items()]
+    for where, value in items:
+        try:
+            _dumps(value, serializer=serializer)
+        except EncodeError:
+            return f"{where} is of type {type(value).__qualname__}"
+    return f"the call {outline(task.name, args, kwargs)}"
 
 
 def _enqueue(
@@ -122,12 +134,8 @@ def _enqueue(
         else:
             task.apply_async(args, kwargs, retry=True, retry_policy=RETRY_POLICY)
     except Exception as exc:
-        summary = ", ".join(
-            [_summary.repr(a) for a in args]
-            + [f"{k}={_summary.repr(v)}" for k, v in kwargs.items()]
-        )
         msg = (
-            f"Could not enqueue Celery task {task.name}({summary}) after "
+            f"Could not enqueue Celery task {outline(task.name, args, kwargs)} after "
             f"{RETRY_POLICY['max_retries']} retries: {type(exc).__name__}: {exc}"
         )
         raise EnqueueError(msg) from exc

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import re
+import subprocess
+import sys
 import warnings
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +27,7 @@ from post_response import (
     add_task,
 )
 from post_response._types import Receive, Scope, Send
+from post_response.wsgi import PostResponseWSGIMiddleware
 
 from .harness import Exchange
 
@@ -34,10 +40,52 @@ async def send_email(to: str, *, subject: str) -> None:
     pass
 
 
+def numbers() -> Iterator[int]:
+    yield 1
+
+
+async def async_numbers() -> AsyncIterator[int]:
+    yield 1
+
+
+def numbers_later() -> Iterator[int]:
+    """A plain function returning a generator: `add_task()` cannot see that coming."""
+    return numbers()
+
+
+def async_numbers_later() -> AsyncIterator[int]:
+    return async_numbers()
+
+
+class Numbers:
+    def __call__(self) -> Iterator[int]:
+        yield 1
+
+    def method(self) -> Iterator[int]:
+        yield 1
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    return []
+
+
+class ASGI2App:
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+
+def three_arguments(prefix: str, task: TaskHandle, exc: BaseException) -> None:
+    pass
+
+
+async def async_hook(task: TaskHandle, exc: BaseException) -> None:
+    pass
+
+
 class TestAddTaskInput:
     def test_a_non_callable_is_a_type_error(self) -> None:
-        """Passing a value that cannot be called fails at once, naming what was passed."""
-        with pytest.raises(TypeError, match=r"needs a callable.*42") as raised:
+        """Passing a value that cannot be called fails at once, naming its type, not its value."""
+        with pytest.raises(TypeError, match=r"needs a callable.*of type int\.$") as raised:
             add_task(42)  # type: ignore[arg-type]
         assert isinstance(raised.value, InvalidTaskError)
         assert isinstance(raised.value, PostResponseError)
@@ -54,6 +102,23 @@ class TestAddTaskInput:
             gc.collect()
         assert caught == []
 
+    @pytest.mark.parametrize(
+        ("func", "fix"),
+        [
+            (numbers, r"`list\(numbers\(...\)\)`"),
+            (async_numbers, r"`async for _ in async_numbers\(...\): pass`"),
+            (functools.partial(numbers), r"`list\(numbers\(...\)\)`"),
+            (Numbers().method, r"`list\(method\(...\)\)`"),
+            (Numbers(), r"`list\(Numbers\(...\)\)`"),
+        ],
+        ids=["generator", "async generator", "partial", "method", "callable object"],
+    )
+    def test_a_generator_function_is_refused_naming_the_fix(self, func: Any, fix: str) -> None:
+        """A function with `yield` would end `completed` without its body ever running:
+        `add_task()` refuses it, saying how to make it run."""
+        with pytest.raises(InvalidTaskError, match=rf"body would never run\..*{fix}"):
+            add_task(func)
+
     def test_outside_a_request_the_error_names_the_fix(self) -> None:
         """No middleware around the caller: a RuntimeError saying how to wrap the app."""
         with pytest.raises(RuntimeError) as raised:
@@ -68,7 +133,7 @@ class TestAddTaskInput:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"concurrency": 0}, "concurrency must be a whole number of at least 1; got 0"),
+        ({"concurrency": 0}, r"\(concurrency=...\) must be a whole number of at least 1; got 0"),
         ({"concurrency": -2}, "concurrency"),
         ({"concurrency": 1.5}, "concurrency"),
         ({"concurrency": True}, "concurrency"),
@@ -78,7 +143,8 @@ class TestAddTaskInput:
         ({"timeout": float("nan")}, "timeout"),
         ({"timeout": "5"}, "timeout"),
         ({"policy": "sometimes"}, "'no_server_error', 'no_error', 'always'; got 'sometimes'"),
-        ({"on_error": "log it"}, "on_error must be a callable"),
+        ({"on_error": "log it"}, r"\(on_error=...\) must be a callable"),
+        ({"celery_app": SimpleNamespace(tasks={})}, r"\(celery_app=...\) must be the Celery app"),
     ],
 )
 def test_invalid_options_fail_when_the_middleware_is_built(
@@ -88,6 +154,66 @@ def test_invalid_options_fail_when_the_middleware_is_built(
     with pytest.raises(ValueError, match=match) as raised:
         PostResponseMiddleware(noop_app, **options)
     assert isinstance(raised.value, ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [lambda: None, lambda task: None, lambda task, exc, extra: None, len],
+    ids=["no parameter", "one", "three", "a builtin of one"],
+)
+def test_an_on_error_hook_that_cannot_take_task_and_exc_is_refused(hook: Any) -> None:
+    """A hook that would raise TypeError at the first failure is refused when the
+    middleware is built, with the signature it needs."""
+    with pytest.raises(ConfigurationError, match=r"cannot take those two arguments.*def on_error"):
+        PostResponseMiddleware(noop_app, on_error=hook)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [lambda *args: None, async_hook, functools.partial(three_arguments, "x"), min],
+    ids=["varargs", "async", "partial", "no signature to read"],
+)
+def test_an_on_error_hook_that_can_take_task_and_exc_is_accepted(hook: Any) -> None:
+    """Any hook callable as `hook(task, exc)`, or whose signature cannot be read, is accepted."""
+    assert PostResponseMiddleware(noop_app, on_error=hook).config.on_error is hook
+
+
+@pytest.mark.parametrize(
+    ("app", "match"),
+    [
+        (None, r"PostResponseMiddleware\(app\) needs the app to wrap, a callable; got NoneType"),
+        (wsgi_app, r"got a WSGI app .*`post_response.wsgi.PostResponseWSGIMiddleware\(app\)`"),
+        (ASGI2App, r"wraps ASGI 3 apps.*guarantee_single_callable"),
+    ],
+    ids=["not callable", "WSGI", "ASGI 2"],
+)
+def test_an_app_the_middleware_cannot_call_is_refused(app: Any, match: str) -> None:
+    """An app that would fail at the first request is refused when the middleware is built."""
+    with pytest.raises(TypeError, match=match):
+        PostResponseMiddleware(app)
+
+
+def test_an_asgi_app_given_to_the_wsgi_middleware_is_refused() -> None:
+    """`PostResponseWSGIMiddleware(asgi_app)` names the ASGI middleware instead."""
+    with pytest.raises(TypeError, match=r"got an ASGI app .*`post_response.PostResponseMiddleware"):
+        PostResponseWSGIMiddleware(noop_app)  # type: ignore[arg-type]
+
+
+def test_a_bad_django_setting_is_named_as_the_setting() -> None:
+    """A bad value in `settings.POST_RESPONSE` is reported as that setting, not as an
+    argument the code never passed (Django runs in a process of its own here)."""
+    code = (
+        "from django.conf import settings\n"
+        "settings.configure(POST_RESPONSE={'timeout': '5'})\n"
+        "from post_response import PostResponseMiddleware\n"
+        "async def app(scope, receive, send): pass\n"
+        "try:\n"
+        "    PostResponseMiddleware(app)\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith('settings.POST_RESPONSE["timeout"] must be a number of seconds')
 
 
 def test_unknown_options_are_rejected() -> None:
@@ -190,6 +316,8 @@ class TestHandle:
             ({"timeout": -1.0}, "above 0"),
             ({"name": ""}, "non-empty string"),
             ({"name": 7}, "non-empty string"),
+            ({"always": "false"}, r"set\(always=...\) must be True or False; got 'false'"),
+            ({"always": 1}, r"set\(always=...\) must be True or False; got 1"),
         ],
     )
     async def test_invalid_task_options(self, options: dict[str, Any], match: str) -> None:
@@ -207,3 +335,21 @@ class TestHandle:
         [error] = errors
         assert isinstance(error, ConfigurationError)
         assert re.search(match, str(error))
+
+    async def test_a_task_that_returns_a_generator_fails_saying_so(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A sync task returning a generator did nothing: it ends `failed`, and the log says
+        why, instead of `completed`."""
+        handles = await self.handles(
+            lambda: add_task(numbers_later), lambda: add_task(async_numbers_later)
+        )
+        assert [h.state for h in handles] == [TaskState.FAILED] * 2
+        errors = [
+            r.exc_info[1] for r in caplog.records if r.exc_info and r.levelno == logging.ERROR
+        ]
+        assert [str(e).split(" instead")[0] for e in errors] == [
+            "The task returned a generator (numbers)",
+            "The task returned an async generator (async_numbers)",
+        ]
+        assert all(isinstance(e, InvalidTaskError) for e in errors)

@@ -133,7 +133,8 @@ def test_unserializable_arguments_are_an_error_in_the_request(web: Server) -> No
     assert httpx.get(f"{web.url}/unserializable", timeout=10).status_code == 500
     assert re.search(
         r"UnserializableArgumentsError: The arguments of Celery task "
-        r"'tests.apps.celery_tasks.record' cannot be encoded with its 'json' serializer",
+        r"'tests.apps.celery_tasks.record' cannot be encoded with its 'json' serializer: "
+        r"argument 1 is of type Unsendable\.",
         web.output(),
     )
 
@@ -175,7 +176,8 @@ def test_stopping_redis_during_a_burst_loses_nothing_the_logs_do_not_name(
     own_redis: tuple[int, Path], broker: str
 ) -> None:
     """Redis stops in the middle of 200 requests, then comes back: every task either ran on
-    the worker or is named, with its argument, in the web server's log."""
+    the worker or is named in the web server's log (by the name the app gave it: the log
+    shows the types of its arguments, never their values)."""
     port, directory = own_redis
     url, prefix = redis_url(port, 0), new_id()
     ids = [f"{prefix}-{n}" for n in range(200)]
@@ -196,10 +198,8 @@ def test_stopping_redis_during_a_burst_loses_nothing_the_logs_do_not_name(
             assert httpx.get(f"{web.url}/signup?id={sentinel}", timeout=30).status_code == 200
             done = records_once(broker, sentinel, limit=120)
             output = web.output()
-    pattern = (
-        rf"Could not enqueue Celery task tests\.apps\.celery_tasks\.record\('({prefix}-\d+)'\)"
-    )
-    lost = set(re.findall(pattern, output))
+    lost = set(re.findall(rf"Task 'record ({prefix}-\d+)' of GET /signup failed", output))
+    assert "Could not enqueue Celery task tests.apps.celery_tasks.record(str) after" in output
     ran = [r for r in done if r.startswith(prefix) and r != sentinel]
     assert lost, "Redis was down for most of the burst: some enqueues must have failed"
     assert set(ran) | lost == set(ids)

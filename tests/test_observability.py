@@ -28,6 +28,10 @@ async def send_ok(send: Send) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send_ok(send)
+
+
 async def welcome(user: str) -> None:
     pass
 
@@ -125,10 +129,39 @@ async def test_a_failing_tasks_span_records_the_error(exporter: InMemorySpanExpo
     assert [event.name for event in span.events] == ["exception"]
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_failing_tasks_log_record_and_span_carry_no_argument_values(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """Arguments carry emails and tokens: neither the failure's log record (message,
+    fields, traceback) nor its span (attributes, events) shows them."""
+    exporter.clear()
+    secrets = ("ada@example.com", "hunter2")
+
+    async def reset_async(email: str, *, token: str) -> None:
+        raise ValueError("the mail server said no")
+
+    def reset_sync(email: str, *, token: str) -> None:
+        raise ValueError("the mail server said no")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(reset_async if kind == "async" else reset_sync, secrets[0], token=secrets[1])
+        await send_ok(send)
+
+    await Exchange().run(PostResponseMiddleware(app, opentelemetry=True))
+    [record] = [r for r in caplog.records if r.name == "post_response"]
+    [span] = exporter.get_finished_spans()
+    written = [logging.Formatter().format(record), *map(str, vars(record).values())]
+    written += [str(span.name), str(span.status.description), str(dict(span.attributes or {}))]
+    written += [str(dict(event.attributes or {})) for event in span.events]
+    assert "ValueError: the mail server said no" in written[0]  # the record is the failure
+    assert [text for text in written if any(secret in text for secret in secrets)] == []
+
+
 def test_opentelemetry_without_the_extra_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """`opentelemetry=True` without the API installed says which extra to install."""
     monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "post_response._otel", raising=False)
     monkeypatch.delattr(post_response, "_otel", raising=False)
     with pytest.raises(ConfigurationError, match=r"pip install 'post_response\[otel\]'"):
-        PostResponseMiddleware(send_ok, opentelemetry=True)  # type: ignore[arg-type]
+        PostResponseMiddleware(ok_app, opentelemetry=True)

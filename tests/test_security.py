@@ -1,0 +1,201 @@
+"""Logs are safe to read: a client cannot forge log lines, and task arguments stay out.
+
+The request path comes from the client, percent-decoded by the server: `%0A` is a newline
+and `%1B` starts a terminal escape sequence. Every message the library writes shows them
+escaped, on real servers with their default logging and with `logging.basicConfig`, while
+the structured fields keep the raw value. A task's arguments (emails, tokens) never appear
+in what the library logs or raises: only their types.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import anyio
+import pytest
+
+from post_response import (
+    InvalidTaskError,
+    PostResponseMiddleware,
+    TaskHandle,
+    TaskLimitError,
+    add_task,
+)
+from post_response._types import Receive, Scope, Send
+
+from .harness import Exchange
+from .servers import Connection, run
+
+pytestmark = pytest.mark.anyio
+
+FORGED = "2026-01-01 CRITICAL post_response: FORGED"
+# (request target sent, the request as every message must name it)
+TARGETS = [
+    ("/a%0A2026-01-01%20CRITICAL%20post_response:%20FORGED", rf"GET /a\n{FORGED}"),
+    ("/b%1B[31mred", r"GET /b\x1b[31mred"),
+]
+SERVED = {
+    "uvicorn": ("uvicorn-h11", "security_app:app"),
+    "waitress": ("waitress", "security_app:wsgi_app"),
+}
+
+# A path no server would pass on, and a method none would, to reach every message in-process.
+RAW_METHOD, RAW_PATH = "GET\x1b", f"/a\n{FORGED}\x1b[2J\u2028é"
+LOGGED = rf"GET\x1b /a\n{FORGED}\x1b[2J\u2028é"
+SECRETS = ("ada@example.com", "hunter2")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+async def send_ok(send: Send, status: int = 200) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("logging_setup", ["the server's own", "basicConfig"])
+@pytest.mark.parametrize("server_name", list(SERVED))
+def test_a_path_cannot_forge_log_lines_on_a_real_server(
+    server_name: str, logging_setup: str
+) -> None:
+    """Paths with `%0A` and `%1B` and a failing task: the server's output has the failure
+    with the path escaped, no line that starts with the forged text, and no ESC byte."""
+    server, target = SERVED[server_name]
+    env = {"SECURITY_LOGGING": "basic"} if logging_setup == "basicConfig" else {}
+    with run(server, target, env=env) as started:
+        connection = Connection(started)
+        try:
+            for path, _ in TARGETS:
+                task_id = new_id()
+                assert connection.request("GET", f"{path}?id={task_id}") == (200, b"ok")
+                started.control("open", id=f"{task_id}-after")  # runs after the failing one
+                assert started.control("wait", id=f"{task_id}-after")[-1].endswith(":end")
+        finally:
+            connection.close()
+        output = started.output()
+    assert [line for line in output.splitlines() if line.startswith(FORGED)] == []
+    assert "\x1b" not in output
+    for _, logged in TARGETS:
+        assert f"of {logged} failed" in output, output
+
+
+async def test_every_message_escapes_the_request_and_every_field_keeps_it_raw(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failed, timed out, skipped and cancelled tasks, a failing on_error hook and a
+    TaskLimitError all name the request escaped; the records' fields hold it raw."""
+    errors: list[Exception] = []
+
+    async def fail() -> None:
+        raise ValueError("failed on purpose")
+
+    def hook(task: TaskHandle, exc: BaseException) -> None:
+        raise RuntimeError("the hook failed too")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(fail).set(always=True, name="evil\nname")
+        add_task(anyio.sleep_forever).set(always=True, timeout=0.01)
+        add_task(print)  # skipped: the status is 500
+        add_task(print).cancel()
+        try:
+            add_task(print)
+        except TaskLimitError as exc:
+            errors.append(exc)
+        await send_ok(send, status=500)
+
+    caplog.set_level(logging.DEBUG, logger="post_response")
+    middleware = PostResponseMiddleware(app, max_tasks=4, on_error=hook)
+    await Exchange().run(middleware, method=RAW_METHOD, path=RAW_PATH)
+    records = [r for r in caplog.records if r.name == "post_response"]
+    outcomes = {getattr(r, "task_outcome", None) for r in records}
+    assert {"failed", "timed_out", "skipped", "cancelled"} <= outcomes
+    assert any("on_error hook raised" in r.getMessage() for r in records)
+    for message in [r.getMessage() for r in records] + [str(e) for e in errors]:
+        assert message.isprintable(), message
+        assert LOGGED in message
+    assert any("'evil\\nname'" in r.getMessage() for r in records)
+    fields = {(getattr(r, "request_method", ""), getattr(r, "request_path", "")) for r in records}
+    assert fields == {(RAW_METHOD, RAW_PATH)}
+    [error] = errors
+    assert isinstance(error, TaskLimitError)
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("/café/naïve", "GET /café/naïve"),
+        ("/a\nb", r"GET /a\nb"),
+        ("/\x1b[2J", r"GET /\x1b[2J"),
+        ("/\r\t\x00\x7f\x85\u2028", r"GET /\r\t\x00\x7f\x85\u2028"),
+    ],
+)
+async def test_a_handle_names_its_request_escaped(path: str, named: str) -> None:
+    """`TaskHandle.request` escapes control characters as Python's repr does, and leaves
+    printable non-ASCII text such as `é` alone."""
+    handles: list[TaskHandle] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        handles.append(add_task(print, end=""))
+        await send_ok(send)
+
+    await Exchange().run(PostResponseMiddleware(app), path=path)
+    assert [h.request for h in handles] == [named]
+
+
+def test_a_non_callable_is_named_by_its_type_not_its_value() -> None:
+    """`add_task(data)` by mistake: the error says what type it got, never the data."""
+    with pytest.raises(InvalidTaskError, match="of type dict") as raised:
+        add_task({"email": SECRETS[0], "password": SECRETS[1]})  # type: ignore[arg-type]
+    assert not any(secret in str(raised.value) for secret in SECRETS)
+
+
+class TestCelery:
+    """A task handed to Celery: what its errors say about its arguments."""
+
+    @pytest.fixture
+    def send_email(self) -> Any:
+        """A Celery task whose broker is unreachable (nothing listens on port 1)."""
+        celery = pytest.importorskip("celery")
+        app = celery.Celery("security", broker="redis://127.0.0.1:1/0")
+
+        def send_email(to: str, subject: str) -> None:
+            pass
+
+        return app.task(name="security.send_email")(send_email)
+
+    async def test_an_enqueue_failure_logs_argument_types_not_values(
+        self, send_email: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The broker is down: the failure is logged with `send_email(str, subject=str)`, and
+        neither the message nor the traceback shows an argument's value."""
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            add_task(send_email, SECRETS[0], subject=f"reset token {SECRETS[1]}")
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [record] = [r for r in caplog.records if getattr(r, "task_outcome", "") == "failed"]
+        logged = logging.Formatter().format(record)  # the message and the traceback
+        assert "Could not enqueue Celery task security.send_email(str, subject=str)" in logged
+        assert not any(secret in logged for secret in SECRETS), logged
+
+    async def test_a_signature_with_more_arguments_is_named_without_its_values(
+        self, send_email: Any
+    ) -> None:
+        """`add_task(task.s(email), more)` fails naming the task, not the signature's repr."""
+        errors: list[Exception] = []
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                add_task(send_email.s(SECRETS[0]), SECRETS[1])
+            except InvalidTaskError as exc:
+                errors.append(exc)
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [error] = errors
+        assert "Celery signature of 'security.send_email'" in str(error)
+        assert not any(secret in str(error) for secret in SECRETS)
