@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from ._pressure import pressure
 from ._threads import THREADS, Job, pool
 
 if TYPE_CHECKING:
@@ -161,6 +162,8 @@ class AsyncioBackend:
         job = Job(call, settle)
         if pool.submit(job):
             begin()
+        else:
+            pressure.note("threads", THREADS, pool.waiting())
         try:
             return await future
         except BaseException:
@@ -210,6 +213,8 @@ class TrioBackend:
 
     async def run_in_thread(self, call: Callable[[], _T], started: Callable[[], None]) -> _T:
         admitted, unbounded = _trio_limiters()
+        if admitted.available_tokens < 1:
+            pressure.note("threads", THREADS, admitted.statistics().tasks_waiting + 1)
         async with admitted:  # waiting here is waiting for a thread: the task is queued
             started()
             return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=unbounded)

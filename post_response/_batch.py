@@ -87,7 +87,7 @@ class Batch:
     while it runs, which bounds how many tasks run at once across all requests.
     """
 
-    __slots__ = ("_tasks", "_why", "limiter", "request", "settings", "skip_reason")
+    __slots__ = ("_done", "_tasks", "_why", "limiter", "request", "settings", "skip_reason")
 
     def __init__(
         self, request: RequestTasks, settings: Settings, skip_reason: str | None = None
@@ -99,6 +99,7 @@ class Batch:
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None
         self._why: Callable[[], str] = _no_reason
+        self._done: anyio.Event | None = None  # for those who wait for its end
         _registry.add(self)
 
     @property
@@ -134,12 +135,24 @@ class Batch:
             self.abandon(cancelled, f"{why()} before it started")
             raise
         finally:
-            _registry.discard(self)
+            self._ended()
+
+    async def wait(self) -> None:
+        """Wait until every task of the batch has ended."""
+        if self in _registry.unfinished:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
 
     def close(self) -> None:
         """The batch is over: its request accepts no more tasks."""
         self.request.close()
+        self._ended()
+
+    def _ended(self) -> None:
         _registry.discard(self)
+        if self._done is not None:
+            self._done.set()
 
     def abandon(self, state: TaskState, reason: str) -> None:
         """End every task that has not started in `state`, logging each with `reason`."""
@@ -147,23 +160,30 @@ class Batch:
         self.request.close()
         for task in self._tasks:
             if task.state is _PENDING:
-                task._end(state)
-                task._log(level, "%s: %s", state.value, reason)
-        _registry.discard(self)
+                task._lose(state, level, "%s: %s", state.value, reason)
+        self._ended()
 
     async def _work(self, *, close: bool) -> None:
-        request = self.request
-        while (task := request.take(close=close)) is not None:
-            if task.state is not _PENDING:  # cancelled with its handle
+        request, limiter = self.request, self.limiter
+        while True:
+            if limiter is None:
+                if (task := request.take(close=close)) is None:
+                    return
+                await self._one(task)
                 continue
-            if not self.runs(task):
-                task._end(TaskState.SKIPPED)
-                task._log(logging.WARNING, "skipped: %s", self.skip_reason)
-            elif self.limiter is None:
-                await self._run(task)
-            else:
-                async with self.limiter:
-                    await self._run(task)
+            async with limiter:  # taken once a token is held: tasks start in order
+                if (task := request.take(close=close)) is None:
+                    return
+                await self._one(task)
+
+    async def _one(self, task: TaskHandle) -> None:
+        if task.state is not _PENDING:  # cancelled with its handle
+            return
+        if self.runs(task):
+            await self._run(task)
+        else:
+            task._end(TaskState.SKIPPED)
+            task._log(logging.WARNING, "skipped: %s", self.skip_reason)
 
     async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in order
@@ -226,19 +246,19 @@ class Batch:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
         why = self._why()
         if task.state is _PENDING:
-            task._end(_ABANDONED)
-            task._log(
+            task._lose(
+                _ABANDONED,
                 logging.ERROR,
                 "abandoned: %s before it started; all %d worker threads were busy until then",
                 why,
                 THREADS,
             )
         elif is_async(task.func) and task.dispatch is None:
-            task._end(_CANCELLED)
-            task._log(logging.WARNING, "cancelled while running: %s", why)
+            task._lose(_CANCELLED, logging.WARNING, "cancelled while running: %s", why)
         else:
-            task._end(_ABANDONED)
-            task._log(logging.ERROR, "abandoned while running: %s; %s", why, _THREAD_RUNS_ON)
+            task._lose(
+                _ABANDONED, logging.ERROR, "abandoned while running: %s; %s", why, _THREAD_RUNS_ON
+            )
 
     async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> None:
         if task.state is _PENDING:  # failed before it started (a thread could not be had)
@@ -267,4 +287,9 @@ class Batch:
         except _backend.current().cancelled:
             raise
         except BaseException:
-            logger.exception("The on_error hook raised for task %r of %s", task.name, self.label)
+            logger.exception(
+                "The on_error hook raised for task %r of %s",
+                task.name,
+                self.label,
+                extra=task._fields(),
+            )

@@ -3,21 +3,29 @@ connection open. Imported by the middleware only once Django's settings are conf
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import anyio
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.signals import got_request_exception, request_finished, request_started
 from django.db import close_old_connections
 
+from . import _batch, _context
 from ._backend import asyncio_loop
 from ._errors import ConfigurationError
+from ._options import skip_reason
+from ._owner import Owner
+from ._task import Stats
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
 
-__all__ = ["Environment", "settings_options"]
+__all__ = ["Environment", "run_test_client_tasks", "settings_options"]
 
 _T = TypeVar("_T")
 # asgiref before 3.13 has no type hints here.
@@ -63,3 +71,71 @@ class Environment:
                 return await awaitable
             finally:
                 await sync_to_async(close_old_connections)()
+
+
+def run_test_client_tasks() -> Callable[[], None]:
+    """Have the tasks that views add under Django's test client (which calls them without
+    the ASGI app) run when each request finishes; returns what undoes it.
+
+    The test client reports no status to its signals: the tasks run as after a 200
+    response, or are skipped as after a 500 when the view raised.
+    """
+    from ._middleware import setup  # noqa: PLC0415  (it imports this module)
+
+    config, task_settings = setup({})
+    stats = Stats()  # also marks the requests this hook started
+    raised: set[int] = set()
+
+    def started(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if _context.current() is not None:  # a request the middleware handles
+            return
+        scope = kwargs.get("scope") or {}
+        method = (environ or {}).get("REQUEST_METHOD") or scope.get("method", "")
+        path = (environ or {}).get("PATH_INFO") or scope.get("path", "")
+        dispatchers = task_settings.dispatchers
+        tasks = _context.RequestTasks(config.max_tasks, method, path, stats, dispatchers)
+        _context.activate(tasks)
+
+    def failed(sender: object, **kwargs: Any) -> None:
+        tasks = _context.current()
+        if tasks is not None and tasks.stats is stats:
+            raised.add(id(tasks))
+
+    def finished(sender: object, **kwargs: Any) -> None:
+        tasks = _context.current()
+        if tasks is None or tasks.stats is not stats:
+            return
+        _context.activate(None)
+        view_raised = id(tasks) in raised
+        raised.discard(id(tasks))
+        status = 500 if view_raised else 200
+        reason = skip_reason(config.policy, status, True, False, raised=view_raised)
+        batch = _batch.finished(tasks, task_settings, reason)
+        if batch is not None:
+            _run_to_the_end(batch, config.max_running, config.max_queued)
+
+    hooks = [(request_started, started), (got_request_exception, failed)]
+    hooks.append((request_finished, finished))
+    for signal, receiver in hooks:
+        signal.connect(receiver, weak=False, dispatch_uid=f"post_response:{id(receiver)}")
+
+    def disconnect() -> None:
+        for signal, receiver in hooks:
+            signal.disconnect(receiver, dispatch_uid=f"post_response:{id(receiver)}")
+
+    return disconnect
+
+
+def _run_to_the_end(batch: _batch.Batch, max_running: int | None, max_queued: int | None) -> None:
+    """Run `batch` and wait for it: here, or in a thread of its own if a loop runs here."""
+
+    async def run() -> None:
+        await Owner(max_running, max_queued).run_here(batch)
+
+    trio = sys.modules.get("trio")
+    if asyncio_loop() is None and not (trio is not None and trio.lowlevel.in_trio_run()):
+        anyio.run(run)
+        return
+    thread = threading.Thread(target=anyio.run, args=(run,), name="post_response")
+    thread.start()
+    thread.join()

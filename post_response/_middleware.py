@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.lowlevel import RunVar
 
-from . import _batch, _context
+from . import _batch, _context, _registry
 from ._backend import asyncio_loop
 from ._dispatch import Dispatchers
 from ._errors import ConfigurationError
-from ._options import Config, Options, configure, skip_reason
+from ._options import Config, Options, check_app, configure, skip_reason
 from ._owner import Owner
 from ._task import Stats, TaskState
 
@@ -59,9 +59,10 @@ class PostResponseMiddleware:
         shutdown_timeout: At `lifespan.shutdown`, seconds to wait for queued and
             running tasks before cancelling them (default 20; None waits for ever).
         max_running: How many tasks may run at once across all requests (default
-            None: no limit). Tasks beyond it wait their turn; responses never wait.
-        max_queued: How many tasks may wait to run across all requests (default None:
-            no limit). Past it, a request's tasks are dropped, each logged and counted.
+            10,000; None: no limit). Tasks beyond it wait their turn; responses never wait.
+        max_queued: How many tasks may wait for a `max_running` slot (default 10,000;
+            None: no limit). Past it, a request's tasks are dropped, each logged and
+            counted. A warning says when either limit starts to bite.
 
         opentelemetry: Record an OpenTelemetry span per task, a child of the request's
             span when there is one (default False; needs `post_response[otel]`).
@@ -72,11 +73,13 @@ class PostResponseMiddleware:
     Django runs requests, so no task leaves a database connection open.
 
     Raises:
-        TypeError: An unknown option (a typo, say).
+        TypeError: An unknown option (a typo, say), or `app` is not an ASGI 3 app (a WSGI
+            app, say).
         ConfigurationError: An option has an invalid value (a `ValueError`).
     """
 
     def __init__(self, app: AnyASGIApp, **options: Unpack[Options]) -> None:
+        check_app(app, "PostResponseMiddleware")
         self.app = app
         self.config, self.settings = setup(options)
         self.stats = Stats()
@@ -181,10 +184,12 @@ class PostResponseMiddleware:
         if batch is None:
             return
         owner = self._owner_here()
-        if self.config.detach:
-            owner.submit(batch)
-        else:
+        if not self.config.detach:
             await owner.run_here(batch)
+            return
+        owner.submit(batch)
+        if _registry.held_requests:  # a test asked that the client see the tasks' effects
+            await batch.wait()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
@@ -249,13 +254,15 @@ def _abandon(tasks: _context.RequestTasks, reason: str) -> None:
     """The app was cancelled (or interrupted): nothing can run, so say so for each task."""
     for task in tasks.close():
         if task.state is TaskState.PENDING:
-            task._end(TaskState.CANCELLED)
-            task._log(logging.WARNING, "cancelled: %s", reason)
+            task._lose(TaskState.CANCELLED, logging.WARNING, "cancelled: %s", reason)
 
 
-def setup(options: Options) -> tuple[Config, _batch.Settings]:
-    """The options checked (over the framework's settings), and how tasks are to run."""
-    config = configure(_with_framework_settings(options))
+def setup(
+    options: Options, source: str = "PostResponseMiddleware"
+) -> tuple[Config, _batch.Settings]:
+    """The options checked (over the framework's settings), and how tasks are to run;
+    `source` is the middleware, as error messages name it."""
+    config = configure(_with_framework_settings(options), source)
     settings = _batch.Settings(
         concurrency=config.concurrency,
         timeout=config.timeout,
@@ -270,7 +277,11 @@ def setup(options: Options) -> tuple[Config, _batch.Settings]:
 def _with_framework_settings(options: Options) -> dict[str, object]:
     """`options` over the framework's own settings for the middleware (Django's, for now)."""
     django = _django_support()
-    return dict(options) if django is None else {**django.settings_options(), **options}
+    if django is None:
+        return dict(options)
+    settings = django.settings_options()
+    configure(settings, "settings.POST_RESPONSE")  # its mistakes named as its own
+    return {**settings, **options}
 
 
 def _framework_environment() -> TaskEnvironment | None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import _backend, _context
-from ._task import TaskState
+from ._pressure import pressure
+from ._task import TaskState, note_lost
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -163,22 +164,35 @@ class Owner:
 
     async def run_here(self, batch: Batch) -> None:
         """Run `batch` in the caller's task (the middleware's `detach=False`)."""
-        if self._admit(batch):
-            await batch.run(why=_request_cancelled)
+        if self._admit(batch, inline=True):
+            self._running += 1
+            try:
+                await batch.run(why=_request_cancelled)
+            finally:
+                self._running -= 1
 
-    def _admit(self, batch: Batch) -> bool:
-        """Give `batch` the limiter and count its tasks as queued, dropping those past
-        `max_queued` when they would have to wait; False when nothing is left to run."""
-        batch.limiter = self._limiter
+    def _admit(self, batch: Batch, *, inline: bool = False) -> bool:
+        """Count `batch`'s tasks as queued, dropping those past `max_queued` when they would
+        have to wait; False when nothing is left to run.
+
+        A detached batch that runs one task at a time needs no limiter: a worker takes it
+        only below `max_running`. The others hold a token of it per running task.
+        """
+        if inline or batch.settings.concurrency > 1:
+            batch.limiter = self._limiter
         tasks = batch.runnable()
-        limit = self._max_queued
         dropped = []
-        if limit is not None and self._full():
-            stats = batch.request.stats
-            room = max(limit - stats.queued, 0)
-            tasks, dropped = tasks[:room], tasks[room:]
-            for task in dropped:
-                task._end(_DROPPED)
+        if self._full():
+            stats, limit = batch.request.stats, self._max_queued
+            pressure.note("max_running", self._max_running, stats.queued)
+            if limit is not None:
+                if stats.queued >= limit // 2:
+                    pressure.note("max_queued", limit, stats.queued)
+                room = max(limit - stats.queued, 0)
+                tasks, dropped = tasks[:room], tasks[room:]
+                for task in dropped:
+                    task._end(_DROPPED)
+                    note_lost(task)
         for task in tasks:
             task._enqueue()
         if dropped:
@@ -192,8 +206,7 @@ class Owner:
         """Whether a new task would have to wait for `max_running`: only then is it queued."""
         limiter = self._limiter
         return limiter is not None and (
-            limiter.available_tokens < 1
-            or (self._max_running is not None and self._running >= self._max_running)
+            self._running >= limiter.total_tokens or limiter.available_tokens < 1
         )
 
     def _log_drops(self, batch: Batch, names: list[str]) -> None:

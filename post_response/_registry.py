@@ -17,15 +17,20 @@ from ._task import TaskState
 if TYPE_CHECKING:
     from ._batch import Batch
 
-__all__ = ["add", "discard", "wait_idle"]
+__all__ = ["add", "discard", "unfinished", "wait_idle"]
 
-_unfinished: set[Batch] = set()
+unfinished: set[Batch] = set()
+_unfinished = unfinished
 _idle = threading.Condition()  # notified when the last unfinished batch ends...
 _waiters = 0  # ...if anybody waits for that
 
 _UNFINISHED = (TaskState.PENDING, TaskState.RUNNING)
 
 add = _unfinished.add
+
+# While above 0 (`post_response.testing.tasks_before_returning()`), a request's call into
+# the app returns only once its tasks have ended, so a test client sees their effects.
+held_requests = 0
 
 
 def discard(batch: Batch) -> None:
@@ -48,7 +53,7 @@ def wait_idle(timeout: float | None) -> list[str]:
         if done:
             return []
         return [
-            f"{task.name} of {batch.label}"
+            f"{task.name!r} of {batch.label}"
             for batch in list(_unfinished)
             for task in batch.tasks()
             if task.state in _UNFINISHED
@@ -61,5 +66,9 @@ def _abandon_at_exit() -> None:
         for task in batch.tasks():
             if task.state in _UNFINISHED:
                 was = task.state.value
-                task._end(TaskState.ABANDONED)
-                task._log(logging.ERROR, "abandoned: the process exited while it was %s", was)
+                task._lose(
+                    TaskState.ABANDONED,
+                    logging.ERROR,
+                    "abandoned: the process exited while it was %s",
+                    was,
+                )

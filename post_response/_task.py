@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any, ParamSpec
@@ -14,6 +16,7 @@ from ._errors import ConfigurationError, InvalidTaskError, OutsideRequestError, 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import Context
+    from types import CodeType
 
 __all__ = [
     "FINAL_STATES",
@@ -22,9 +25,9 @@ __all__ = [
     "TaskHandle",
     "TaskState",
     "add_task",
+    "check_flag",
     "check_timeout",
     "describe",
-    "safe_repr",
 ]
 
 P = ParamSpec("P")
@@ -172,7 +175,7 @@ class TaskHandle:
         if timeout is not UNSET:
             self.timeout = check_timeout(timeout, "set(timeout=...)")
         if always is not None:
-            self.always = bool(always)
+            self.always = check_flag(always, "set(always=...)")
         return self
 
     def cancel(self) -> bool:
@@ -209,32 +212,52 @@ class TaskHandle:
         self.state = state
         stats.ended[state] += 1
 
+    def _lose(self, state: TaskState, level: int, what: str, *args: object) -> None:
+        """End in `state` a task the runtime could not run to its end: log it, and note it
+        for `post_response.testing.wait_for_tasks()`."""
+        self._end(state)
+        self._log(level, what, *args)
+        note_lost(self)
+
     def _log(
         self, level: int, what: str, *args: object, exc_info: BaseException | None = None
     ) -> None:
         """Log "Task 'name' of GET /path <what>", with the task's fields for structured logs."""
         if not logger.isEnabledFor(level):
             return
-        name, request = self.name, self.request_tasks
-        fields = {
-            "task_name": name,
+        logger.log(
+            level,
+            "Task %r of %s " + what,
+            self.name,
+            self.request_tasks.label,
+            *args,
+            exc_info=exc_info,
+            extra=self._fields(),
+        )
+
+    def _fields(self) -> dict[str, object]:
+        """The task's structured log fields. The request's method and path are raw, as the
+        client sent them (decoded by the server), for formatters that escape them."""
+        request = self.request_tasks
+        return {
+            "task_name": self.name,
             "task_outcome": self.state.value,
             "task_duration": self.duration,
             "request_method": request.method,
             "request_path": request.path,
         }
-        logger.log(
-            level,
-            "Task %r of %s " + what,
-            name,
-            request.label,
-            *args,
-            exc_info=exc_info,
-            extra=fields,
-        )
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name!r} {self.state.value}>"
+
+
+# The tasks the runtime lost (cancelled, abandoned, dropped), newest last, for the testing
+# helpers to report: names, not handles, so that nothing of a request is kept alive.
+lost: collections.deque[str] = collections.deque(maxlen=100)
+
+
+def note_lost(task: TaskHandle) -> None:
+    lost.append(f"{task.name!r} of {task.request_tasks.label} ({task.state.value})")
 
 
 def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
@@ -250,13 +273,19 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         A `TaskHandle`: `.set(name=..., timeout=..., always=...)`, `.cancel()`, `.state`.
 
     Raises:
-        InvalidTaskError: `func` is not callable (a `TypeError`).
+        InvalidTaskError: `func` is not callable, or is a generator function, whose body
+            would never run (a `TypeError`).
         OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
         RequestFinishedError: The request's tasks have all run already (a `RuntimeError`).
         TaskLimitError: The request reached the middleware's `max_tasks` (a `RuntimeError`).
     """
     if not callable(func):
         raise _not_callable(func)
+    code = getattr(func, "__code__", None)  # a plain function: one flag test, the usual case
+    if code is None or code.co_flags & _GENERATOR:
+        flags = _generator_flags(func, code)
+        if flags:
+            raise _generator_function(func, flags)
     tasks = _context.current()
     if tasks is None:
         if not _context.captures:
@@ -291,9 +320,51 @@ def _not_callable(func: object) -> InvalidTaskError:
             f"add_task() got an awaitable ({name}(...) was already called), not a function. "
             f"Pass the function and its arguments instead: `add_task({name}, ...)`."
         )
-    else:
-        msg = f"add_task() needs a callable as its first argument, got {safe_repr(func)}."
+    else:  # its type, not its repr: a value may hold a user's data
+        msg = f"add_task() needs a callable as its first argument, got {_kind(func)}."
     return InvalidTaskError(msg)
+
+
+# A function whose call only creates a generator: its body runs when someone iterates.
+# `@types.coroutine` generators are awaitable, and run like async functions.
+_GENERATOR = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+_AWAITABLE_GENERATOR = inspect.CO_ITERABLE_COROUTINE
+
+
+def _generator_flags(func: object, code: CodeType | None) -> int:
+    """The generator flags of the code that calling `func` runs first, 0 for an ordinary
+    function. `code` is `func.__code__`, or None: then `func` is seen through
+    `functools.partial`, and a callable object through its class's `__call__`."""
+    if code is None and isinstance(func, functools.partial):
+        while isinstance(func, functools.partial):
+            func = func.func
+        code = getattr(func, "__code__", None)
+    if code is None:
+        code = getattr(type(func).__call__, "__code__", None)
+        if code is None:  # a builtin, a class: not a generator function
+            return 0
+    flags: int = code.co_flags
+    return 0 if flags & _AWAITABLE_GENERATOR else flags & _GENERATOR
+
+
+def _generator_function(func: object, flags: int) -> InvalidTaskError:
+    name = describe(func)
+    short = name.rpartition(".")[2]
+    if flags & inspect.CO_ASYNC_GENERATOR:
+        kind, consume = "an async generator", f"`async for _ in {short}(...): pass`"
+    else:
+        kind, consume = "a generator", f"`list({short}(...))`"
+    msg = (
+        f"add_task() got {name}, a function that returns {kind} when called, so its body "
+        "would never run. Make it a plain function (no `yield`), or add a function that "
+        f"consumes it: {consume}."
+    )
+    return InvalidTaskError(msg)
+
+
+def _kind(value: object) -> str:
+    """What a message says about a value it must not show: its type."""
+    return f"a value of type {type(value).__qualname__}"
 
 
 def describe(func: object) -> str:
@@ -315,12 +386,13 @@ def describe(func: object) -> str:
     return object.__repr__(func)
 
 
-def safe_repr(value: object) -> str:
-    """`repr(value)`, or `object.__repr__(value)` when its own `__repr__` raises."""
-    try:
-        return repr(value)
-    except BaseException:
-        return object.__repr__(value)
+def check_flag(value: object, where: str) -> bool:
+    """`value` if it is a bool, or a `ConfigurationError` naming `where`: `"false"` must not
+    mean True."""
+    if not isinstance(value, bool):
+        msg = f"{where} must be True or False; got {value!r}."
+        raise ConfigurationError(msg)
+    return value
 
 
 def check_timeout(value: object, where: str) -> float | None:

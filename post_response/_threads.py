@@ -70,6 +70,10 @@ class _Pool:
             job.waited = True
             return False
 
+    def waiting(self) -> int:
+        """How many jobs wait for a thread now."""
+        return len(self._jobs)
+
     def withdraw(self, job: Job) -> bool:
         """Take back a job no thread has started; False if one already has."""
         with self._ready:

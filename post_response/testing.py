@@ -3,6 +3,9 @@
 - `capture_tasks()` records the tasks that requests add instead of running them, so a test
   can assert on their functions and arguments, then run them when it chooses.
 - `wait_for_tasks()` blocks until every task handed off so far has ended.
+- `requests_wait_for_tasks()` makes each request return from the app only once its tasks
+  have ended, so an existing suite that asserts on their effects right after each request
+  passes unchanged (the `post_response.pytest_plugin` turns it on for every test).
 
     from post_response.testing import capture_tasks
 
@@ -21,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
 import anyio
@@ -29,9 +32,21 @@ import anyio.to_thread
 
 from . import _backend, _context, _registry
 from ._call import call
-from ._task import Stats, TaskHandle, TaskState
+from ._errors import ConfigurationError, PostResponseError
+from ._task import Stats, TaskHandle, TaskState, check_flag, lost
 
-__all__ = ["CapturedTasks", "capture_tasks", "wait_for_tasks", "wait_for_tasks_async"]
+__all__ = [
+    "CapturedTasks",
+    "TasksLostError",
+    "capture_tasks",
+    "requests_wait_for_tasks",
+    "wait_for_tasks",
+    "wait_for_tasks_async",
+]
+
+
+class TasksLostError(PostResponseError, RuntimeError):
+    """Tasks were cancelled, abandoned or dropped by the runtime instead of run to their end."""
 
 
 class CapturedTasks(Sequence[TaskHandle]):
@@ -100,6 +115,7 @@ def capture_tasks(*, run: bool = False) -> Iterator[CapturedTasks]:
         run: Run the captured tasks when the block ends (like Django's
             `captureOnCommitCallbacks(execute=True)`).
     """
+    check_flag(run, "capture_tasks(run=...)")
     captured = CapturedTasks()
     _context.captures.append(captured)
     try:
@@ -118,16 +134,65 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
     Raises:
         TimeoutError: Tasks are still waiting or running after `timeout` seconds; the
             message names them.
+        TasksLostError: Since the last call, the runtime cancelled, abandoned or dropped
+            tasks instead of running them to their end (their log lines say why); the
+            message names them.
     """
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
+        msg = (
+            "wait_for_tasks(timeout=...) must be a number of seconds (0 or more), or None "
+            f"to wait for ever; got {timeout!r}."
+        )
+        raise ConfigurationError(msg)
     left = _registry.wait_idle(timeout)
     if left:
         msg = f"{len(left)} tasks still not done after {timeout}s: {', '.join(left)}"
         raise TimeoutError(msg)
+    if lost:
+        names = list(lost)
+        lost.clear()
+        msg = (
+            f"{len(names)} tasks did not run to their end: {', '.join(names)}. Their log "
+            "lines on the `post_response` logger say why."
+        )
+        raise TasksLostError(msg)
 
 
 async def wait_for_tasks_async(timeout: float | None = 10.0) -> None:  # noqa: ASYNC109
     """`wait_for_tasks()` for async tests: waits in a thread, so the tasks can run."""
     await anyio.to_thread.run_sync(wait_for_tasks, timeout, abandon_on_cancel=True)
+
+
+@contextlib.contextmanager
+def requests_wait_for_tasks() -> Iterator[None]:
+    """Within the block, a request's call into the app returns only once its tasks ended.
+
+    The tasks still run after the response, detached, with the outcome policy, errors
+    and logs of production; only the caller waits: a test client (Starlette's
+    `TestClient`, httpx's `ASGITransport`, a WSGI test client) returns once they have
+    run, so a test can assert on their effects right away. Under Django's test client,
+    which calls views without the ASGI app, the tasks a view adds run when its request
+    finishes (as after a 200 response, or skipped when the view raised).
+    """
+    _registry.held_requests += 1
+    disconnect = _hold_django_test_client()
+    try:
+        yield
+    finally:
+        _registry.held_requests -= 1
+        if disconnect is not None:
+            disconnect()
+
+
+def _hold_django_test_client() -> Callable[[], None] | None:
+    django_conf = sys.modules.get("django.conf")
+    if django_conf is None or not django_conf.settings.configured:
+        return None
+    from ._django import run_test_client_tasks  # noqa: PLC0415  (it imports Django)
+
+    return run_test_client_tasks()
 
 
 async def _run_now(task: TaskHandle) -> None:

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _batch, _context
+from . import _batch, _context, _registry
 from ._middleware import setup
-from ._options import skip_reason
+from ._options import check_app, skip_reason
 from ._owner import Owner
 from ._task import Stats, TaskState
 
@@ -56,8 +56,9 @@ class PostResponseWSGIMiddleware:
     """
 
     def __init__(self, app: WSGIApp, **options: Unpack[Options]) -> None:
+        check_app(app, "PostResponseWSGIMiddleware", wsgi=True)
         self.app = app
-        self.config, self.settings = setup(options)
+        self.config, self.settings = setup(options, "PostResponseWSGIMiddleware")
         self.stats = Stats()
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
@@ -94,7 +95,10 @@ class PostResponseWSGIMiddleware:
         """
         try:
             if self.config.detach:
-                self._task_loop().submit(batch)
+                loop = self._task_loop()
+                loop.submit(batch)
+                if _registry.held_requests:  # a test asked to see the tasks' effects
+                    loop.wait(batch)
             else:
                 anyio.run(_run_inline, batch, self.config.max_running, self.config.max_queued)
         except Exception:
@@ -228,6 +232,10 @@ class _TaskLoop:
 
     async def _submit(self, batch: _batch.Batch) -> None:
         self.owner.submit(batch)
+
+    def wait(self, batch: _batch.Batch) -> None:
+        """Block until every task of `batch` has ended."""
+        asyncio.run_coroutine_threadsafe(batch.wait(), self.loop).result()
 
     def join(self, timeout: float | None) -> bool:
         """Wait until the owner has no batch left; False if `timeout` passed first."""

@@ -7,7 +7,20 @@ from collections.abc import Iterator
 import pytest
 import trio  # noqa: F401  (fail loudly when trio is missing: half the suite would not run)
 
+from post_response._task import lost
+
 from . import harness
+
+# The README's migration examples are a suite of their own, with the plugin in their
+# conftest.py; tests/test_migrating.py runs them in a process of their own.
+collect_ignore = ["doc_examples/migrating"]
+
+
+@pytest.fixture(autouse=True)
+def _forget_lost_tasks() -> None:
+    """`wait_for_tasks()` reports the tasks lost since its last call: not other tests' ones
+    (the pytest plugin does the same for its users)."""
+    lost.clear()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,8 @@ import anyio
 import pytest
 
 from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response._pressure import pressure
+from post_response._threads import THREADS
 from post_response._types import Message, Receive, Scope, Send
 
 from .harness import Exchange, http_scope
@@ -246,3 +249,54 @@ async def test_workers_do_not_keep_the_requests_that_started_them_alive() -> Non
     gc.collect()
     assert len(alive) == 3
     assert [ref() for ref in alive] == [None, None, None]
+
+
+@pytest.fixture
+def fresh_warnings() -> None:
+    """Each test sees the first warning of each limit (they are rate-limited per process)."""
+    pressure.reset()
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+async def test_a_limit_that_bites_is_warned_about_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reaching `max_running`, then half of `max_queued`, logs one WARNING each, however
+    many requests keep them reached, before anything is dropped."""
+    release = anyio.Event()
+
+    async def blocker() -> None:
+        await release.wait()
+
+    app = PostResponseMiddleware(adding(blocker), max_running=1, max_queued=4)
+    with anyio.fail_after(10):
+        for _ in range(4):
+            await request(app)  # the first runs; the next three wait
+        await until(lambda: app.stats.running == 1)
+        for _ in range(3):
+            await request(app)  # four waiting: one more fits, the last two are dropped
+        release.set()
+        await app.join()
+    warnings = [r.getMessage() for r in caplog.records if getattr(r, "limit", None)]
+    assert [m.split(" ")[0] for m in warnings] == ["max_running=1", "Tasks"]
+    assert "reached half of max_queued=4 (" in warnings[1]
+    assert app.stats.snapshot()["dropped"] == 2
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+async def test_busy_threads_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    """More sync tasks than threads: one WARNING names the pool as the limit that bites."""
+    release = threading.Event()
+    app = PostResponseMiddleware(adding(*[(release.wait, 10)] * (THREADS + 3)), concurrency=64)
+    try:
+        with anyio.fail_after(10):
+            await request(app)
+            await until(lambda: app.stats.running == THREADS)
+            assert app.stats.queued == 3  # waiting for a thread: queued, not running
+    finally:
+        release.set()
+    with anyio.fail_after(10):
+        await app.join()
+    [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+    assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
+    assert app.stats.snapshot()["completed"] == THREADS + 3

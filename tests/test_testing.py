@@ -12,7 +12,13 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
-from post_response import OutsideRequestError, PostResponseMiddleware, TaskState, add_task
+from post_response import (
+    ConfigurationError,
+    OutsideRequestError,
+    PostResponseMiddleware,
+    TaskState,
+    add_task,
+)
 from post_response.testing import capture_tasks, wait_for_tasks, wait_for_tasks_async
 
 SENT: list[str] = []
@@ -125,7 +131,7 @@ def test_wait_for_tasks_names_what_is_still_running() -> None:
     with TestClient(stuck) as client:
         client.get("/")
         try:
-            with pytest.raises(TimeoutError, match=r"1 tasks still not done .*: .*wait of GET /"):
+            with pytest.raises(TimeoutError, match=r"1 tasks still not done .*: '.*wait' of GET /"):
                 wait_for_tasks(timeout=0.05)
         finally:
             release.set()
@@ -161,3 +167,17 @@ def test_the_django_example_of_the_readme_passes() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+def test_capture_tasks_refuses_a_run_flag_that_is_not_a_bool() -> None:
+    """`capture_tasks(run="no")` would run the tasks: it is refused, naming the option."""
+    with pytest.raises(ConfigurationError, match=r"capture_tasks\(run=\.\.\.\)"):  # noqa: SIM117
+        with capture_tasks(run="no"):  # type: ignore[arg-type]
+            pass
+
+
+@pytest.mark.parametrize("timeout", ["5", -1, True, float("nan")])
+def test_wait_for_tasks_refuses_a_timeout_that_is_not_seconds(timeout: object) -> None:
+    """A timeout that is not a number of seconds is refused, even with nothing to wait for."""
+    with pytest.raises(ConfigurationError, match=r"wait_for_tasks\(timeout=\.\.\.\)"):
+        wait_for_tasks(timeout)  # type: ignore[arg-type]
