@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ HOSTILE = ["system exit", "keyboard interrupt", "cancelled error", "generator ex
 
 # The log line that reports each final state but `completed`.
 LOGGED = {
-    "failed": r" failed$",
+    "failed": r" failed(?:: .+)?$",  # a hostile task's line may say more
     "timed_out": r" timed out after 0\.01s and was cancelled$",
     "cancelled": r" cancelled while running: the server shut down$",
     "abandoned": r" abandoned: the server shut down before it started$",
@@ -42,9 +43,13 @@ def load(server: Server, first: int, count: int, *, slow: bool = False) -> None:
     paths = (f"/load?n={n}{'&slow=1' if slow else ''}" for n in range(first, first + count))
     try:
         statuses = asyncio.run(hammer(server.port, paths, CONNECTIONS))
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        still_running(server)
-        raise AssertionError(f"the load failed, the server still running: {exc!r}") from exc
+    except (OSError, asyncio.IncompleteReadError) as exc:  # did a task stop the server?
+        try:
+            code = server.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the load failed, the server still running: {exc!r}") from exc
+        output = server.output()[-5000:]
+        raise AssertionError(f"the server exited with code {code} under load:\n{output}") from exc
     assert statuses == {200: count}
     still_running(server)
 

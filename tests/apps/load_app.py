@@ -1,17 +1,22 @@
 """A raw ASGI app for the fault and load test: each request adds three tasks that complete,
-raise, exceed their timeout or sleep, chosen from the request number so runs repeat.
+raise, exceed their timeout or sleep, chosen from the request number so runs repeat. A few
+are hostile: they raise SystemExit, KeyboardInterrupt, CancelledError or GeneratorExit, which
+must end them `failed` like any exception, and stop nothing else.
 
 Run: POST_RESPONSE_OPTIONS='{"max_running": 100}' python -m uvicorn tests.apps.load_app:app
 
 At lifespan shutdown (after the middleware drained its tasks) it writes a report to the
-file named by `LOAD_REPORT`: the middleware's counters, how many tasks it added, and how
-many times each task's body started.
+file named by `LOAD_REPORT`: the middleware's counters, how many tasks it added of each
+kind, and how many times each task's body started.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 import anyio
@@ -24,6 +29,14 @@ from .control import options, with_controls
 CAPACITY = 1_000_000  # task numbers; a bytearray keeps the run counts small in memory
 RUNS = bytearray(CAPACITY)
 ADDED = [0]
+KINDS: collections.Counter[str] = collections.Counter()  # tasks added, by kind
+# What each hostile kind raises: BaseExceptions that are not Exceptions, the task's own.
+HOSTILE: dict[str, Callable[[], BaseException]] = {
+    "system exit": lambda: SystemExit(3),
+    "keyboard interrupt": KeyboardInterrupt,
+    "cancelled error": asyncio.CancelledError,
+    "generator exit": GeneratorExit,
+}
 BODY = b"ok"
 HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
 
@@ -32,6 +45,8 @@ async def task(number: int, kind: str) -> None:
     RUNS[number] += 1
     if kind == "raise":
         raise ValueError(f"task {number} fails on purpose")
+    if kind in HOSTILE:
+        raise HOSTILE[kind]()
     if kind == "sleep":
         await anyio.sleep((number % 20) / 1000)  # up to 19 ms
     elif kind in ("too slow", "slow"):
@@ -39,12 +54,15 @@ async def task(number: int, kind: str) -> None:
 
 
 def kind_of(number: int, slow: bool) -> str:
-    """Which behaviour task `number` has: 55% complete, 15% raise, 10% time out, 20% sleep."""
+    """Which behaviour task `number` has: 51% complete, 1% each hostile kind, 15% raise,
+    10% time out, 20% sleep."""
     if slow:
         return "slow"
     bucket = (number * 7919) % 100
-    if bucket < 55:
+    if bucket < 51:
         return "complete"
+    if bucket < 55:
+        return list(HOSTILE)[bucket - 51]
     if bucket < 70:
         return "raise"
     return "too slow" if bucket < 80 else "sleep"
@@ -64,6 +82,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         if kind == "too slow":
             handle.set(timeout=0.01)
         ADDED[0] += 1
+        KINDS[kind] += 1
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 
@@ -83,6 +102,7 @@ def write_report() -> None:
     report = {
         "stats": middleware.stats.snapshot(),
         "added": ADDED[0],
+        "kinds": KINDS,
         "ran": sum(1 for runs in RUNS if runs),
         "ran_twice": sum(1 for runs in RUNS if runs > 1),
     }
