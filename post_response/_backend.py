@@ -27,17 +27,9 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup, TaskStatus
 
-__all__ = ["Backend", "Spot", "Workers", "asyncio_loop", "current"]
+__all__ = ["Backend", "Workers", "asyncio_loop", "current"]
 
 _T = TypeVar("_T")
-
-
-class Spot(Protocol):
-    """Where one parked worker waits until `wake()`."""
-
-    def wake(self) -> None: ...
-
-    def __await__(self) -> Any: ...
 
 
 class Workers(Protocol):
@@ -68,8 +60,11 @@ class Backend(Protocol):
     def workers(self) -> AbstractAsyncContextManager[Workers]:
         """A place for workers, open while the block runs; its end stops them."""
 
-    def spot(self) -> Spot:
-        """A new place for a worker to park."""
+    def spot(self) -> Any:
+        """A new place for a worker to park: await it; `wake(spot)` ends the wait."""
+
+    def wake(self, spot: Any) -> None:
+        """End the wait of the worker parked at `spot`."""
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `main` detached from the caller, for as long as the event loop runs."""
@@ -80,9 +75,10 @@ class Backend(Protocol):
         Cancelled before that, the call never runs; after it, the thread runs on.
         """
 
-    def watch_self_cancel(self) -> Callable[[], bool]:
-        """A check, for the current task, of whether it asked to cancel itself since the
-        last call (its own `cancel()`, which the runtime never uses on a task's worker)."""
+    def own_task(self) -> Any:
+        """The current asyncio task, whose `_must_cancel` is set while it runs only when it
+        called `cancel()` on itself (the loop's own cancellations reach a task while it is
+        suspended, and leave it unset); None where tasks cannot do that (trio)."""
 
     def forgive_self_cancel(self) -> None:
         """Forget a cancellation the current task asked for itself, once it is handled."""
@@ -94,22 +90,6 @@ def asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-class _Future:
-    """A parked asyncio worker: a future that `wake()` resolves."""
-
-    __slots__ = ("_future",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._future: asyncio.Future[None] = loop.create_future()
-
-    def wake(self) -> None:
-        if not self._future.done():
-            self._future.set_result(None)
-
-    def __await__(self) -> Any:
-        return self._future.__await__()
 
 
 class AsyncioBackend:
@@ -130,8 +110,12 @@ class AsyncioBackend:
         finally:
             await workers.stop()
 
-    def spot(self) -> Spot:
-        return _Future(self.loop)
+    def spot(self) -> Any:
+        return self.loop.create_future()
+
+    def wake(self, spot: Any) -> None:
+        if not spot.done():
+            spot.set_result(None)
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         _start_task(self.loop, main(), _detached)
@@ -171,13 +155,7 @@ class AsyncioBackend:
                 begin()
             raise
 
-    def watch_self_cancel(self) -> Callable[[], bool]:
-        task = asyncio.current_task()
-        if task is None:
-            return _never
-        # Set while the task runs only when it called cancel() on itself; the loop's own
-        # cancellations reach a task while it is suspended, and leave it unset.
-        return lambda: bool(task._must_cancel)  # type: ignore[attr-defined]
+    own_task = staticmethod(asyncio.current_task)  # a C function: no frame per task
 
     def forgive_self_cancel(self) -> None:
         task: Any = asyncio.current_task()
@@ -204,8 +182,11 @@ class TrioBackend:
             finally:
                 await workers.stop()
 
-    def spot(self) -> Spot:
+    def spot(self) -> Any:
         return _Event()
+
+    def wake(self, spot: Any) -> None:
+        spot.wake()
 
     def spawn(self, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         trio = sys.modules["trio"]
@@ -219,8 +200,8 @@ class TrioBackend:
             started()
             return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=unbounded)
 
-    def watch_self_cancel(self) -> Callable[[], bool]:
-        return _never  # trio cancels through scopes only, which the task's code owns
+    def own_task(self) -> Any:
+        return None  # trio cancels through scopes only, which the task's code owns
 
     def forgive_self_cancel(self) -> None:
         pass
@@ -318,10 +299,6 @@ def _trio_limiters() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
         limiters = (anyio.CapacityLimiter(THREADS), anyio.CapacityLimiter(math.inf))
         _limiters.set(limiters)
         return limiters
-
-
-def _never() -> bool:
-    return False
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

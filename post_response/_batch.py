@@ -24,6 +24,7 @@ from ._threads import THREADS
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._backend import Backend
     from ._call import TaskEnvironment
     from ._context import RequestTasks
     from ._dispatch import Dispatchers
@@ -87,7 +88,18 @@ class Batch:
     while it runs, which bounds how many tasks run at once across all requests.
     """
 
-    __slots__ = ("_done", "_tasks", "_why", "limiter", "request", "settings", "skip_reason")
+    backend: Backend  # set by the owner that admits it
+
+    __slots__ = (
+        "_done",
+        "_tasks",
+        "_why",
+        "backend",
+        "limiter",
+        "request",
+        "settings",
+        "skip_reason",
+    )
 
     def __init__(
         self, request: RequestTasks, settings: Settings, skip_reason: str | None = None
@@ -112,7 +124,9 @@ class Batch:
 
     def runnable(self) -> list[TaskHandle]:
         """The pending tasks that the request's outcome lets run."""
-        return [t for t in self._tasks if t.state is _PENDING and self.runs(t)]
+        if self.skip_reason is None:
+            return [t for t in self._tasks if t.state is _PENDING]
+        return [t for t in self._tasks if t.state is _PENDING and t.always]
 
     def runs(self, task: TaskHandle) -> bool:
         """Whether the request's outcome lets `task` run."""
@@ -169,7 +183,10 @@ class Batch:
             if limiter is None:
                 if (task := request.take(close=close)) is None:
                     return
-                await self._one(task)
+                if task.state is _PENDING and self.skip_reason is None:
+                    await self._run(task)  # the usual case, without one more call
+                else:
+                    await self._one(task)
                 continue
             async with limiter:  # taken once a token is held: tasks start in order
                 if (task := request.take(close=close)) is None:
@@ -204,16 +221,19 @@ class Batch:
         timeout = settings.timeout if task.timeout is UNSET else task.timeout
         scope = anyio.CancelScope() if timeout is not None else None
         span: object = None
+        started: Callable[[], None] = task._start
 
-        def started() -> None:
-            nonlocal span
-            task._start()
-            if scope is not None and timeout is not None:
-                scope.deadline = anyio.current_time() + timeout  # counts from the start
-            if spans is not None:
-                span = spans.start(task)
+        if scope is not None or spans is not None:
 
-        backend, environment = _backend.current(), settings.environment
+            def started() -> None:
+                nonlocal span
+                task._start()
+                if scope is not None and timeout is not None:
+                    scope.deadline = anyio.current_time() + timeout  # counts from the start
+                if spans is not None:
+                    span = spans.start(task)
+
+        backend, environment = self.backend, settings.environment
         error: BaseException | None = None
         try:
             if timeout is None or scope is None:

@@ -147,7 +147,7 @@ class _InContext:
         run, backend = self._context.run, self._backend
         inner = run(self._awaitable.__await__)
         send, throw = inner.send, inner.throw
-        asked_itself = backend.watch_self_cancel()
+        me = backend.own_task()
         step, value = send, None
         own = False  # the task asked to cancel itself, and that has not reached it yet
         while True:
@@ -160,7 +160,7 @@ class _InContext:
                     backend.forgive_self_cancel()
                     raise OwnCancellation(exc) from exc
                 raise
-            own = (own and step is send) or asked_itself()
+            own = (own and step is send) or (me is not None and me._must_cancel)
             try:
                 value = yield signal
             except GeneratorExit:

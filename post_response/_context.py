@@ -117,8 +117,11 @@ class RequestTasks:
     def take(self, *, close: bool) -> TaskHandle | None:
         """The next task not yet taken, in the order they were added; or None, and then,
         with `close`, the request is closed in the same step (no add_task() slips between)."""
+        tasks, taken = self.tasks, self.next
+        if taken < len(tasks):  # only the drain takes: no lock needed to move on
+            self.next = taken + 1
+            return tasks[taken]
         with _lock:
-            tasks = self.tasks
             if self.next < len(tasks):
                 self.next += 1
                 return tasks[self.next - 1]

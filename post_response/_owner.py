@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -28,7 +28,7 @@ from ._task import TaskState, note_lost
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-    from ._backend import Spot, Workers
+    from ._backend import Workers
     from ._batch import Batch
 
 __all__ = ["Owner"]
@@ -78,12 +78,13 @@ class Owner:
         self._workers: Workers | None = None
         self._batches: set[Batch] = set()  # accepted and not finished
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
-        self._parked: list[Spot] = []
+        self._parked: list[Any] = []  # where idle workers wait (see Backend.spot)
         self._running = 0  # batches being run by workers
         self._max_running = max_running
         self._max_queued = max_queued
         self._shutdown_timeout = shutdown_timeout
         self._limiter = None if max_running is None else anyio.CapacityLimiter(max_running)
+        self._tokens_lent = False  # some batch holds tokens of the limiter per task
         self._finished: anyio.Event | None = None  # set when a batch ends, if someone waits
         self._stop = anyio.Event()
         self._closed = anyio.Event()
@@ -178,8 +179,10 @@ class Owner:
         A detached batch that runs one task at a time needs no limiter: a worker takes it
         only below `max_running`. The others hold a token of it per running task.
         """
+        batch.backend = self._backend
         if inline or batch.settings.concurrency > 1:
             batch.limiter = self._limiter
+            self._tokens_lent = True
         tasks = batch.runnable()
         dropped = []
         if self._full():
@@ -204,9 +207,14 @@ class Owner:
 
     def _full(self) -> bool:
         """Whether a new task would have to wait for `max_running`: only then is it queued."""
-        limiter = self._limiter
-        return limiter is not None and (
-            self._running >= limiter.total_tokens or limiter.available_tokens < 1
+        limit = self._max_running
+        return limit is not None and (
+            self._running >= limit
+            or (
+                self._tokens_lent
+                and self._limiter is not None
+                and self._limiter.available_tokens < 1
+            )
         )
 
     def _log_drops(self, batch: Batch, names: list[str]) -> None:
@@ -235,7 +243,7 @@ class Owner:
         if self._max_running is not None and self._running >= self._max_running:
             return  # a worker takes the next batch when it is done with its own
         if self._parked:
-            self._parked.pop().wake()
+            self._backend.wake(self._parked.pop())
         else:
             workers.start(self._work)
 

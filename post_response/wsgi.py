@@ -11,7 +11,7 @@ closed the response iterable. By default they then run detached, on an event loo
 daemon thread the middleware starts on first use, so the server's worker thread is free at
 once; `detach=False` runs them inside `close()`. Policy, isolation, logging, limits and
 counters are those of `PostResponseMiddleware`. WSGI has no lifespan: at interpreter exit
-(gunicorn and waitress exit through it on SIGTERM) the middleware waits up to
+(gunicorn exits through it on SIGTERM, waitress on SIGINT only) the middleware waits up to
 `shutdown_timeout` for the tasks, then cancels what is left, logging each task.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["PostResponseWSGIMiddleware"]
 
 logger = logging.getLogger("post_response")
+_GRACE = 5.0  # seconds past shutdown_timeout that the exit may wait for the task loop
 
 
 class PostResponseWSGIMiddleware:
@@ -242,7 +244,7 @@ class _TaskLoop:
         future = asyncio.run_coroutine_threadsafe(self.owner.join(), self.loop)
         try:
             future.result(timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin before Python 3.11
             future.cancel()
             return False
         return True
@@ -254,5 +256,10 @@ class _TaskLoop:
         future = asyncio.run_coroutine_threadsafe(
             self.owner.shutdown(self._shutdown_timeout), self.loop
         )
-        future.result()
-        self._thread.join()
+        limit = None if self._shutdown_timeout is None else self._shutdown_timeout + _GRACE
+        try:
+            future.result(limit)  # bounded: the exit must not hang on us
+        except concurrent.futures.TimeoutError:  # not the builtin before Python 3.11
+            logger.exception("post_response's shutdown did not finish; exiting without it")
+            return
+        self._thread.join(_GRACE)
