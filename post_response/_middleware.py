@@ -65,7 +65,12 @@ class PostResponseMiddleware:
             counted. A warning says when either limit starts to bite.
 
         opentelemetry: Record an OpenTelemetry span per task, a child of the request's
-            span when there is one (default False; needs `post_response[otel]`).
+            span when there is one, and metrics of the tasks (default False; needs
+            `post_response[otel]`).
+        retries: How many times a task that raised is run again, by default (default 0;
+            a task's own `set(retries=...)` wins).
+        backoff: Seconds before a first retry, by default; doubled at each retry, with
+            jitter, at most 60 s (default 0.5; `set(backoff=...)` wins).
 
     Under Django (settings configured), `settings.POST_RESPONSE` may hold the same options
     as a dict; the arguments given here win over it. Sync tasks then run between calls to
@@ -270,6 +275,8 @@ def setup(
         environment=_framework_environment(),
         spans=_task_spans() if config.opentelemetry else None,
         dispatchers=Dispatchers(config.celery_app),
+        retries=config.retries,
+        backoff=config.backoff,
     )
     return config, settings
 

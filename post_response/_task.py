@@ -7,6 +7,7 @@ import enum
 import functools
 import inspect
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, ParamSpec
 
@@ -25,7 +26,10 @@ __all__ = [
     "TaskHandle",
     "TaskState",
     "add_task",
+    "cancel",
+    "check_backoff",
     "check_flag",
+    "check_retries",
     "check_timeout",
     "describe",
 ]
@@ -46,6 +50,7 @@ class TaskState(str, enum.Enum):
     CANCELLED = "cancelled"  # by `TaskHandle.cancel()`, by the server, or at shutdown's deadline
     DROPPED = "dropped"  # not run: `max_queued` tasks were already waiting
     ABANDONED = "abandoned"  # not run to its end: the server shut down, or the process exited
+    SUPERSEDED = "superseded"  # not run: a newer task with the same key replaced it
 
 
 FINAL_STATES = tuple(TaskState)[2:]
@@ -93,17 +98,25 @@ class TaskHandle:
     """
 
     __slots__ = (
+        "_cleared",
         "_name",
         "_queued",
+        "_scheduled",
         "_started",
+        "_tries",
         "always",
         "args",
+        "backoff",
         "context",
+        "delay",
         "dispatch",
         "duration",
         "func",
+        "key",
         "kwargs",
         "request_tasks",
+        "retries",
+        "retry_on",
         "state",
         "timeout",
     )
@@ -130,6 +143,22 @@ class TaskHandle:
         self.dispatch: Callable[[], object] | None = None
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
+        # Scheduling options (see `set()`). `_scheduled` is True once a key or a delay is
+        # set: only then does the runner ask the owner before running the task, so tasks
+        # without them pay one attribute test. Retries are looked at only when a task fails.
+        self.key: str | None = None
+        self.delay: float | None = None
+        self.retries: int | None = None  # None: the middleware's `retries`
+        self.backoff: float | None = None  # None: the middleware's `backoff`
+        self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
+        self._scheduled = False
+        self._cleared = False  # the owner let it run: its delay is over and its key is its own
+        self._tries = 0  # attempts that failed and were retried
+
+    @property
+    def attempt(self) -> int:
+        """The attempt running, or the last one run (1-based); 0 before the first."""
+        return self._tries + (self._started != 0.0)
 
     @property
     def name(self) -> str:
@@ -147,6 +176,11 @@ class TaskHandle:
         name: str | None = None,
         timeout: float | _Unset | None = UNSET,
         always: bool | None = None,
+        key: str | None = None,
+        delay: float | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
     ) -> TaskHandle:
         """Set this task's options; returns the handle, so it chains onto `add_task()`.
 
@@ -154,8 +188,20 @@ class TaskHandle:
             name: The name used in logs and given to the error hook.
             timeout: Seconds the task may run before it is cancelled and reported as
                 timed out; `None` for no limit. Defaults to the middleware's `timeout`.
+                With retries, it applies to each attempt.
             always: Run the task whatever the request's outcome, even when the policy
                 would skip it (the app raised, or answered 5xx).
+            key: Run at most one task with this key at once, per process. In one request
+                the last task added with a key replaces the earlier ones; across requests
+                a new one replaces the one waiting to run. Replaced tasks end `superseded`.
+            delay: Seconds to wait after the response before running the task; with a
+                `key`, a debounce: it runs `delay` seconds after the last one added.
+            retries: How many times to run the task again after it raised (an
+                `Exception` matching `retry_on`). Defaults to the middleware's `retries`.
+            backoff: Seconds before the first retry, doubled at each one (with jitter,
+                at most 60 s). Defaults to the middleware's `backoff`.
+            retry_on: The exception class, or a tuple of them, that is worth a retry
+                (default: every `Exception`).
 
         Raises:
             TaskStartedError: The task has already started (or ended).
@@ -176,15 +222,60 @@ class TaskHandle:
             self.timeout = check_timeout(timeout, "set(timeout=...)")
         if always is not None:
             self.always = check_flag(always, "set(always=...)")
+        if retries is not None or backoff is not None or retry_on is not None:
+            self._set_retries(retries, backoff, retry_on)
+        if delay is not None:
+            self.delay = check_delay(delay, "set(delay=...)")
+            self._scheduled = True
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                msg = f"A task key must be a non-empty string, got {_kind(key)}."
+                raise ConfigurationError(msg)
+            self.key = key
+            self._scheduled = True
+            # In one request the last call wins, at its own place in the order.
+            earlier = self.request_tasks.keep_last(self, key)
+            if earlier is not None and earlier.key == key and earlier.state is _PENDING:
+                earlier._supersede()
         return self
 
+    def _set_retries(
+        self,
+        retries: int | None,
+        backoff: float | None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None,
+    ) -> None:
+        if retries is not None:
+            retries = check_retries(retries, "set(retries=...)")
+            if retries and self.dispatch is not None:
+                msg = (
+                    f"Task {self.name!r} is enqueued to a task queue (Celery), which retries "
+                    "tasks itself; retrying the enqueue too would run it twice. Drop "
+                    "`retries=` and give the Celery task its own, e.g. "
+                    "`@app.task(autoretry_for=(Exception,), max_retries=3)`."
+                )
+                raise ConfigurationError(msg)
+            self.retries = retries
+        if backoff is not None:
+            self.backoff = check_backoff(backoff, "set(backoff=...)")
+        if retry_on is not None:
+            self.retry_on = _check_retry_on(retry_on)
+
     def cancel(self) -> bool:
-        """Cancel the task if it has not started; returns whether it was cancelled."""
+        """Cancel the task if it has not started; returns whether it was cancelled.
+
+        A task waiting for its delay, its key or its next attempt has not started either.
+        """
         if self.state is not _PENDING:
             return False
         self._end(TaskState.CANCELLED)
         self._log(logging.INFO, "cancelled before it ran")
         return True
+
+    def _supersede(self) -> None:
+        """A newer task with this one's key replaced it before it ran."""
+        self._end(TaskState.SUPERSEDED)
+        self._log(logging.INFO, "superseded by a newer task with key %r", self.key)
 
     # State changes, kept here so that the counters always match the states.
 
@@ -200,6 +291,22 @@ class TaskHandle:
         self.state = TaskState.RUNNING
         stats.running += 1
         self._started = time.perf_counter()
+
+    def _unqueue(self) -> None:
+        """Stop counting the task as queued: it waits for its delay or its key, which
+        holds no worker and no `max_running` slot (it is queued again when due)."""
+        if self._queued:
+            self._queued = False
+            self.request_tasks.stats.queued -= 1
+
+    def _pause(self) -> None:
+        """The attempt failed and another follows: the task is pending again."""
+        stats = self.request_tasks.stats
+        stats.running -= 1
+        self.duration = time.perf_counter() - self._started
+        self.state = _PENDING
+        self._started = 0.0
+        self._tries += 1
 
     def _end(self, state: TaskState) -> None:
         stats = self.request_tasks.stats
@@ -296,6 +403,23 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         tasks.dispatchers.route(task)  # raises for a queued task whose arguments cannot travel
     tasks.add(task)
     return task
+
+
+def cancel(key: str) -> int:
+    """Cancel the current request's tasks with `key` that have not started.
+
+    Like Laravel's `forget(name)`: a request that decided against work it scheduled
+    takes it back. Returns how many tasks were cancelled.
+
+    Raises:
+        OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
+    """
+    tasks = _context.current()
+    if tasks is None:
+        if not _context.captures:
+            raise OutsideRequestError(_OUTSIDE_REQUEST.replace("add_task()", "cancel()", 1))
+        tasks = _context.captures[-1].request
+    return sum(task.cancel() for task in tasks.with_key(key))
 
 
 _OUTSIDE_REQUEST = (
@@ -403,3 +527,36 @@ def check_timeout(value: object, where: str) -> float | None:
         msg = f"{where} must be a number of seconds above 0, or None for no limit; got {value!r}."
         raise ConfigurationError(msg)
     return float(value)
+
+
+def check_delay(value: object, where: str) -> float:
+    """Return `value` as a delay in seconds, or raise a `ConfigurationError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        msg = f"{where} must be a number of seconds, 0 or more; got {value!r}."
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+def check_backoff(value: object, where: str) -> float:
+    """Return `value` as seconds before a first retry, or raise a `ConfigurationError`."""
+    return check_delay(value, where)
+
+
+def check_retries(value: object, where: str) -> int:
+    """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        msg = f"{where} must be a whole number of retries, 0 or more; got {value!r}."
+        raise ConfigurationError(msg)
+    return value
+
+
+def _check_retry_on(value: object) -> type[Exception] | tuple[type[Exception], ...]:
+    classes = value if isinstance(value, tuple) else (value,)
+    if not classes or not all(isinstance(c, type) and issubclass(c, Exception) for c in classes):
+        msg = (
+            "set(retry_on=...) must be an exception class, or a tuple of them, deriving "
+            "from `Exception` (cancellation and other `BaseException`s are never retried); "
+            f"got {value!r}."
+        )
+        raise ConfigurationError(msg)
+    return value  # type: ignore[return-value]  # checked above

@@ -1,0 +1,374 @@
+"""Keys, single-flight, delays and retries, in process (tests/test_scheduling_servers.py
+proves them on real servers)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+import post_response
+from post_response import (
+    ConfigurationError,
+    PostResponseMiddleware,
+    TaskHandle,
+    TaskState,
+    add_task,
+)
+from post_response._batch import BACKOFF_CAP, backoff_delay
+from post_response._types import Receive, Scope, Send
+
+from .test_owner import OK, lifespan, request, until
+
+pytestmark = pytest.mark.anyio
+
+Adds = Callable[[], Any]
+
+
+def app_adding(adds: Adds, handles: list[TaskHandle] | None = None) -> Any:
+    """An app whose requests call `adds()` (which adds tasks), then answer 200."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        added = adds()
+        if handles is not None and added is not None:
+            handles.extend(added if isinstance(added, list) else [added])
+        for message in OK:
+            await send(message)
+
+    return app
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "post_response" and r.levelno >= level
+    ]
+
+
+async def test_in_one_request_the_last_task_with_a_key_wins(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """Three tasks with one key in a request: the last one runs, with its arguments, at its
+    place in the order; the others end `superseded`, logged and counted."""
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(log.append, "rebuild 1").set(key="cache"),
+            add_task(log.append, "other"),
+            add_task(log.append, "rebuild 2").set(key="cache"),
+            add_task(log.append, "last"),
+            add_task(log.append, "rebuild 3").set(key="cache"),
+        ]
+
+    caplog.set_level(logging.INFO, logger="post_response")
+    app = PostResponseMiddleware(app_adding(adds, handles), detach=detach)
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert log == ["other", "last", "rebuild 3"]
+    assert [h.state.value for h in handles] == [
+        "superseded",
+        "completed",
+        "superseded",
+        "completed",
+        "completed",
+    ]
+    assert app.stats.snapshot()["superseded"] == 2
+    assert sum("superseded by a newer task with key 'cache'" in m for m in messages(caplog)) == 2
+
+
+async def test_single_flight_across_requests() -> None:
+    """While a rebuild with a key runs, a burst of requests asking for it ends in one more
+    run, with the newest arguments; never two at once."""
+    gate = anyio.Event()
+    runs: list[int] = []
+    running = peak = 0
+
+    async def rebuild(n: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        runs.append(n)
+        if n == 0:
+            await gate.wait()
+        running -= 1
+
+    count = iter(range(1000))
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(rebuild, next(count)).set(key="cache"))
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await until(lambda: runs == [0])
+        for _ in range(200):
+            await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        assert runs == [0]
+        gate.set()
+        await app.join()
+    assert (runs, peak) == ([0, 200], 1)
+    assert app.stats.snapshot()["superseded"] == 199
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_cancel_takes_back_the_requests_tasks_with_a_key() -> None:
+    """`post_response.cancel(key)` cancels the request's pending tasks with that key."""
+    log: list[str] = []
+    counts: list[int] = []
+
+    def adds() -> None:
+        add_task(log.append, "a").set(key="mail")
+        add_task(log.append, "b").set(key="other")
+        counts.append(post_response.cancel("mail"))
+        counts.append(post_response.cancel("nothing"))
+
+    app = PostResponseMiddleware(app_adding(adds))
+    await request(app)
+    await app.join()
+    assert (log, counts) == (["b"], [1, 0])
+
+
+def test_cancel_outside_a_request_names_the_fix() -> None:
+    """`cancel(key)` outside a request raises, as `add_task()` does."""
+    with pytest.raises(post_response.OutsideRequestError, match=r"^cancel\(\) was called"):
+        post_response.cancel("key")
+
+
+async def test_retries_run_a_flaky_task_until_it_completes(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """A task that fails twice then works completes on its third attempt; each failed
+    attempt is logged with its number and the next delay; `on_error` is not called."""
+    attempts: list[int] = []
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    async def flaky() -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 3:
+            raise ConnectionError(f"try {len(attempts)}")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(flaky).set(retries=3, backoff=0.01), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, attempts, errors) == (
+        TaskState.COMPLETED,
+        3,
+        [1, 2, 3],
+        [],
+    )
+    failed = [m for m in messages(caplog, logging.WARNING) if "retrying in" in m]
+    assert len(failed) == 2
+    assert "failed (attempt 1 of 4): ConnectionError: try 1; retrying in 0.0" in failed[0]
+    assert "failed (attempt 2 of 4): ConnectionError: try 2; retrying in 0.0" in failed[1]
+    assert app.stats.snapshot()["completed"] == 1
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_the_last_failed_attempt_fails_the_task_once(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """After its last retry the task is `failed`, logged with its traceback, and `on_error`
+    gets the last exception, once; a middleware default `retries` applies."""
+    errors: list[str] = []
+    handles: list[TaskHandle] = []
+
+    async def broken() -> None:
+        raise ValueError(f"attempt {handles[0].attempt}")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(broken), handles),
+        detach=detach,
+        retries=2,
+        backoff=0,
+        on_error=lambda task, exc: errors.append(str(exc)),
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, errors) == (TaskState.FAILED, 3, ["attempt 3"])
+    [final] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert final.getMessage().endswith("broken' of GET / failed after 3 attempts")
+    assert final.exc_info is not None
+    assert app.stats.snapshot()["failed"] == 1
+
+
+async def test_retry_on_limits_what_is_retried() -> None:
+    """An exception outside `retry_on` fails the task at once; BaseExceptions never retry."""
+    handles: list[TaskHandle] = []
+
+    async def wrong() -> None:
+        raise KeyError("not retried")
+
+    def exits() -> None:
+        raise SystemExit(3)
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(wrong).set(retries=5, backoff=0, retry_on=(ConnectionError, TimeoutError)),
+            add_task(exits).set(retries=5, backoff=0),
+        ]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert [(h.state, h.attempt) for h in handles] == [(TaskState.FAILED, 1)] * 2
+
+
+async def test_the_timeout_applies_per_attempt() -> None:
+    """A task over its timeout on its first attempt and quick on its second completes."""
+    handles: list[TaskHandle] = []
+
+    async def slow_once() -> None:
+        if handles[0].attempt == 1:
+            await anyio.sleep_forever()
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(slow_once).set(timeout=0.05, retries=1, backoff=0), handles)
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert (handles[0].state, handles[0].attempt) == (TaskState.COMPLETED, 2)
+
+
+async def test_a_delay_with_a_key_debounces(detach: bool) -> None:
+    """Tasks with a key and a delay: one run, with the last one's arguments, once the burst
+    is over; the delayed task holds no worker while it waits."""
+    log: list[int] = []
+    count = iter(range(100))
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(log.append, next(count)).set(key="index", delay=0.05)),
+        detach=detach,
+    )
+    with anyio.fail_after(10):
+        for _ in range(5 if detach else 1):
+            await request(app)
+        if detach:
+            await until(lambda: app.stats.queued == 0 and app.stats.snapshot()["superseded"] == 4)
+            assert (app.stats.running, log) == (0, [])
+        await app.join()
+    assert log == ([4] if detach else [0])
+    assert app.stats.snapshot()["superseded"] == (4 if detach else 0)
+
+
+async def test_a_delay_runs_the_task_later() -> None:
+    """A delayed task runs after the tasks of requests that came after it."""
+    log: list[str] = []
+
+    def adds() -> None:
+        add_task(log.append, "delayed").set(delay=0.05)
+        add_task(log.append, "at once")
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        await request(app)
+        await until(lambda: log == ["at once"])
+        await app.join()
+    assert log == ["at once", "delayed"]
+
+
+async def test_shutdown_runs_delayed_tasks_at_once_and_abandons_pending_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At shutdown a delayed task runs at once instead of being lost; a task waiting for
+    its next attempt is abandoned, logged with its attempt count."""
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(log.append, "delayed").set(delay=600),
+            add_task(failing).set(retries=3, backoff=600),
+        ]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: handles[1].attempt == 1 and handles[1].state is TaskState.PENDING)
+    assert log == ["delayed"]
+    assert [h.state for h in handles] == [TaskState.COMPLETED, TaskState.ABANDONED]
+    assert any(
+        "failing' of GET / abandoned: the server shut down while it waited for its next "
+        "attempt, after 1 failed" in m
+        for m in messages(caplog, logging.ERROR)
+    )
+
+
+def test_backoff_doubles_with_jitter_and_a_cap() -> None:
+    """Each retry waits between half and all of `backoff * 2**(n-1)`, at most the cap."""
+    for retry, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (30, BACKOFF_CAP)]:
+        waits = [backoff_delay(0.5, retry) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+    assert backoff_delay(0, 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"key": ""}, "A task key must be a non-empty string"),
+        ({"key": 3}, "A task key must be a non-empty string, got a value of type int"),
+        ({"delay": -1}, r"set\(delay=...\) must be a number of seconds, 0 or more; got -1"),
+        ({"delay": "5"}, r"set\(delay=...\) must be a number of seconds"),
+        ({"retries": 1.5}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"retries": True}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"backoff": float("nan")}, r"set\(backoff=...\) must be a number of seconds"),
+        ({"retry_on": BaseException}, r"set\(retry_on=...\) must be an exception class"),
+        ({"retry_on": (ValueError, 3)}, r"set\(retry_on=...\) must be an exception class"),
+    ],
+)
+async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
+    """Each scheduling option is checked when it is set."""
+    raised: list[BaseException] = []
+
+    async def noop() -> None:
+        pass
+
+    def adds() -> None:
+        try:
+            add_task(noop).set(**options)
+        except ConfigurationError as exc:
+            raised.append(exc)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    await request(app)
+    await app.join()
+    [exc] = raised
+    assert isinstance(exc, ValueError)
+    with pytest.raises(ConfigurationError, match=error):
+        raise exc
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"retries": -1}, r"PostResponseMiddleware\(retries=...\) must be a whole number"),
+        ({"backoff": "1"}, r"PostResponseMiddleware\(backoff=...\) must be a number of seconds"),
+    ],
+)
+def test_invalid_middleware_defaults_name_the_fix(options: dict[str, Any], error: str) -> None:
+    """`retries` and `backoff` as middleware defaults are checked like the other options."""
+    with pytest.raises(ConfigurationError, match=error):
+        PostResponseMiddleware(app_adding(lambda: None), **options)
