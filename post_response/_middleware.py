@@ -87,7 +87,7 @@ class PostResponseMiddleware:
         check_app(app, "PostResponseMiddleware")
         self.app = app
         self.config, self.settings = setup(options)
-        self.stats = Stats()
+        self.stats = new_stats(self.config)
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
@@ -279,6 +279,15 @@ def setup(
         backoff=config.backoff,
     )
     return config, settings
+
+
+def new_stats(config: Config) -> Stats:
+    """The middleware's counters; with `opentelemetry=True`, reported as metrics too."""
+    if not config.opentelemetry:
+        return Stats()
+    from . import _otel  # noqa: PLC0415  (an optional dependency; setup() checked it)
+
+    return Stats(_otel.TaskMetrics())
 
 
 def _with_framework_settings(options: Options) -> dict[str, object]:

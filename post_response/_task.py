@@ -9,7 +9,7 @@ import inspect
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 from . import _context
 from ._errors import ConfigurationError, InvalidTaskError, OutsideRequestError, TaskStartedError
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_STATES",
     "UNSET",
+    "Metrics",
     "Stats",
     "TaskHandle",
     "TaskState",
@@ -56,19 +57,31 @@ class TaskState(str, enum.Enum):
 FINAL_STATES = tuple(TaskState)[2:]
 
 
+class Metrics(Protocol):
+    """Where the counters' changes are also reported (OpenTelemetry's metrics)."""
+
+    def queued(self, change: int) -> None: ...
+
+    def running(self, change: int) -> None: ...
+
+    def ended(self, state: TaskState, duration: float | None) -> None: ...
+
+
 class Stats:
     """Counters of one middleware's tasks, readable at run time: `middleware.stats`.
 
     `queued` and `running` are gauges (tasks waiting to run, tasks running now); each
     final state counts the tasks that ended in it since the middleware was built.
+    With `metrics` (the middleware's `opentelemetry=True`), each change is reported there too.
     """
 
-    __slots__ = ("ended", "queued", "running")
+    __slots__ = ("ended", "metrics", "queued", "running")
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self.queued = 0
         self.running = 0
         self.ended = dict.fromkeys(FINAL_STATES, 0)
+        self.metrics = metrics
 
     def snapshot(self) -> dict[str, int]:
         """All counters now, by name: `{"queued": 0, "running": 1, "completed": 7, ...}`."""
@@ -281,15 +294,22 @@ class TaskHandle:
 
     def _enqueue(self) -> None:
         self._queued = True
-        self.request_tasks.stats.queued += 1
+        stats = self.request_tasks.stats
+        stats.queued += 1
+        if stats.metrics is not None:
+            stats.metrics.queued(1)
 
     def _start(self) -> None:
         stats = self.request_tasks.stats
         if self._queued:
             self._queued = False
             stats.queued -= 1
+            if stats.metrics is not None:
+                stats.metrics.queued(-1)
         self.state = TaskState.RUNNING
         stats.running += 1
+        if stats.metrics is not None:
+            stats.metrics.running(1)
         self._started = time.perf_counter()
 
     def _unqueue(self) -> None:
@@ -297,12 +317,17 @@ class TaskHandle:
         holds no worker and no `max_running` slot (it is queued again when due)."""
         if self._queued:
             self._queued = False
-            self.request_tasks.stats.queued -= 1
+            stats = self.request_tasks.stats
+            stats.queued -= 1
+            if stats.metrics is not None:
+                stats.metrics.queued(-1)
 
     def _pause(self) -> None:
         """The attempt failed and another follows: the task is pending again."""
         stats = self.request_tasks.stats
         stats.running -= 1
+        if stats.metrics is not None:
+            stats.metrics.running(-1)
         self.duration = time.perf_counter() - self._started
         self.state = _PENDING
         self._started = 0.0
@@ -310,14 +335,22 @@ class TaskHandle:
 
     def _end(self, state: TaskState) -> None:
         stats = self.request_tasks.stats
+        metrics, ran = stats.metrics, False
         if self._queued:
             self._queued = False
             stats.queued -= 1
+            if metrics is not None:
+                metrics.queued(-1)
         elif self.state is TaskState.RUNNING:
             stats.running -= 1
             self.duration = time.perf_counter() - self._started
+            ran = True
         self.state = state
         stats.ended[state] += 1
+        if metrics is not None:
+            if ran:
+                metrics.running(-1)
+            metrics.ended(state, self.duration)
 
     def _lose(self, state: TaskState, level: int, what: str, *args: object) -> None:
         """End in `state` a task the runtime could not run to its end: log it, and note it

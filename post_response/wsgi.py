@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _batch, _context, _registry
-from ._middleware import setup
+from ._middleware import new_stats, setup
 from ._options import check_app, skip_reason
 from ._owner import Owner
-from ._task import Stats, TaskState
+from ._task import TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -59,7 +59,7 @@ class PostResponseWSGIMiddleware:
         check_app(app, "PostResponseWSGIMiddleware", wsgi=True)
         self.app = app
         self.config, self.settings = setup(options, "PostResponseWSGIMiddleware")
-        self.stats = Stats()
+        self.stats = new_stats(self.config)
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
 
