@@ -199,8 +199,8 @@ def value(found: dict[tuple[str, str], Any], name: str, outcome: str = "") -> fl
     point = found.get((name, outcome))
     if point is None:
         return 0
-    number: float = getattr(point[1], "value", None) or getattr(point[1], "count", 0)
-    return number
+    data = point[1]
+    return float(data.value if hasattr(data, "value") else data.count)
 
 
 async def test_metrics_count_tasks_by_outcome_and_time_them(reader: InMemoryMetricReader) -> None:
