@@ -4,6 +4,8 @@ proves them on real servers)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,8 @@ from post_response import (
 )
 from post_response._batch import BACKOFF_CAP, backoff_delay
 from post_response._types import Receive, Scope, Send
+from post_response.testing import capture_tasks
+from post_response.wsgi import PostResponseWSGIMiddleware
 
 from .test_owner import OK, lifespan, request, until
 
@@ -372,3 +376,134 @@ def test_invalid_middleware_defaults_name_the_fix(options: dict[str, Any], error
     """`retries` and `backoff` as middleware defaults are checked like the other options."""
     with pytest.raises(ConfigurationError, match=error):
         PostResponseMiddleware(app_adding(lambda: None), **options)
+
+
+def wsgi_request(app: PostResponseWSGIMiddleware) -> None:
+    """One request, served as a WSGI server does (the body read and closed)."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": None}
+    body = app(environ, lambda status, headers, exc_info=None: lambda data: None)
+    for _ in body:
+        pass
+    body.close()  # type: ignore[attr-defined]
+
+
+def wsgi_app(adds: Adds) -> Any:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        adds()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    return app
+
+
+@pytest.mark.parametrize("wsgi_detach", [True, False], ids=["detached", "inline"])
+def test_wsgi_keys_delays_and_retries(wsgi_detach: bool) -> None:
+    """Under WSGI, a key keeps the last call, a delayed task runs, a flaky one is retried."""
+    log: list[str] = []
+    attempts: list[int] = []
+
+    def flaky() -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 3:
+            raise ConnectionError("not yet")
+        log.append("flaky")
+
+    def adds() -> None:
+        add_task(log.append, "old").set(key="k")
+        add_task(log.append, "new").set(key="k", delay=0.05)
+        add_task(flaky).set(retries=2, backoff=0.01)
+
+    app = PostResponseWSGIMiddleware(wsgi_app(adds), detach=wsgi_detach)
+    wsgi_request(app)
+    assert app.join(10)
+    assert sorted(log) == ["flaky", "new"]
+    assert attempts == [1, 2, 3]
+    assert app.stats.snapshot()["superseded"] == 1
+
+
+def test_wsgi_single_flight_across_requests() -> None:
+    """Under WSGI, while a sync rebuild runs, fifty more requests for it end in one more run."""
+    gate = threading.Event()
+    runs: list[int] = []
+    count = iter(range(100))
+
+    def rebuild(n: int) -> None:
+        runs.append(n)
+        if n == 0:
+            gate.wait(10)
+
+    app = PostResponseWSGIMiddleware(
+        wsgi_app(lambda: add_task(rebuild, next(count)).set(key="cache"))
+    )
+    for _ in range(51):
+        wsgi_request(app)
+    deadline = time.monotonic() + 10
+    while app.stats.snapshot()["superseded"] < 49 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runs == [0]
+    gate.set()
+    assert app.join(10)
+    assert runs == [0, 50]
+
+
+async def test_capture_tasks_records_the_options_and_leaves_out_superseded_tasks() -> None:
+    """`capture_tasks()` sees the options on the handles; a replaced task is not captured."""
+
+    async def rebuild(n: int) -> None:
+        pass
+
+    def adds() -> None:
+        add_task(rebuild, 1).set(key="cache")
+        add_task(rebuild, 2).set(key="cache", delay=5, retries=3, backoff=1, retry_on=OSError)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with capture_tasks() as tasks:
+        await request(app)
+    [task] = tasks
+    assert (task.args, task.key, task.delay, task.retries, task.backoff, task.retry_on) == (
+        (2,),
+        "cache",
+        5.0,
+        3,
+        1.0,
+        OSError,
+    )
+    await tasks.arun()  # at once, once: no delay or retries in tests
+    assert task.state is TaskState.COMPLETED
+
+
+def test_celery_tasks_refuse_retries_and_take_a_key_and_a_delay_before_the_enqueue() -> None:
+    """Celery retries its own tasks: `retries=` on one is refused, naming the fix; a key and
+    a delay apply before the enqueue (one enqueue for two requests)."""
+    from celery import Celery
+
+    celery_app = Celery("scheduling", broker="memory://")
+    celery_app.conf.task_always_eager = True  # apply_async runs it here: an enqueue seen
+    sent: list[int] = []
+
+    def send_plain(n: int) -> None:
+        sent.append(n)
+
+    send = celery_app.task(name="tests.scheduling.send")(send_plain)
+
+    refused: list[Exception] = []
+    count = iter(range(10))
+
+    def adds() -> None:
+        n = next(count)
+        handle = add_task(send, -1)
+        try:
+            handle.set(retries=2)
+        except ConfigurationError as exc:
+            refused.append(exc)
+        handle.cancel()
+        add_task(send, n).set(key="send", delay=0.05)
+
+    app = PostResponseWSGIMiddleware(wsgi_app(adds))
+    wsgi_request(app)
+    wsgi_request(app)
+    assert app.join(10)
+    assert len(refused) == 2
+    assert "Celery), which retries tasks itself" in str(refused[0])
+    assert "autoretry_for" in str(refused[0])
+    assert sent == [1]
