@@ -210,7 +210,7 @@ class Batch:
         if task.state is not _PENDING:  # cancelled with its handle
             return
         if self.runs(task):
-            if task._scheduled:  # a key or a delay: rare, so one test for the others
+            if task._plan is not None:  # a key, a delay, retries: one test for the others
                 await self._run_scheduled(task)
             else:
                 await self._run(task)
@@ -220,13 +220,13 @@ class Batch:
 
     async def _run_scheduled(self, task: TaskHandle) -> None:
         """Run a task with a key or a delay: now, if its owner lets it, else later."""
-        owner = self.owner
+        owner, plan = self.owner, task._planned()
         if owner is None:  # run inside the request: wait here
-            if task.delay:
-                await anyio.sleep(task.delay)
+            if plan.delay:
+                await anyio.sleep(plan.delay)
             await self._run(task)
             return
-        if task._cleared:  # the owner's batch for it, which frees its key after it
+        if plan.cleared:  # the owner's batch for it, which frees its key after it
             await self._run(task)
             return
         if owner.hold(task, self):
@@ -234,8 +234,8 @@ class Batch:
         try:
             await self._run(task)
         finally:
-            if task.key is not None and task.state is not _PENDING:  # not waiting for a retry
-                owner.release(task.key)
+            if plan.key is not None and task.state is not _PENDING:  # not waiting for a retry
+                owner.release(plan.key)
 
     async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in order
@@ -307,15 +307,15 @@ class Batch:
     def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
         """Whether `task`, whose attempt just raised `exc`, gets another: then it is pending
         again, held by the owner until its backoff is over (or by this batch, without one)."""
-        retries = task.retries
-        if retries is None:
-            retries = self.settings.retries
-        if not retries or task._tries >= retries or not isinstance(exc, task.retry_on):
+        settings, plan = self.settings, task._plan
+        retries = settings.retries if plan is None or plan.retries is None else plan.retries
+        if not retries or task.dispatch is not None:  # a queue (Celery) retries its own tasks
             return False
-        if task.dispatch is not None:  # a queue (Celery) retries its own tasks
+        plan = task._planned()
+        if plan.tries >= retries or not isinstance(exc, plan.retry_on):
             return False
-        backoff = self.settings.backoff if task.backoff is None else task.backoff
-        wait = backoff_delay(backoff, task._tries + 1)
+        backoff = settings.backoff if plan.backoff is None else plan.backoff
+        wait = backoff_delay(backoff, plan.tries + 1)
         task._log(
             logging.WARNING,
             "failed (attempt %d of %d): %s; retrying in %.2fs",
@@ -361,7 +361,7 @@ class Batch:
         if task.state is _PENDING:  # retried by the owner
             return False
         task._end(TaskState.FAILED)
-        if task._tries:
+        if task._plan is not None and task._plan.tries:
             what += f" after {task.attempt} attempts"
         task._log(logging.ERROR, what, exc_info=exc)
         await self._report(task, exc)
@@ -426,9 +426,10 @@ class HeldBatch(Batch):
             await super().run(cancelled=cancelled, why=why)
         finally:
             task, owner = self._tasks[0], self.owner
+            plan = task._planned()
             ended = task.state is not _PENDING  # not waiting for its next attempt
-            if task.key is not None and task._cleared and ended and owner is not None:
-                owner.release(task.key)
+            if plan.key is not None and plan.cleared and ended and owner is not None:
+                owner.release(plan.key)
 
 
 def _summary(exc: BaseException) -> str:

@@ -378,7 +378,7 @@ class Owner:
 
     def _start(self, held: HeldBatch) -> None:
         task = held.task
-        task._cleared = True
+        task._planned().cleared = True
         self.submit(held)
         if task.state is not _PENDING and task.key is not None:  # dropped, or too late
             self.release(task.key)

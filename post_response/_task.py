@@ -23,6 +23,7 @@ __all__ = [
     "FINAL_STATES",
     "UNSET",
     "Metrics",
+    "Plan",
     "Stats",
     "TaskHandle",
     "TaskState",
@@ -111,25 +112,18 @@ class TaskHandle:
     """
 
     __slots__ = (
-        "_cleared",
         "_name",
+        "_plan",
         "_queued",
-        "_scheduled",
         "_started",
-        "_tries",
         "always",
         "args",
-        "backoff",
         "context",
-        "delay",
         "dispatch",
         "duration",
         "func",
-        "key",
         "kwargs",
         "request_tasks",
-        "retries",
-        "retry_on",
         "state",
         "timeout",
     )
@@ -156,22 +150,46 @@ class TaskHandle:
         self.dispatch: Callable[[], object] | None = None
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
-        # Scheduling options (see `set()`). `_scheduled` is True once a key or a delay is
-        # set: only then does the runner ask the owner before running the task, so tasks
-        # without them pay one attribute test. Retries are looked at only when a task fails.
-        self.key: str | None = None
-        self.delay: float | None = None
-        self.retries: int | None = None  # None: the middleware's `retries`
-        self.backoff: float | None = None  # None: the middleware's `backoff`
-        self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
-        self._scheduled = False
-        self._cleared = False  # the owner let it run: its delay is over and its key is its own
-        self._tries = 0  # attempts that failed and were retried
+        # A key, a delay, retries: None unless one was set (or the task was retried), so
+        # tasks without them cost one attribute here and one test where they run.
+        self._plan: Plan | None = None
+
+    @property
+    def key(self) -> str | None:
+        """The key set with `set(key=...)`, or None."""
+        return (self._plan or _NO_PLAN).key
+
+    @property
+    def delay(self) -> float | None:
+        """The seconds set with `set(delay=...)`, or None."""
+        return (self._plan or _NO_PLAN).delay
+
+    @property
+    def retries(self) -> int | None:
+        """The retries set with `set(retries=...)`; None: the middleware's default."""
+        return (self._plan or _NO_PLAN).retries
+
+    @property
+    def backoff(self) -> float | None:
+        """The seconds set with `set(backoff=...)`; None: the middleware's default."""
+        return (self._plan or _NO_PLAN).backoff
+
+    @property
+    def retry_on(self) -> type[Exception] | tuple[type[Exception], ...]:
+        """What is worth a retry (`set(retry_on=...)`): `Exception` unless set."""
+        return (self._plan or _NO_PLAN).retry_on
 
     @property
     def attempt(self) -> int:
         """The attempt running, or the last one run (1-based); 0 before the first."""
-        return self._tries + (self._started != 0.0)
+        return (self._plan or _NO_PLAN).tries + (self._started != 0.0)
+
+    def _planned(self) -> Plan:
+        """The task's plan, made on first use."""
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = Plan()
+        return plan
 
     @property
     def name(self) -> str:
@@ -238,14 +256,12 @@ class TaskHandle:
         if retries is not None or backoff is not None or retry_on is not None:
             self._set_retries(retries, backoff, retry_on)
         if delay is not None:
-            self.delay = check_delay(delay, "set(delay=...)")
-            self._scheduled = True
+            self._planned().delay = check_delay(delay, "set(delay=...)")
         if key is not None:
             if not isinstance(key, str) or not key:
                 msg = f"A task key must be a non-empty string, got {_kind(key)}."
                 raise ConfigurationError(msg)
-            self.key = key
-            self._scheduled = True
+            self._planned().key = key
             # In one request the last call wins, at its own place in the order.
             earlier = self.request_tasks.keep_last(self, key)
             if earlier is not None and earlier.key == key and earlier.state is _PENDING:
@@ -268,11 +284,11 @@ class TaskHandle:
                     "`@app.task(autoretry_for=(Exception,), max_retries=3)`."
                 )
                 raise ConfigurationError(msg)
-            self.retries = retries
+            self._planned().retries = retries
         if backoff is not None:
-            self.backoff = check_backoff(backoff, "set(backoff=...)")
+            self._planned().backoff = check_backoff(backoff, "set(backoff=...)")
         if retry_on is not None:
-            self.retry_on = _check_retry_on(retry_on)
+            self._planned().retry_on = _check_retry_on(retry_on)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started; returns whether it was cancelled.
@@ -331,7 +347,7 @@ class TaskHandle:
         self.duration = time.perf_counter() - self._started
         self.state = _PENDING
         self._started = 0.0
-        self._tries += 1
+        self._planned().tries += 1
 
     def _end(self, state: TaskState) -> None:
         stats = self.request_tasks.stats
@@ -389,6 +405,24 @@ class TaskHandle:
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name!r} {self.state.value}>"
+
+
+class Plan:
+    """A task's key, delay and retries, and the state they need while it runs."""
+
+    __slots__ = ("backoff", "cleared", "delay", "key", "retries", "retry_on", "tries")
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.delay: float | None = None
+        self.retries: int | None = None  # None: the middleware's `retries`
+        self.backoff: float | None = None  # None: the middleware's `backoff`
+        self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
+        self.tries = 0  # attempts that failed and were retried
+        self.cleared = False  # the owner let it run: its delay is over, its key its own
+
+
+_NO_PLAN = Plan()  # what a task without a plan reads; never changed
 
 
 # The tasks the runtime lost (cancelled, abandoned, dropped), newest last, for the testing
