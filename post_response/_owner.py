@@ -441,7 +441,14 @@ class Owner:
             now = anyio.current_time()
             while timers and timers[0][0] <= now:
                 _, _, held, retry = heapq.heappop(timers)
-                self._due(held, retry=retry)
+                try:
+                    self._due(held, retry=retry)
+                except Exception:  # the timer serves every held task: it must go on
+                    logger.exception(
+                        "post_response failed to start the held tasks of %s", held.label
+                    )
+                    held.abandon(_ABANDONED, "post_response failed to start it (see above)")
+                    self._forget(held)
 
     def _flush(self) -> None:
         """Shutdown: delayed tasks are due now; tasks waiting for a retry are abandoned."""
