@@ -136,6 +136,11 @@ class Batch:
     def label(self) -> str:
         return self.request.label
 
+    @property
+    def origin(self) -> RequestTasks:
+        """The request whose tasks these are."""
+        return self.request
+
     def tasks(self) -> list[TaskHandle]:
         """Every task of the batch so far, in the order they were added."""
         return self._tasks
@@ -420,6 +425,10 @@ class HeldBatch(Batch):
     @property
     def task(self) -> TaskHandle:
         return self._tasks[0]
+
+    @property
+    def origin(self) -> RequestTasks:
+        return self._tasks[0].request_tasks
 
     async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
         try:

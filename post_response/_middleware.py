@@ -195,6 +195,7 @@ class PostResponseMiddleware:
         owner.submit(batch)
         if _registry.held_requests:  # a test asked that the client see the tasks' effects
             await batch.wait()
+            await owner.join_request(tasks)  # and those delayed, or waiting for a key or a retry
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""

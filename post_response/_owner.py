@@ -526,11 +526,19 @@ class Owner:
         """
         caller = _context.current()
         while self._batches and (
-            caller is None or any(batch.request is not caller for batch in self._batches)
+            caller is None or any(batch.origin is not caller for batch in self._batches)
         ):
-            if self._finished is None:
-                self._finished = anyio.Event()
-            await self._finished.wait()
+            await self._one_finished()
+
+    async def join_request(self, request: _context.RequestTasks) -> None:
+        """Wait until no batch of `request`'s tasks is left (its held tasks included)."""
+        while any(batch.origin is request for batch in self._batches):
+            await self._one_finished()
+
+    async def _one_finished(self) -> None:
+        if self._finished is None:
+            self._finished = anyio.Event()
+        await self._finished.wait()
 
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks()]

@@ -234,8 +234,12 @@ class _TaskLoop:
         self.owner.submit(batch)
 
     def wait(self, batch: _batch.Batch) -> None:
-        """Block until every task of `batch` has ended."""
-        asyncio.run_coroutine_threadsafe(batch.wait(), self.loop).result()
+        """Block until every task of `batch` has ended (those it left to the owner too)."""
+        asyncio.run_coroutine_threadsafe(self._wait(batch), self.loop).result()
+
+    async def _wait(self, batch: _batch.Batch) -> None:
+        await batch.wait()
+        await self.owner.join_request(batch.request)
 
     def join(self, timeout: float | None) -> bool:
         """Wait until the owner has no batch left; False if `timeout` passed first."""

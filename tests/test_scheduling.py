@@ -22,7 +22,7 @@ from post_response import (
 )
 from post_response._batch import BACKOFF_CAP, backoff_delay
 from post_response._types import Receive, Scope, Send
-from post_response.testing import capture_tasks
+from post_response.testing import capture_tasks, requests_wait_for_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
 
 from .test_owner import OK, lifespan, request, until
@@ -507,3 +507,46 @@ def test_celery_tasks_refuse_retries_and_take_a_key_and_a_delay_before_the_enque
     assert "Celery), which retries tasks itself" in str(refused[0])
     assert "autoretry_for" in str(refused[0])
     assert sent == [1]
+
+
+async def test_a_task_cancelled_while_it_waits_frees_its_key() -> None:
+    """`cancel(key)` takes back a delayed task of the request; the key is free after it, and
+    the next request's task with the key runs."""
+    log: list[str] = []
+    count = iter(range(10))
+
+    def adds() -> None:
+        n = next(count)
+        add_task(log.append, f"run {n}").set(key="k", delay=0.01)
+        if n == 0:
+            post_response.cancel("k")
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+        await request(app)
+        await app.join()
+    assert log == ["run 1"]
+
+
+async def test_requests_that_wait_for_their_tasks_wait_for_delayed_ones() -> None:
+    """Under `requests_wait_for_tasks()` (the pytest plugin), a request returns once its
+    delayed and retried tasks have ended too."""
+    log: list[str] = []
+    attempts: list[int] = []
+
+    async def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("once")
+        log.append("flaky")
+
+    def adds() -> None:
+        add_task(log.append, "delayed").set(delay=0.02)
+        add_task(flaky).set(retries=1, backoff=0.01)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10), requests_wait_for_tasks():
+        await request(app)
+    assert sorted(log) == ["delayed", "flaky"]
