@@ -14,8 +14,12 @@ import pytest
 
 from .servers import Server, exit_code_after, run
 
-SERVERS = ["uvicorn-h11", "hypercorn-trio"]
+SERVERS = ["uvicorn-h11", "hypercorn-trio", "waitress"]
+APPS = {"waitress": "wsgi_scheduling:app"}  # the others serve scheduling_app:app
 GRACEFUL = {"hypercorn-trio": ["--graceful-timeout", "30"]}
+# waitress installs no SIGTERM handler: Python dies at once, without running atexit, where
+# the WSGI middleware drains; SIGINT (Ctrl+C) makes it exit through atexit.
+STOP = {"waitress": signal.SIGINT}
 
 
 def new_id() -> str:
@@ -24,7 +28,8 @@ def new_id() -> str:
 
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    with run(request.param, "scheduling_app:app", *GRACEFUL.get(request.param, [])) as started:
+    target = APPS.get(request.param, "scheduling_app:app")
+    with run(request.param, target, *GRACEFUL.get(request.param, [])) as started:
         yield started
 
 
@@ -123,19 +128,20 @@ def test_a_task_failing_every_attempt_fails_once_with_its_traceback(server: Serv
 
 @pytest.mark.parametrize("server_name", SERVERS)
 def test_sigterm_runs_delayed_tasks_and_abandons_those_waiting_to_retry(server_name: str) -> None:
-    """SIGTERM while one task waits for its 600 s delay and another for its next attempt:
-    the delayed task runs at once, the other is abandoned with its attempt count, and the
-    process exits by itself well within shutdown_timeout."""
+    """SIGTERM (waitress: SIGINT) while one task waits for its 600 s delay and another for
+    its next attempt: the delayed task runs at once, the other is abandoned with its attempt
+    count, and the process exits by itself well within shutdown_timeout."""
     delayed, flaky = new_id(), new_id()
     graceful = GRACEFUL.get(server_name, [])
     options = {"shutdown_timeout": 30}
-    with run(server_name, "scheduling_app:app", *graceful, middleware=options) as server:
+    target = APPS.get(server_name, "scheduling_app:app")
+    with run(server_name, target, *graceful, middleware=options) as server:
         assert httpx.get(f"{server.url}/delayed?id={delayed}&delay=600").status_code == 200
         url = f"{server.url}/flaky?id={flaky}&fails=99&backoff=600"
         assert httpx.get(url).status_code == 200
         server.control("until", event=f"{flaky}:attempt 1")
         assert events_of(server, f"{delayed}:") == []
-        exit_code_after(server, signal.SIGTERM, limit=20)
+        exit_code_after(server, STOP.get(server_name, signal.SIGTERM), limit=20)
         output = server.output()
     assert f"event: {delayed}:ran" in output, output
     assert (
