@@ -415,6 +415,10 @@ class Owner:
             self._start(held)
 
     def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
+        if self.life is Life.CLOSED:  # no timer will ever serve it
+            self._batches.discard(held)
+            held.abandon(_ABANDONED, "the server had already shut down")
+            return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
         if not self._timing:

@@ -444,7 +444,8 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     context variables as they are now.
 
     Returns:
-        A `TaskHandle`: `.set(name=..., timeout=..., always=...)`, `.cancel()`, `.state`.
+        A `TaskHandle`: `.set(name=..., timeout=..., always=..., key=..., delay=...,
+        retries=...)`, `.cancel()`, `.state`.
 
     Raises:
         InvalidTaskError: `func` is not callable, or is a generator function, whose body
