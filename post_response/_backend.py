@@ -176,7 +176,10 @@ class TrioBackend:
     @contextlib.asynccontextmanager
     async def workers(self) -> AsyncIterator[Workers]:
         async with anyio.create_task_group() as host:
-            workers: _TrioWorkers = await host.start(_TrioWorkers.host)
+            # Shielded: in a run already ending, trio would leave a started child in the
+            # cancelled start-up nursery, and both would wait for each other for ever.
+            with anyio.CancelScope(shield=True):
+                workers: _TrioWorkers = await host.start(_TrioWorkers.host)
             try:
                 yield workers
             finally:

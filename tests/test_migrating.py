@@ -192,3 +192,51 @@ def test_the_readme_migration_examples_pass(example: str, tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
     expected = {"fastapi_tests.py": "4 passed", "django_tests.py": "2 passed"}[example]
     assert expected in done.stdout, done.stdout
+
+
+RUN_ENDS_AT_ONCE = """
+import sys, time, anyio
+from post_response import PostResponseMiddleware, add_task
+
+def sync_task():
+    time.sleep(0.01)
+    print("sync task ran")
+
+async def async_task():
+    await anyio.sleep(0.01)
+    print("async task ran")
+
+async def app(scope, receive, send):
+    add_task(sync_task)
+    add_task(async_task)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+async def receive():
+    return {"type": "http.request", "body": b""}
+
+async def send(message):
+    pass
+
+async def main():
+    middleware = PostResponseMiddleware(app)
+    await middleware({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+
+anyio.run(main, backend=sys.argv[1])
+print("run over")
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_that_ends_right_after_the_request_runs_its_tasks_first(backend: Backend) -> None:
+    """`anyio.run()` returning at once after a request (no lifespan, nothing joined): the
+    tasks run before the run is over, and the run does end (on trio it once hung)."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_ENDS_AT_ONCE, backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["sync task ran", "async task ran", "run over"]
