@@ -210,7 +210,7 @@ class Batch:
             if limiter is None:
                 if (task := request.take(close=close)) is None:
                     return
-                if task.state is _PENDING and self.skip_reason is None:
+                if task.state is _PENDING and self.skip_reason is None and task._plan is None:
                     await self._run(task)  # the usual case, without one more call
                 else:
                     await self._one(task)
