@@ -15,7 +15,7 @@ from ._errors import (
     TaskStartedError,
 )
 from ._middleware import PostResponseMiddleware
-from ._task import TaskHandle, TaskState, add_task
+from ._task import TaskHandle, TaskState, add_task, cancel
 
 __version__ = "0.1.0.dev0"
 
@@ -31,4 +31,5 @@ __all__ = [
     "TaskStartedError",
     "TaskState",
     "add_task",
+    "cancel",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,9 +30,10 @@ if TYPE_CHECKING:
     from ._context import RequestTasks
     from ._dispatch import Dispatchers
     from ._options import ErrorHook
+    from ._owner import Owner
     from ._task import TaskHandle
 
-__all__ = ["Batch", "Settings", "TaskSpans", "finished"]
+__all__ = ["BACKOFF_CAP", "Batch", "Settings", "TaskSpans", "backoff_delay", "finished"]
 
 logger = logging.getLogger("post_response")
 
@@ -62,6 +64,19 @@ class Settings:
     environment: TaskEnvironment | None = None
     spans: TaskSpans | None = None
     dispatchers: Dispatchers | None = None
+    retries: int = 0
+    backoff: float = 0.5
+
+
+BACKOFF_CAP = 60.0  # seconds: the longest wait between two attempts
+
+
+def backoff_delay(backoff: float, retry: int) -> float:
+    """Seconds before retry number `retry` (1-based): `backoff` doubled at each retry, at
+    most `BACKOFF_CAP`, less a random part of up to half (so that the retries of many
+    tasks that failed together do not come back together)."""
+    ceiling = min(backoff * 2.0 ** min(retry - 1, 64), BACKOFF_CAP)
+    return ceiling * (0.5 + random.random() / 2)  # noqa: S311  (jitter, not a secret)
 
 
 def finished(request: RequestTasks, settings: Settings, skip_reason: str | None) -> Batch | None:
@@ -85,7 +100,10 @@ class Batch:
 
     With `skip_reason`, the tasks not marked `always` are skipped and logged instead of
     run. The owner that runs it sets `limiter`: each task then holds one of its tokens
-    while it runs, which bounds how many tasks run at once across all requests.
+    while it runs, which bounds how many tasks run at once across all requests. An owner
+    that runs it detached also sets `owner`: a task with a delay, a busy key or a retry to
+    wait for is then handed to it instead of waited for here. Without one (`detach=False`)
+    delays and backoffs are slept here, and keys act within the request only.
     """
 
     backend: Backend  # set by the owner that admits it
@@ -93,9 +111,11 @@ class Batch:
     __slots__ = (
         "_done",
         "_tasks",
+        "_waits",
         "_why",
         "backend",
         "limiter",
+        "owner",
         "request",
         "settings",
         "skip_reason",
@@ -110,6 +130,8 @@ class Batch:
         self.settings = settings
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None
+        self.owner: Owner | None = None
+        self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
         self._why: Callable[[], str] = _no_reason
         self._done: anyio.Event | None = None  # for those who wait for its end
         _registry.add(self)
@@ -117,6 +139,11 @@ class Batch:
     @property
     def label(self) -> str:
         return self.request.label
+
+    @property
+    def origin(self) -> RequestTasks:
+        """The request whose tasks these are."""
+        return self.request
 
     def tasks(self) -> list[TaskHandle]:
         """Every task of the batch so far, in the order they were added."""
@@ -183,7 +210,7 @@ class Batch:
             if limiter is None:
                 if (task := request.take(close=close)) is None:
                     return
-                if task.state is _PENDING and self.skip_reason is None:
+                if task.state is _PENDING and self.skip_reason is None and task._plan is None:
                     await self._run(task)  # the usual case, without one more call
                 else:
                     await self._one(task)
@@ -197,10 +224,32 @@ class Batch:
         if task.state is not _PENDING:  # cancelled with its handle
             return
         if self.runs(task):
-            await self._run(task)
+            if task._plan is not None:  # a key, a delay, retries: one test for the others
+                await self._run_scheduled(task)
+            else:
+                await self._run(task)
         else:
             task._end(TaskState.SKIPPED)
             task._log(logging.WARNING, "skipped: %s", self.skip_reason)
+
+    async def _run_scheduled(self, task: TaskHandle) -> None:
+        """Run a task with a key or a delay: now, if its owner lets it, else later."""
+        owner, plan = self.owner, task._planned()
+        if owner is None:  # run inside the request: wait here
+            if plan.delay:
+                await anyio.sleep(plan.delay)
+            await self._run(task)
+            return
+        if plan.cleared:  # the owner's batch for it, which frees its key after it
+            await self._run(task)
+            return
+        if owner.hold(task, self):
+            return  # the owner runs it once its delay is over and its key is free
+        try:
+            await self._run(task)
+        finally:
+            if plan.key is not None and task.state is not _PENDING:  # not waiting for a retry
+                owner.release(plan.key)
 
     async def _work_concurrently(self) -> None:
         # Each worker takes the next task as soon as it is free, so tasks start in order
@@ -235,6 +284,7 @@ class Batch:
 
         backend, environment = self.backend, settings.environment
         error: BaseException | None = None
+        again = False  # the attempt failed and is retried here (no owner), after a backoff
         try:
             if timeout is None or scope is None:
                 await call(task, environment, backend, started)
@@ -243,7 +293,7 @@ class Batch:
                     await call(task, environment, backend, started)
                 if scope.cancelled_caught:
                     error = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
-                    await self._timed_out(task, timeout, error)
+                    again = await self._timed_out(task, timeout, error)
                     return
         except OwnCancellation as own:
             error = own.error
@@ -254,13 +304,52 @@ class Batch:
             raise
         except BaseException as exc:
             error = exc
-            await self._fail(task, exc, "failed")
+            again = await self._fail(task, exc, "failed")
         else:
             task._end(TaskState.COMPLETED)
             task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
         finally:
             if spans is not None and span is not None:
                 spans.end(span, task, error)
+            if again:
+                await self._again(task)
+
+    async def _again(self, task: TaskHandle) -> None:
+        """Run a task whose attempt failed once more, after its backoff, here."""
+        waits = self._waits
+        if waits is not None:
+            await anyio.sleep(waits.pop(task, 0.0))
+        await self._run(task)
+
+    def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
+        """Whether `task`, whose attempt just raised `exc`, gets another: then it is pending
+        again, held by the owner until its backoff is over (or by this batch, without one)."""
+        settings, plan = self.settings, task._plan
+        retries = settings.retries if plan is None or plan.retries is None else plan.retries
+        if not retries or task.dispatch is not None:  # a queue (Celery) retries its own tasks
+            return False
+        plan = task._planned()
+        if plan.tries >= retries or not isinstance(exc, plan.retry_on):
+            return False
+        backoff = settings.backoff if plan.backoff is None else plan.backoff
+        wait = backoff_delay(backoff, plan.tries + 1)
+        task._log(
+            logging.WARNING,
+            "failed (attempt %d of %d): %s; retrying in %.2fs",
+            task.attempt,
+            retries + 1,
+            _summary(exc),
+            wait,
+        )
+        task._pause()
+        owner = self.owner
+        if owner is not None:
+            owner.retry_later(task, wait, self)
+            return False
+        if self._waits is None:
+            self._waits = {}
+        self._waits[task] = wait
+        return True
 
     def _interrupted(self, task: TaskHandle) -> None:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
@@ -280,20 +369,33 @@ class Batch:
                 _ABANDONED, logging.ERROR, "abandoned while running: %s; %s", why, _THREAD_RUNS_ON
             )
 
-    async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> None:
+    async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> bool:
+        """End `task` failed, unless it is retried; True when it is retried here."""
         if task.state is _PENDING:  # failed before it started (a thread could not be had)
             task._start()
+        if self._retry(task, exc):
+            return True
+        if task.state is _PENDING:  # retried by the owner
+            return False
         task._end(TaskState.FAILED)
+        if task._plan is not None and task._plan.tries:
+            what += f" after {task.attempt} attempts"
         task._log(logging.ERROR, what, exc_info=exc)
         await self._report(task, exc)
+        return False
 
-    async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> None:
+    async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> bool:
+        if self._retry(task, error):
+            return True
+        if task.state is _PENDING:  # retried by the owner
+            return False
         task._end(TaskState.TIMED_OUT)
         if is_async(task.func) and task.dispatch is None:
             task._log(logging.ERROR, "timed out after %gs and was cancelled", seconds)
         else:
             task._log(logging.ERROR, "timed out after %gs; %s", seconds, _THREAD_RUNS_ON)
         await self._report(task, error)
+        return False
 
     async def _report(self, task: TaskHandle, exc: BaseException) -> None:
         """Hand a failure to the `on_error` hook; a failing hook is logged, never raised."""
@@ -313,3 +415,46 @@ class Batch:
                 self.label,
                 extra=task._fields(),
             )
+
+
+class HeldBatch(Batch):
+    """One task the owner held back (for its delay, its key or its next attempt), as a
+    batch of its own, run once the owner lets it; its end frees the task's key."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, task: TaskHandle, settings: Settings, owner: Owner) -> HeldBatch:
+        origin = task.request_tasks  # logs and counters stay those of the task's request
+        request = _context.RequestTasks(
+            1, origin.method, origin.path, origin.stats, origin.dispatchers
+        )
+        request.tasks.append(task)
+        batch = cls(request, settings)
+        batch.owner = owner
+        return batch
+
+    @property
+    def task(self) -> TaskHandle:
+        return self._tasks[0]
+
+    @property
+    def origin(self) -> RequestTasks:
+        return self._tasks[0].request_tasks
+
+    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
+        try:
+            await super().run(cancelled=cancelled, why=why)
+        finally:
+            task, owner = self._tasks[0], self.owner
+            plan = task._planned()
+            ended = task.state is not _PENDING  # not waiting for its next attempt
+            if plan.key is not None and plan.cleared and ended and owner is not None:
+                owner.release(plan.key)
+
+
+def _summary(exc: BaseException) -> str:
+    """`ValueError: message`, for a line that says an attempt failed (the traceback comes
+    with the last attempt's failure)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -65,7 +65,17 @@ class RequestTasks:
     fields; `label` is their escaped form for messages.
     """
 
-    __slots__ = ("dispatchers", "limit", "method", "next", "path", "phase", "stats", "tasks")
+    __slots__ = (
+        "dispatchers",
+        "keyed",
+        "limit",
+        "method",
+        "next",
+        "path",
+        "phase",
+        "stats",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -83,6 +93,7 @@ class RequestTasks:
         self.path = path
         self.stats = stats
         self.dispatchers = dispatchers  # how tasks are handed to a queue (post_response.celery)
+        self.keyed: dict[str, TaskHandle] | None = None  # the last task given each key
 
     @property
     def label(self) -> str:
@@ -109,6 +120,21 @@ class RequestTasks:
                 )
                 raise TaskLimitError(msg)
             self.tasks.append(task)
+
+    def keep_last(self, task: TaskHandle, key: str) -> TaskHandle | None:
+        """Note `task` as the request's last task with `key`; return the one before it."""
+        with _lock:
+            keyed = self.keyed
+            if keyed is None:
+                keyed = self.keyed = {}
+            earlier = keyed.get(key)
+            keyed[key] = task
+        return None if earlier is task else earlier
+
+    def with_key(self, key: str) -> list[TaskHandle]:
+        """The request's tasks with `key`, in order."""
+        with _lock:
+            return [task for task in self.tasks if task.key == key]
 
     def drain(self) -> None:
         """The response is over: tasks added from now on join the running drain."""
@@ -151,6 +177,7 @@ class RequestTasks:
         self.phase = Phase.CLOSED
         self.tasks = []
         self.next = 0
+        self.keyed = None
 
 
 _current: ContextVar[RequestTasks | None] = ContextVar("post_response.tasks", default=None)

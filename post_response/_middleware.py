@@ -65,7 +65,12 @@ class PostResponseMiddleware:
             counted. A warning says when either limit starts to bite.
 
         opentelemetry: Record an OpenTelemetry span per task, a child of the request's
-            span when there is one (default False; needs `post_response[otel]`).
+            span when there is one, and metrics of the tasks (default False; needs
+            `post_response[otel]`).
+        retries: How many times a task that raised is run again, by default (default 0;
+            a task's own `set(retries=...)` wins).
+        backoff: Seconds before a first retry, by default; doubled at each retry, with
+            jitter, at most 60 s (default 0.5; `set(backoff=...)` wins).
 
     Under Django (settings configured), `settings.POST_RESPONSE` may hold the same options
     as a dict; the arguments given here win over it. Sync tasks then run between calls to
@@ -82,7 +87,7 @@ class PostResponseMiddleware:
         check_app(app, "PostResponseMiddleware")
         self.app = app
         self.config, self.settings = setup(options)
-        self.stats = Stats()
+        self.stats = new_stats(self.config)
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
@@ -190,6 +195,7 @@ class PostResponseMiddleware:
         owner.submit(batch)
         if _registry.held_requests:  # a test asked that the client see the tasks' effects
             await batch.wait()
+            await owner.join_request(tasks)  # and those delayed, or waiting for a key or a retry
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
@@ -270,8 +276,19 @@ def setup(
         environment=_framework_environment(),
         spans=_task_spans() if config.opentelemetry else None,
         dispatchers=Dispatchers(config.celery_app),
+        retries=config.retries,
+        backoff=config.backoff,
     )
     return config, settings
+
+
+def new_stats(config: Config) -> Stats:
+    """The middleware's counters; with `opentelemetry=True`, reported as metrics too."""
+    if not config.opentelemetry:
+        return Stats()
+    from . import _otel  # noqa: PLC0415  (an optional dependency; setup() checked it)
+
+    return Stats(_otel.TaskMetrics())
 
 
 def _with_framework_settings(options: Options) -> dict[str, object]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 
 from ._call import is_async
 from ._errors import ConfigurationError
-from ._task import check_flag, check_timeout, describe
+from ._task import check_backoff, check_flag, check_retries, check_timeout, describe
 
 if TYPE_CHECKING:
     from ._task import TaskHandle
@@ -46,6 +46,8 @@ class Options(TypedDict, total=False):
     max_queued: int | None
     opentelemetry: bool
     celery_app: object
+    retries: int
+    backoff: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Config:
     max_queued: int | None = 10_000
     opentelemetry: bool = False
     celery_app: object = None
+    retries: int = 0  # a task's default: `set(retries=...)`
+    backoff: float = 0.5  # seconds before a first retry: `set(backoff=...)`
 
 
 DEFAULTS = Config()
@@ -103,6 +107,10 @@ def configure(options: Mapping[str, object], source: str = "PostResponseMiddlewa
     for name in ("timeout", "shutdown_timeout"):
         if name in given:
             given[name] = check_timeout(given[name], option(name))
+    if "retries" in given:
+        given["retries"] = check_retries(given["retries"], option("retries"))
+    if "backoff" in given:
+        given["backoff"] = check_backoff(given["backoff"], option("backoff"))
     _check_celery_app(given.get("celery_app"), option("celery_app"))
     _check_hook(given.get("on_error"), option("on_error"))
     return Config(**given)  # type: ignore[arg-type]  # each value was checked above

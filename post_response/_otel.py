@@ -1,4 +1,5 @@
-"""OpenTelemetry: a span per task, a child of the request's span when there is one.
+"""OpenTelemetry: a span per task, a child of the request's span when there is one, and
+metrics: tasks by final state, tasks queued and running, and how long tasks ran.
 
 Imported by the middleware only with `opentelemetry=True` (the `post_response[otel]` extra).
 """
@@ -7,15 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from opentelemetry import context, trace
+from opentelemetry import context, metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import __version__
+from ._task import FINAL_STATES, TaskState
 
 if TYPE_CHECKING:
     from ._task import TaskHandle
 
-__all__ = ["TaskSpans"]
+__all__ = ["TaskMetrics", "TaskSpans"]
+
+OUTCOME = "post_response.task.outcome"
 
 
 class TaskSpans:
@@ -45,8 +49,47 @@ class TaskSpans:
     def end(self, span: object, task: TaskHandle, error: BaseException | None) -> None:
         if not isinstance(span, Span):
             return
-        span.set_attribute("post_response.task.outcome", task.state.value)
+        # A failed attempt that is retried leaves the task pending: its span says so.
+        outcome = "retried" if task.state is TaskState.PENDING else task.state.value
+        span.set_attribute(OUTCOME, outcome)
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.end()
+
+
+class TaskMetrics:
+    """The middleware's counters as OpenTelemetry instruments, named by its conventions:
+    `post_response.tasks` (tasks that ended, by `post_response.task.outcome`),
+    `post_response.tasks.queued` and `post_response.tasks.running` (up-down counters),
+    and `post_response.task.duration` (a histogram, in seconds, of tasks that ran)."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("post_response", __version__)
+        self._ended = meter.create_counter(
+            "post_response.tasks", unit="{task}", description="Tasks that ended, by outcome."
+        )
+        self._queued = meter.create_up_down_counter(
+            "post_response.tasks.queued",
+            unit="{task}",
+            description="Tasks waiting for a worker, a thread or a max_running slot.",
+        )
+        self._running = meter.create_up_down_counter(
+            "post_response.tasks.running", unit="{task}", description="Tasks running now."
+        )
+        self._duration = meter.create_histogram(
+            "post_response.task.duration", unit="s", description="How long tasks ran."
+        )
+        self._outcomes = {state: {OUTCOME: state.value} for state in FINAL_STATES}
+
+    def queued(self, change: int) -> None:
+        self._queued.add(change)
+
+    def running(self, change: int) -> None:
+        self._running.add(change)
+
+    def ended(self, state: TaskState, duration: float | None) -> None:
+        attributes = self._outcomes[state]
+        self._ended.add(1, attributes)
+        if duration is not None:
+            self._duration.record(duration, attributes)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import collections
 import enum
+import heapq
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import _backend, _context
+from ._batch import HeldBatch
 from ._pressure import pressure
 from ._task import TaskState, note_lost
 
@@ -30,12 +33,13 @@ if TYPE_CHECKING:
 
     from ._backend import Workers
     from ._batch import Batch
+    from ._task import TaskHandle
 
 __all__ = ["Owner"]
 
 logger = logging.getLogger("post_response")
 
-_ABANDONED, _DROPPED = TaskState.ABANDONED, TaskState.DROPPED
+_ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskState.PENDING
 _SHUT_DOWN = "the server shut down"
 
 
@@ -48,6 +52,18 @@ class Life(enum.Enum):
     SERVING = "serving"
     STOPPING = "stopping"  # shutting down: no new worker, what runs is being cancelled
     CLOSED = "closed"  # every batch ended; later ones are abandoned at once
+
+
+class _Key:
+    """Who has a key: `busy` while a task with it runs (or waits for its next attempt);
+    `next` is the one task with it waiting to run, `due` once its delay is over."""
+
+    __slots__ = ("busy", "due", "next")
+
+    def __init__(self, *, busy: bool) -> None:
+        self.busy = busy
+        self.next: HeldBatch | None = None
+        self.due = False
 
 
 class Owner:
@@ -63,6 +79,12 @@ class Owner:
 
     A worker survives whatever a batch raises except the owner's own cancellation, so no
     task can stop the batches of other requests.
+
+    Tasks that must wait (a delay, a key another task holds, a backoff before the next
+    attempt) are held here as batches of their own that hold no worker, thread or
+    `max_running` slot: one timer task per owner serves a heap of due times, and a dict
+    keeps, per key, whether a task with it runs and the one task waiting for it. At
+    shutdown, delays end at once and a task waiting for its next attempt is abandoned.
     """
 
     SPARE_WORKERS = 64
@@ -89,6 +111,12 @@ class Owner:
         self._stop = anyio.Event()
         self._closed = anyio.Event()
         self._why = _SHUT_DOWN  # why what is left is cancelled, for the logs
+        self._keys: dict[str, _Key] = {}
+        self._timers: list[tuple[float, int, HeldBatch, bool]] = []  # (due, n, batch, retry)
+        self._order = itertools.count()  # ties on the heap go first come, first served
+        self._tick: anyio.Event | None = None  # set to wake the timer
+        self._timing = False  # the timer task was started
+        self._flushing = False  # shutting down: delays are over, backoffs abandoned
 
     @classmethod
     def spawn(
@@ -111,6 +139,8 @@ class Owner:
                 self.life = Life.SERVING
                 for _ in range(len(self._waiting)):  # submitted before it served
                     self._wake()
+                if self._timers:
+                    self._start_timer()
                 task_status.started()
                 try:
                     await self._stop.wait()
@@ -127,6 +157,7 @@ class Owner:
                 batch = self._waiting.popleft()
                 self._batches.discard(batch)
                 batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+            self._abandon_held()
             self._closed.set()
 
     async def _finish_before_the_loop_closes(self) -> None:
@@ -183,6 +214,8 @@ class Owner:
         if inline or batch.settings.concurrency > 1:
             batch.limiter = self._limiter
             self._tokens_lent = True
+        if not inline:
+            batch.owner = self  # it hands the tasks that must wait back to this owner
         tasks = batch.runnable()
         dropped = []
         if self._full():
@@ -279,6 +312,189 @@ class Owner:
                 self._finished.set()
                 self._finished = None
 
+    # Tasks that wait: for a delay, for their key, for their next attempt.
+
+    def hold(self, task: TaskHandle, batch: Batch) -> bool:
+        """Take `task` (with a key or a delay, its turn come in `batch`) to run later, or
+        return False to let `batch` run it now, with its key marked busy."""
+        key = task.key
+        if task.delay and not self._flushing:
+            held = self._held(task, batch)
+            if key is not None:
+                self._wait_for_key(key, held, due=False)
+            self._at(anyio.current_time() + task.delay, held, retry=False)
+            return True
+        if key is None:
+            return False
+        state = self._keys.get(key)
+        if state is None:
+            self._keys[key] = _Key(busy=True)
+            return False
+        if not state.busy:  # only a delayed task waits: the newer one replaces it, and runs
+            self._supersede(state)
+            state.busy = True
+            return False
+        self._wait_for_key(key, self._held(task, batch), due=True)
+        return True
+
+    def release(self, key: str) -> None:
+        """The task that had `key` ended: start the one waiting for it, if it is due."""
+        state = self._keys.get(key)
+        if state is None:
+            return
+        held = state.next
+        if held is not None and held.task.state is not _PENDING:  # cancelled meanwhile
+            self._forget(held)
+            state.next = held = None
+        if held is None:
+            del self._keys[key]
+        elif not state.due:
+            state.busy = False  # its task waits for its delay
+        else:
+            state.next, state.due = None, False
+            self._start(held)
+
+    def retry_later(self, task: TaskHandle, seconds: float, batch: Batch) -> None:
+        """Run `task` again in `seconds`; it keeps its key meanwhile."""
+        held = self._held(task, batch)
+        if self._flushing:
+            self._abandon_retry(held)
+        else:
+            self._at(anyio.current_time() + seconds, held, retry=True)
+
+    def _held(self, task: TaskHandle, batch: Batch) -> HeldBatch:
+        task._unqueue()
+        held = HeldBatch.of(task, batch.settings, self)
+        self._batches.add(held)  # joined and drained like any batch
+        return held
+
+    def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key(busy=False)
+        self._supersede(state)
+        state.next, state.due = held, due
+
+    def _supersede(self, state: _Key) -> None:
+        """A newer task with the key replaces the one waiting for it."""
+        held = state.next
+        if held is not None:
+            state.next = None
+            if held.task.state is _PENDING:
+                held.task._supersede()
+            self._forget(held)
+
+    def _start(self, held: HeldBatch) -> None:
+        task = held.task
+        task._planned().cleared = True
+        self.submit(held)
+        if task.state is not _PENDING and task.key is not None:  # dropped, or too late
+            self.release(task.key)
+
+    def _forget(self, batch: Batch) -> None:
+        """A held batch whose task will not run (it ended while it waited)."""
+        batch.close()
+        self._batches.discard(batch)
+        if self._finished is not None:
+            self._finished.set()
+            self._finished = None
+
+    def _due(self, held: HeldBatch, *, retry: bool) -> None:
+        """`held`'s delay or backoff is over."""
+        task = held.task
+        key = task.key
+        if task.state is not _PENDING:  # cancelled or superseded while it waited
+            self._forget(held)
+            if key is not None and retry:
+                self.release(key)  # it kept its key through the backoff
+            elif key is not None and (state := self._keys.get(key)) and state.next is held:
+                state.next = None
+                if not state.busy:
+                    del self._keys[key]
+            return
+        if retry or key is None:
+            self._start(held)
+            return
+        state = self._keys[key]
+        if state.busy:
+            state.due = True  # runs when the task with its key ends
+        else:
+            state.next, state.busy = None, True
+            self._start(held)
+
+    def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
+        if self.life is Life.CLOSED:  # no timer will ever serve it
+            self._batches.discard(held)
+            held.abandon(_ABANDONED, "the server had already shut down")
+            return
+        timers = self._timers
+        heapq.heappush(timers, (due, next(self._order), held, retry))
+        if not self._timing:
+            self._start_timer()
+        elif timers[0][2] is held and self._tick is not None:
+            self._tick.set()  # the timer sleeps until a later time
+
+    def _start_timer(self) -> None:
+        workers = self._workers
+        if workers is not None and self.life is Life.SERVING:
+            self._timing = True
+            workers.start(self._time)
+
+    async def _time(self) -> None:
+        """The timer: start each held batch when its time has come."""
+        timers = self._timers
+        while True:
+            tick = self._tick = anyio.Event()
+            if not timers:
+                await tick.wait()
+            else:
+                with anyio.move_on_after(timers[0][0] - anyio.current_time()):
+                    await tick.wait()
+            now = anyio.current_time()
+            while timers and timers[0][0] <= now:
+                _, _, held, retry = heapq.heappop(timers)
+                try:
+                    self._due(held, retry=retry)
+                except Exception:  # the timer serves every held task: it must go on
+                    logger.exception(
+                        "post_response failed to start the held tasks of %s", held.label
+                    )
+                    held.abandon(_ABANDONED, "post_response failed to start it (see above)")
+                    self._forget(held)
+
+    def _flush(self) -> None:
+        """Shutdown: delayed tasks are due now; tasks waiting for a retry are abandoned."""
+        self._flushing = True
+        timers, self._timers = sorted(self._timers), []
+        for _, _, held, retry in timers:
+            if retry:
+                self._abandon_retry(held)
+            else:
+                self._due(held, retry=False)
+
+    def _abandon_retry(self, held: HeldBatch) -> None:
+        task = held.task
+        if task.state is _PENDING:
+            task._lose(
+                _ABANDONED,
+                logging.ERROR,
+                "abandoned: %s while it waited for its next attempt, after %d failed",
+                self._cause(),
+                task.attempt,
+            )
+        self._forget(held)
+        if task.key is not None:
+            self.release(task.key)
+
+    def _abandon_held(self) -> None:
+        """The owner closed: the held tasks that never got to run are abandoned."""
+        held = [batch for _, _, batch, _ in self._timers]
+        held += [state.next for state in self._keys.values() if state.next is not None]
+        self._timers, self._keys = [], {}
+        for batch in held:
+            self._batches.discard(batch)
+            batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+
     async def shutdown(self, deadline: float | None) -> None:
         """Wait for every batch at most `deadline` seconds (None: no limit); cancel the rest.
 
@@ -290,6 +506,7 @@ class Owner:
 
     async def _drain(self, deadline: float | None) -> None:
         """Wait for every batch at most `deadline` seconds, saying what is waited for."""
+        self._flush()
         if not self._batches:
             return
         running, waiting = self._count()
@@ -321,11 +538,19 @@ class Owner:
         """
         caller = _context.current()
         while self._batches and (
-            caller is None or any(batch.request is not caller for batch in self._batches)
+            caller is None or any(batch.origin is not caller for batch in self._batches)
         ):
-            if self._finished is None:
-                self._finished = anyio.Event()
-            await self._finished.wait()
+            await self._one_finished()
+
+    async def join_request(self, request: _context.RequestTasks) -> None:
+        """Wait until no batch of `request`'s tasks is left (its held tasks included)."""
+        while any(batch.origin is request for batch in self._batches):
+            await self._one_finished()
+
+    async def _one_finished(self) -> None:
+        if self._finished is None:
+            self._finished = anyio.Event()
+        await self._finished.wait()
 
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks()]

@@ -7,8 +7,9 @@ import enum
 import functools
 import inspect
 import logging
+import math
 import time
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 from . import _context
 from ._errors import ConfigurationError, InvalidTaskError, OutsideRequestError, TaskStartedError
@@ -21,11 +22,16 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_STATES",
     "UNSET",
+    "Metrics",
+    "Plan",
     "Stats",
     "TaskHandle",
     "TaskState",
     "add_task",
+    "cancel",
+    "check_backoff",
     "check_flag",
+    "check_retries",
     "check_timeout",
     "describe",
 ]
@@ -46,9 +52,20 @@ class TaskState(str, enum.Enum):
     CANCELLED = "cancelled"  # by `TaskHandle.cancel()`, by the server, or at shutdown's deadline
     DROPPED = "dropped"  # not run: `max_queued` tasks were already waiting
     ABANDONED = "abandoned"  # not run to its end: the server shut down, or the process exited
+    SUPERSEDED = "superseded"  # not run: a newer task with the same key replaced it
 
 
 FINAL_STATES = tuple(TaskState)[2:]
+
+
+class Metrics(Protocol):
+    """Where the counters' changes are also reported (OpenTelemetry's metrics)."""
+
+    def queued(self, change: int) -> None: ...
+
+    def running(self, change: int) -> None: ...
+
+    def ended(self, state: TaskState, duration: float | None) -> None: ...
 
 
 class Stats:
@@ -56,14 +73,16 @@ class Stats:
 
     `queued` and `running` are gauges (tasks waiting to run, tasks running now); each
     final state counts the tasks that ended in it since the middleware was built.
+    With `metrics` (the middleware's `opentelemetry=True`), each change is reported there too.
     """
 
-    __slots__ = ("ended", "queued", "running")
+    __slots__ = ("ended", "metrics", "queued", "running")
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self.queued = 0
         self.running = 0
         self.ended = dict.fromkeys(FINAL_STATES, 0)
+        self.metrics = metrics
 
     def snapshot(self) -> dict[str, int]:
         """All counters now, by name: `{"queued": 0, "running": 1, "completed": 7, ...}`."""
@@ -94,6 +113,7 @@ class TaskHandle:
 
     __slots__ = (
         "_name",
+        "_plan",
         "_queued",
         "_started",
         "always",
@@ -130,6 +150,46 @@ class TaskHandle:
         self.dispatch: Callable[[], object] | None = None
         self.timeout: float | _Unset | None = UNSET
         self._name: str | None = None
+        # A key, a delay, retries: None unless one was set (or the task was retried), so
+        # tasks without them cost one attribute here and one test where they run.
+        self._plan: Plan | None = None
+
+    @property
+    def key(self) -> str | None:
+        """The key set with `set(key=...)`, or None."""
+        return (self._plan or _NO_PLAN).key
+
+    @property
+    def delay(self) -> float | None:
+        """The seconds set with `set(delay=...)`, or None."""
+        return (self._plan or _NO_PLAN).delay
+
+    @property
+    def retries(self) -> int | None:
+        """The retries set with `set(retries=...)`; None: the middleware's default."""
+        return (self._plan or _NO_PLAN).retries
+
+    @property
+    def backoff(self) -> float | None:
+        """The seconds set with `set(backoff=...)`; None: the middleware's default."""
+        return (self._plan or _NO_PLAN).backoff
+
+    @property
+    def retry_on(self) -> type[Exception] | tuple[type[Exception], ...]:
+        """What is worth a retry (`set(retry_on=...)`): `Exception` unless set."""
+        return (self._plan or _NO_PLAN).retry_on
+
+    @property
+    def attempt(self) -> int:
+        """The attempt running, or the last one run (1-based); 0 before the first."""
+        return (self._plan or _NO_PLAN).tries + (self._started != 0.0)
+
+    def _planned(self) -> Plan:
+        """The task's plan, made on first use."""
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = Plan()
+        return plan
 
     @property
     def name(self) -> str:
@@ -147,6 +207,11 @@ class TaskHandle:
         name: str | None = None,
         timeout: float | _Unset | None = UNSET,
         always: bool | None = None,
+        key: str | None = None,
+        delay: float | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
     ) -> TaskHandle:
         """Set this task's options; returns the handle, so it chains onto `add_task()`.
 
@@ -154,8 +219,20 @@ class TaskHandle:
             name: The name used in logs and given to the error hook.
             timeout: Seconds the task may run before it is cancelled and reported as
                 timed out; `None` for no limit. Defaults to the middleware's `timeout`.
+                With retries, it applies to each attempt.
             always: Run the task whatever the request's outcome, even when the policy
                 would skip it (the app raised, or answered 5xx).
+            key: Run at most one task with this key at once, per process. In one request
+                the last task added with a key replaces the earlier ones; across requests
+                a new one replaces the one waiting to run. Replaced tasks end `superseded`.
+            delay: Seconds to wait after the response before running the task; with a
+                `key`, a debounce: it runs `delay` seconds after the last one added.
+            retries: How many times to run the task again after it raised (an
+                `Exception` matching `retry_on`). Defaults to the middleware's `retries`.
+            backoff: Seconds before the first retry, doubled at each one (with jitter,
+                at most 60 s). Defaults to the middleware's `backoff`.
+            retry_on: The exception class, or a tuple of them, that is worth a retry
+                (default: every `Exception`).
 
         Raises:
             TaskStartedError: The task has already started (or ended).
@@ -176,41 +253,120 @@ class TaskHandle:
             self.timeout = check_timeout(timeout, "set(timeout=...)")
         if always is not None:
             self.always = check_flag(always, "set(always=...)")
+        if retries is not None or backoff is not None or retry_on is not None:
+            self._set_retries(retries, backoff, retry_on)
+        if delay is not None:
+            self._planned().delay = check_delay(delay, "set(delay=...)")
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                msg = f"A task key must be a non-empty string, got {_kind(key)}."
+                raise ConfigurationError(msg)
+            self._planned().key = key
+            # In one request the last call wins, at its own place in the order.
+            earlier = self.request_tasks.keep_last(self, key)
+            if earlier is not None and earlier.key == key and earlier.state is _PENDING:
+                earlier._supersede()
         return self
 
+    def _set_retries(
+        self,
+        retries: int | None,
+        backoff: float | None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None,
+    ) -> None:
+        if retries is not None:
+            retries = check_retries(retries, "set(retries=...)")
+            if retries and self.dispatch is not None:
+                msg = (
+                    f"Task {self.name!r} is enqueued to a task queue (Celery), which retries "
+                    "tasks itself; retrying the enqueue too would run it twice. Drop "
+                    "`retries=` and give the Celery task its own, e.g. "
+                    "`@app.task(autoretry_for=(Exception,), max_retries=3)`."
+                )
+                raise ConfigurationError(msg)
+            self._planned().retries = retries
+        if backoff is not None:
+            self._planned().backoff = check_backoff(backoff, "set(backoff=...)")
+        if retry_on is not None:
+            self._planned().retry_on = _check_retry_on(retry_on)
+
     def cancel(self) -> bool:
-        """Cancel the task if it has not started; returns whether it was cancelled."""
+        """Cancel the task if it has not started; returns whether it was cancelled.
+
+        A task waiting for its delay, its key or its next attempt has not started either.
+        """
         if self.state is not _PENDING:
             return False
         self._end(TaskState.CANCELLED)
         self._log(logging.INFO, "cancelled before it ran")
         return True
 
+    def _supersede(self) -> None:
+        """A newer task with this one's key replaced it before it ran."""
+        self._end(TaskState.SUPERSEDED)
+        self._log(logging.INFO, "superseded by a newer task with key %r", self.key)
+
     # State changes, kept here so that the counters always match the states.
 
     def _enqueue(self) -> None:
         self._queued = True
-        self.request_tasks.stats.queued += 1
+        stats = self.request_tasks.stats
+        stats.queued += 1
+        if stats.metrics is not None:
+            stats.metrics.queued(1)
 
     def _start(self) -> None:
         stats = self.request_tasks.stats
         if self._queued:
             self._queued = False
             stats.queued -= 1
+            if stats.metrics is not None:
+                stats.metrics.queued(-1)
         self.state = TaskState.RUNNING
         stats.running += 1
+        if stats.metrics is not None:
+            stats.metrics.running(1)
         self._started = time.perf_counter()
+
+    def _unqueue(self) -> None:
+        """Stop counting the task as queued: it waits for its delay or its key, which
+        holds no worker and no `max_running` slot (it is queued again when due)."""
+        if self._queued:
+            self._queued = False
+            stats = self.request_tasks.stats
+            stats.queued -= 1
+            if stats.metrics is not None:
+                stats.metrics.queued(-1)
+
+    def _pause(self) -> None:
+        """The attempt failed and another follows: the task is pending again."""
+        stats = self.request_tasks.stats
+        stats.running -= 1
+        if stats.metrics is not None:
+            stats.metrics.running(-1)
+        self.duration = time.perf_counter() - self._started
+        self.state = _PENDING
+        self._started = 0.0
+        self._planned().tries += 1
 
     def _end(self, state: TaskState) -> None:
         stats = self.request_tasks.stats
+        metrics, ran = stats.metrics, False
         if self._queued:
             self._queued = False
             stats.queued -= 1
+            if metrics is not None:
+                metrics.queued(-1)
         elif self.state is TaskState.RUNNING:
             stats.running -= 1
             self.duration = time.perf_counter() - self._started
+            ran = True
         self.state = state
         stats.ended[state] += 1
+        if metrics is not None:
+            if ran:
+                metrics.running(-1)
+            metrics.ended(state, self.duration)
 
     def _lose(self, state: TaskState, level: int, what: str, *args: object) -> None:
         """End in `state` a task the runtime could not run to its end: log it, and note it
@@ -251,6 +407,24 @@ class TaskHandle:
         return f"<TaskHandle {self.name!r} {self.state.value}>"
 
 
+class Plan:
+    """A task's key, delay and retries, and the state they need while it runs."""
+
+    __slots__ = ("backoff", "cleared", "delay", "key", "retries", "retry_on", "tries")
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.delay: float | None = None
+        self.retries: int | None = None  # None: the middleware's `retries`
+        self.backoff: float | None = None  # None: the middleware's `backoff`
+        self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
+        self.tries = 0  # attempts that failed and were retried
+        self.cleared = False  # the owner let it run: its delay is over, its key its own
+
+
+_NO_PLAN = Plan()  # what a task without a plan reads; never changed
+
+
 # The tasks the runtime lost (cancelled, abandoned, dropped), newest last, for the testing
 # helpers to report: names, not handles, so that nothing of a request is kept alive.
 lost: collections.deque[str] = collections.deque(maxlen=100)
@@ -270,7 +444,8 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     context variables as they are now.
 
     Returns:
-        A `TaskHandle`: `.set(name=..., timeout=..., always=...)`, `.cancel()`, `.state`.
+        A `TaskHandle`: `.set(name=..., timeout=..., always=..., key=..., delay=...,
+        retries=...)`, `.cancel()`, `.state`.
 
     Raises:
         InvalidTaskError: `func` is not callable, or is a generator function, whose body
@@ -296,6 +471,23 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         tasks.dispatchers.route(task)  # raises for a queued task whose arguments cannot travel
     tasks.add(task)
     return task
+
+
+def cancel(key: str) -> int:
+    """Cancel the current request's tasks with `key` that have not started.
+
+    Like Laravel's `forget(name)`: a request that decided against work it scheduled
+    takes it back. Returns how many tasks were cancelled.
+
+    Raises:
+        OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
+    """
+    tasks = _context.current()
+    if tasks is None:
+        if not _context.captures:
+            raise OutsideRequestError(_OUTSIDE_REQUEST.replace("add_task()", "cancel()", 1))
+        tasks = _context.captures[-1].request
+    return sum(task.cancel() for task in tasks.with_key(key))
 
 
 _OUTSIDE_REQUEST = (
@@ -403,3 +595,36 @@ def check_timeout(value: object, where: str) -> float | None:
         msg = f"{where} must be a number of seconds above 0, or None for no limit; got {value!r}."
         raise ConfigurationError(msg)
     return float(value)
+
+
+def check_delay(value: object, where: str) -> float:
+    """Return `value` as a delay in seconds, or raise a `ConfigurationError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        msg = f"{where} must be a number of seconds, 0 or more; got {value!r}."
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+def check_backoff(value: object, where: str) -> float:
+    """Return `value` as seconds before a first retry, or raise a `ConfigurationError`."""
+    return check_delay(value, where)
+
+
+def check_retries(value: object, where: str) -> int:
+    """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        msg = f"{where} must be a whole number of retries, 0 or more; got {value!r}."
+        raise ConfigurationError(msg)
+    return value
+
+
+def _check_retry_on(value: object) -> type[Exception] | tuple[type[Exception], ...]:
+    classes = value if isinstance(value, tuple) else (value,)
+    if not classes or not all(isinstance(c, type) and issubclass(c, Exception) for c in classes):
+        msg = (
+            "set(retry_on=...) must be an exception class, or a tuple of them, deriving "
+            "from `Exception` (cancellation and other `BaseException`s are never retried); "
+            f"got {value!r}."
+        )
+        raise ConfigurationError(msg)
+    return value  # type: ignore[return-value]  # checked above

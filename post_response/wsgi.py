@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _batch, _context, _registry
-from ._middleware import setup
+from ._middleware import new_stats, setup
 from ._options import check_app, skip_reason
 from ._owner import Owner
-from ._task import Stats, TaskState
+from ._task import TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -61,7 +61,7 @@ class PostResponseWSGIMiddleware:
         check_app(app, "PostResponseWSGIMiddleware", wsgi=True)
         self.app = app
         self.config, self.settings = setup(options, "PostResponseWSGIMiddleware")
-        self.stats = Stats()
+        self.stats = new_stats(self.config)
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
 
@@ -236,8 +236,12 @@ class _TaskLoop:
         self.owner.submit(batch)
 
     def wait(self, batch: _batch.Batch) -> None:
-        """Block until every task of `batch` has ended."""
-        asyncio.run_coroutine_threadsafe(batch.wait(), self.loop).result()
+        """Block until every task of `batch` has ended (those it left to the owner too)."""
+        asyncio.run_coroutine_threadsafe(self._wait(batch), self.loop).result()
+
+    async def _wait(self, batch: _batch.Batch) -> None:
+        await batch.wait()
+        await self.owner.join_request(batch.request)
 
     def join(self, timeout: float | None) -> bool:
         """Wait until the owner has no batch left; False if `timeout` passed first."""

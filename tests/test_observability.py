@@ -1,12 +1,16 @@
-"""Observability: structured log fields, OpenTelemetry spans per task, live counters."""
+"""Observability: structured log fields, OpenTelemetry spans and metrics, live counters."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import anyio
 import pytest
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -14,6 +18,7 @@ from opentelemetry.trace import StatusCode
 
 import post_response
 from post_response import ConfigurationError, PostResponseMiddleware, add_task
+from post_response._otel import OUTCOME
 from post_response._types import Receive, Scope, Send
 
 from .harness import Exchange
@@ -165,3 +170,101 @@ def test_opentelemetry_without_the_extra_names_the_fix(monkeypatch: pytest.Monke
     monkeypatch.delattr(post_response, "_otel", raising=False)
     with pytest.raises(ConfigurationError, match=r"pip install 'post_response\[otel\]'"):
         PostResponseMiddleware(ok_app, opentelemetry=True)
+
+
+@pytest.fixture(scope="module")
+def reader() -> InMemoryMetricReader:
+    """One meter provider for the process (OpenTelemetry allows setting it once)."""
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def points(reader: InMemoryMetricReader) -> dict[tuple[str, str], Any]:
+    """The data points of post_response's instruments, by name and outcome."""
+    found: dict[tuple[str, str], Any] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            if scope.scope.name != "post_response":
+                continue
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    outcome = str(dict(point.attributes or {}).get(OUTCOME, ""))
+                    found[metric.name, outcome] = (metric.unit, point)
+    return found
+
+
+def value(found: dict[tuple[str, str], Any], name: str, outcome: str = "") -> float:
+    point = found.get((name, outcome))
+    if point is None:
+        return 0
+    data = point[1]
+    return float(data.value if hasattr(data, "value") else data.count)
+
+
+async def test_metrics_count_tasks_by_outcome_and_time_them(reader: InMemoryMetricReader) -> None:
+    """`post_response.tasks` counts tasks by final state, `post_response.task.duration`
+    times those that ran (in seconds), and the queued and running gauges go back to 0."""
+    before = points(reader)
+    gate = anyio.Event()
+    seen: dict[str, float] = {}
+
+    async def waits() -> None:
+        await gate.wait()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(welcome, "ada")
+        add_task(broken)
+        add_task(welcome, "old").set(key="k")
+        add_task(welcome, "new").set(key="k")
+        add_task(waits)
+        await send_ok(send)
+
+    middleware = PostResponseMiddleware(app, opentelemetry=True)
+    exchange = Exchange()
+    async with anyio.create_task_group() as group:
+        group.start_soon(exchange.run, middleware)
+        while middleware.stats.running == 0:
+            await anyio.sleep(0)
+        during = points(reader)
+        seen["running"] = value(during, "post_response.tasks.running") - value(
+            before, "post_response.tasks.running"
+        )
+        gate.set()
+    after = points(reader)
+
+    def delta(name: str, outcome: str = "") -> float:
+        return value(after, name, outcome) - value(before, name, outcome)
+
+    assert seen["running"] == 1
+    assert delta("post_response.tasks", "completed") == 3
+    assert delta("post_response.tasks", "failed") == 1
+    assert delta("post_response.tasks", "superseded") == 1
+    assert delta("post_response.tasks.running") == 0
+    assert delta("post_response.tasks.queued") == 0
+    assert delta("post_response.task.duration", "completed") == 3  # a count of durations
+    assert after["post_response.task.duration", "completed"][0] == "s"
+    assert after["post_response.tasks", "completed"][0] == "{task}"
+
+
+async def test_a_retried_attempts_span_says_retried(exporter: InMemorySpanExporter) -> None:
+    """Each attempt of a retried task has its span: `retried`, then the final outcome."""
+    exporter.clear()
+    attempts: list[int] = []
+
+    async def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("once")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(flaky).set(retries=1, backoff=0)
+        await send_ok(send)
+
+    await Exchange().run(PostResponseMiddleware(app, opentelemetry=True))
+    outcomes = [
+        (span.attributes or {})["post_response.task.outcome"]
+        for span in exporter.get_finished_spans()
+    ]
+    assert outcomes == ["retried", "completed"]

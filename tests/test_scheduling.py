@@ -1,0 +1,552 @@
+"""Keys, single-flight, delays and retries, in process (tests/test_scheduling_servers.py
+proves them on real servers)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+import post_response
+from post_response import (
+    ConfigurationError,
+    PostResponseMiddleware,
+    TaskHandle,
+    TaskState,
+    add_task,
+)
+from post_response._batch import BACKOFF_CAP, backoff_delay
+from post_response._types import Receive, Scope, Send
+from post_response.testing import capture_tasks, requests_wait_for_tasks
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+from .test_owner import OK, lifespan, request, until
+
+pytestmark = pytest.mark.anyio
+
+Adds = Callable[[], Any]
+
+
+def app_adding(adds: Adds, handles: list[TaskHandle] | None = None) -> Any:
+    """An app whose requests call `adds()` (which adds tasks), then answer 200."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        added = adds()
+        if handles is not None and added is not None:
+            handles.extend(added if isinstance(added, list) else [added])
+        for message in OK:
+            await send(message)
+
+    return app
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "post_response" and r.levelno >= level
+    ]
+
+
+async def test_in_one_request_the_last_task_with_a_key_wins(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """Three tasks with one key in a request: the last one runs, with its arguments, at its
+    place in the order; the others end `superseded`, logged and counted."""
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(log.append, "rebuild 1").set(key="cache"),
+            add_task(log.append, "other"),
+            add_task(log.append, "rebuild 2").set(key="cache"),
+            add_task(log.append, "last"),
+            add_task(log.append, "rebuild 3").set(key="cache"),
+        ]
+
+    caplog.set_level(logging.INFO, logger="post_response")
+    app = PostResponseMiddleware(app_adding(adds, handles), detach=detach)
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert log == ["other", "last", "rebuild 3"]
+    assert [h.state.value for h in handles] == [
+        "superseded",
+        "completed",
+        "superseded",
+        "completed",
+        "completed",
+    ]
+    assert app.stats.snapshot()["superseded"] == 2
+    assert sum("superseded by a newer task with key 'cache'" in m for m in messages(caplog)) == 2
+
+
+async def test_single_flight_across_requests() -> None:
+    """While a rebuild with a key runs, a burst of requests asking for it ends in one more
+    run, with the newest arguments; never two at once."""
+    gate = anyio.Event()
+    runs: list[int] = []
+    running = peak = 0
+
+    async def rebuild(n: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        runs.append(n)
+        if n == 0:
+            await gate.wait()
+        running -= 1
+
+    count = iter(range(1000))
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(rebuild, next(count)).set(key="cache"))
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await until(lambda: runs == [0])
+        for _ in range(200):
+            await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        assert runs == [0]
+        gate.set()
+        await app.join()
+    assert (runs, peak) == ([0, 200], 1)
+    assert app.stats.snapshot()["superseded"] == 199
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_cancel_takes_back_the_requests_tasks_with_a_key() -> None:
+    """`post_response.cancel(key)` cancels the request's pending tasks with that key."""
+    log: list[str] = []
+    counts: list[int] = []
+
+    def adds() -> None:
+        add_task(log.append, "a").set(key="mail")
+        add_task(log.append, "b").set(key="other")
+        counts.append(post_response.cancel("mail"))
+        counts.append(post_response.cancel("nothing"))
+
+    app = PostResponseMiddleware(app_adding(adds))
+    await request(app)
+    await app.join()
+    assert (log, counts) == (["b"], [1, 0])
+
+
+def test_cancel_outside_a_request_names_the_fix() -> None:
+    """`cancel(key)` outside a request raises, as `add_task()` does."""
+    with pytest.raises(post_response.OutsideRequestError, match=r"^cancel\(\) was called"):
+        post_response.cancel("key")
+
+
+async def test_retries_run_a_flaky_task_until_it_completes(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """A task that fails twice then works completes on its third attempt; each failed
+    attempt is logged with its number and the next delay; `on_error` is not called."""
+    attempts: list[int] = []
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    async def flaky() -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 3:
+            raise ConnectionError(f"try {len(attempts)}")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(flaky).set(retries=3, backoff=0.01), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, attempts, errors) == (
+        TaskState.COMPLETED,
+        3,
+        [1, 2, 3],
+        [],
+    )
+    failed = [m for m in messages(caplog, logging.WARNING) if "retrying in" in m]
+    assert len(failed) == 2
+    assert "failed (attempt 1 of 4): ConnectionError: try 1; retrying in 0.0" in failed[0]
+    assert "failed (attempt 2 of 4): ConnectionError: try 2; retrying in 0.0" in failed[1]
+    assert app.stats.snapshot()["completed"] == 1
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_the_last_failed_attempt_fails_the_task_once(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """After its last retry the task is `failed`, logged with its traceback, and `on_error`
+    gets the last exception, once; a middleware default `retries` applies."""
+    errors: list[str] = []
+    handles: list[TaskHandle] = []
+
+    async def broken() -> None:
+        raise ValueError(f"attempt {handles[0].attempt}")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(broken), handles),
+        detach=detach,
+        retries=2,
+        backoff=0,
+        on_error=lambda task, exc: errors.append(str(exc)),
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, errors) == (TaskState.FAILED, 3, ["attempt 3"])
+    [final] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert final.getMessage().endswith("broken' of GET / failed after 3 attempts")
+    assert final.exc_info is not None
+    assert app.stats.snapshot()["failed"] == 1
+
+
+async def test_retry_on_limits_what_is_retried() -> None:
+    """An exception outside `retry_on` fails the task at once; BaseExceptions never retry."""
+    handles: list[TaskHandle] = []
+
+    async def wrong() -> None:
+        raise KeyError("not retried")
+
+    def exits() -> None:
+        raise SystemExit(3)
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(wrong).set(retries=5, backoff=0, retry_on=(ConnectionError, TimeoutError)),
+            add_task(exits).set(retries=5, backoff=0),
+        ]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert [(h.state, h.attempt) for h in handles] == [(TaskState.FAILED, 1)] * 2
+
+
+async def test_the_timeout_applies_per_attempt() -> None:
+    """A task over its timeout on its first attempt and quick on its second completes."""
+    handles: list[TaskHandle] = []
+
+    async def slow_once() -> None:
+        if handles[0].attempt == 1:
+            await anyio.sleep_forever()
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(slow_once).set(timeout=0.05, retries=1, backoff=0), handles)
+    )
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    assert (handles[0].state, handles[0].attempt) == (TaskState.COMPLETED, 2)
+
+
+async def test_a_delay_with_a_key_debounces(detach: bool) -> None:
+    """Tasks with a key and a delay: one run, with the last one's arguments, once the burst
+    is over; the delayed task holds no worker while it waits."""
+    log: list[int] = []
+    count = iter(range(100))
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(log.append, next(count)).set(key="index", delay=0.05)),
+        detach=detach,
+    )
+    with anyio.fail_after(10):
+        for _ in range(5 if detach else 1):
+            await request(app)
+        if detach:
+            await until(lambda: app.stats.queued == 0 and app.stats.snapshot()["superseded"] == 4)
+            assert (app.stats.running, log) == (0, [])
+        await app.join()
+    assert log == ([4] if detach else [0])
+    assert app.stats.snapshot()["superseded"] == (4 if detach else 0)
+
+
+async def test_a_delay_runs_the_task_later() -> None:
+    """A delayed task runs after the tasks of requests that came after it."""
+    log: list[str] = []
+
+    def adds() -> None:
+        add_task(log.append, "delayed").set(delay=0.05)
+        add_task(log.append, "at once")
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        await request(app)
+        await until(lambda: log == ["at once"])
+        await app.join()
+    assert log == ["at once", "delayed"]
+
+
+async def test_shutdown_runs_delayed_tasks_at_once_and_abandons_pending_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At shutdown a delayed task runs at once instead of being lost; a task waiting for
+    its next attempt is abandoned, logged with its attempt count."""
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    def adds() -> list[TaskHandle]:
+        return [
+            add_task(log.append, "delayed").set(delay=600),
+            add_task(failing).set(retries=3, backoff=600),
+        ]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: handles[1].attempt == 1 and handles[1].state is TaskState.PENDING)
+    assert log == ["delayed"]
+    assert [h.state for h in handles] == [TaskState.COMPLETED, TaskState.ABANDONED]
+    assert any(
+        "failing' of GET / abandoned: the server shut down while it waited for its next "
+        "attempt, after 1 failed" in m
+        for m in messages(caplog, logging.ERROR)
+    )
+
+
+def test_backoff_doubles_with_jitter_and_a_cap() -> None:
+    """Each retry waits between half and all of `backoff * 2**(n-1)`, at most the cap."""
+    for retry, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (30, BACKOFF_CAP)]:
+        waits = [backoff_delay(0.5, retry) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+    assert backoff_delay(0, 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"key": ""}, "A task key must be a non-empty string"),
+        ({"key": 3}, "A task key must be a non-empty string, got a value of type int"),
+        ({"delay": -1}, r"set\(delay=...\) must be a number of seconds, 0 or more; got -1"),
+        ({"delay": "5"}, r"set\(delay=...\) must be a number of seconds"),
+        ({"retries": 1.5}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"retries": True}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"backoff": float("nan")}, r"set\(backoff=...\) must be a number of seconds"),
+        ({"retry_on": BaseException}, r"set\(retry_on=...\) must be an exception class"),
+        ({"retry_on": (ValueError, 3)}, r"set\(retry_on=...\) must be an exception class"),
+    ],
+)
+async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
+    """Each scheduling option is checked when it is set."""
+    raised: list[BaseException] = []
+
+    async def noop() -> None:
+        pass
+
+    def adds() -> None:
+        try:
+            add_task(noop).set(**options)
+        except ConfigurationError as exc:
+            raised.append(exc)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    await request(app)
+    await app.join()
+    [exc] = raised
+    assert isinstance(exc, ValueError)
+    with pytest.raises(ConfigurationError, match=error):
+        raise exc
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"retries": -1}, r"PostResponseMiddleware\(retries=...\) must be a whole number"),
+        ({"backoff": "1"}, r"PostResponseMiddleware\(backoff=...\) must be a number of seconds"),
+    ],
+)
+def test_invalid_middleware_defaults_name_the_fix(options: dict[str, Any], error: str) -> None:
+    """`retries` and `backoff` as middleware defaults are checked like the other options."""
+    with pytest.raises(ConfigurationError, match=error):
+        PostResponseMiddleware(app_adding(lambda: None), **options)
+
+
+def wsgi_request(app: PostResponseWSGIMiddleware) -> None:
+    """One request, served as a WSGI server does (the body read and closed)."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": None}
+    body = app(environ, lambda status, headers, exc_info=None: lambda data: None)
+    for _ in body:
+        pass
+    body.close()  # type: ignore[attr-defined]
+
+
+def wsgi_app(adds: Adds) -> Any:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        adds()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    return app
+
+
+@pytest.mark.parametrize("wsgi_detach", [True, False], ids=["detached", "inline"])
+def test_wsgi_keys_delays_and_retries(wsgi_detach: bool) -> None:
+    """Under WSGI, a key keeps the last call, a delayed task runs, a flaky one is retried."""
+    log: list[str] = []
+    attempts: list[int] = []
+
+    def flaky() -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 3:
+            raise ConnectionError("not yet")
+        log.append("flaky")
+
+    def adds() -> None:
+        add_task(log.append, "old").set(key="k")
+        add_task(log.append, "new").set(key="k", delay=0.05)
+        add_task(flaky).set(retries=2, backoff=0.01)
+
+    app = PostResponseWSGIMiddleware(wsgi_app(adds), detach=wsgi_detach)
+    wsgi_request(app)
+    assert app.join(10)
+    assert sorted(log) == ["flaky", "new"]
+    assert attempts == [1, 2, 3]
+    assert app.stats.snapshot()["superseded"] == 1
+
+
+def test_wsgi_single_flight_across_requests() -> None:
+    """Under WSGI, while a sync rebuild runs, fifty more requests for it end in one more run."""
+    gate = threading.Event()
+    runs: list[int] = []
+    count = iter(range(100))
+
+    def rebuild(n: int) -> None:
+        runs.append(n)
+        if n == 0:
+            gate.wait(10)
+
+    app = PostResponseWSGIMiddleware(
+        wsgi_app(lambda: add_task(rebuild, next(count)).set(key="cache"))
+    )
+    for _ in range(51):
+        wsgi_request(app)
+    deadline = time.monotonic() + 10
+    while app.stats.snapshot()["superseded"] < 49 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runs == [0]
+    gate.set()
+    assert app.join(10)
+    assert runs == [0, 50]
+
+
+async def test_capture_tasks_records_the_options_and_leaves_out_superseded_tasks() -> None:
+    """`capture_tasks()` sees the options on the handles; a replaced task is not captured."""
+
+    async def rebuild(n: int) -> None:
+        pass
+
+    def adds() -> None:
+        add_task(rebuild, 1).set(key="cache")
+        add_task(rebuild, 2).set(key="cache", delay=5, retries=3, backoff=1, retry_on=OSError)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with capture_tasks() as tasks:
+        await request(app)
+    [task] = tasks
+    assert (task.args, task.key, task.delay, task.retries, task.backoff, task.retry_on) == (
+        (2,),
+        "cache",
+        5.0,
+        3,
+        1.0,
+        OSError,
+    )
+    await tasks.arun()  # at once, once: no delay or retries in tests
+    assert task.state is TaskState.COMPLETED
+
+
+def test_celery_tasks_refuse_retries_and_take_a_key_and_a_delay_before_the_enqueue() -> None:
+    """Celery retries its own tasks: `retries=` on one is refused, naming the fix; a key and
+    a delay apply before the enqueue (one enqueue for two requests)."""
+    from celery import Celery
+
+    celery_app = Celery("scheduling", broker="memory://")
+    celery_app.conf.task_always_eager = True  # apply_async runs it here: an enqueue seen
+    sent: list[int] = []
+
+    def send_plain(n: int) -> None:
+        sent.append(n)
+
+    send = celery_app.task(name="tests.scheduling.send")(send_plain)
+
+    refused: list[Exception] = []
+    count = iter(range(10))
+
+    def adds() -> None:
+        n = next(count)
+        handle = add_task(send, -1)
+        try:
+            handle.set(retries=2)
+        except ConfigurationError as exc:
+            refused.append(exc)
+        handle.cancel()
+        add_task(send, n).set(key="send", delay=0.05)
+
+    app = PostResponseWSGIMiddleware(wsgi_app(adds))
+    wsgi_request(app)
+    wsgi_request(app)
+    assert app.join(10)
+    assert len(refused) == 2
+    assert "Celery), which retries tasks itself" in str(refused[0])
+    assert "autoretry_for" in str(refused[0])
+    assert sent == [1]
+
+
+async def test_a_task_cancelled_while_it_waits_frees_its_key() -> None:
+    """`cancel(key)` takes back a delayed task of the request; the key is free after it, and
+    the next request's task with the key runs."""
+    log: list[str] = []
+    count = iter(range(10))
+
+    def adds() -> None:
+        n = next(count)
+        add_task(log.append, f"run {n}").set(key="k", delay=0.01)
+        if n == 0:
+            post_response.cancel("k")
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+        await request(app)
+        await app.join()
+    assert log == ["run 1"]
+
+
+async def test_requests_that_wait_for_their_tasks_wait_for_delayed_ones() -> None:
+    """Under `requests_wait_for_tasks()` (the pytest plugin), a request returns once its
+    delayed and retried tasks have ended too."""
+    log: list[str] = []
+    attempts: list[int] = []
+
+    async def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("once")
+        log.append("flaky")
+
+    def adds() -> None:
+        add_task(log.append, "delayed").set(delay=0.02)
+        add_task(flaky).set(retries=1, backoff=0.01)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10), requests_wait_for_tasks():
+        await request(app)
+    assert sorted(log) == ["delayed", "flaky"]

@@ -1,0 +1,151 @@
+"""Keys, single-flight, debounce, retries and shutdown on real servers (uvicorn on asyncio,
+hypercorn on trio), proven with gates and counts, never with timing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from .servers import Server, exit_code_after, run
+
+SERVERS = ["uvicorn-h11", "hypercorn-trio", "waitress"]
+APPS = {"waitress": "wsgi_scheduling:app"}  # the others serve scheduling_app:app
+GRACEFUL = {"hypercorn-trio": ["--graceful-timeout", "30"]}
+# waitress installs no SIGTERM handler: Python dies at once, without running atexit, where
+# the WSGI middleware drains; SIGINT (Ctrl+C) makes it exit through atexit.
+STOP = {"waitress": signal.SIGINT}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    target = APPS.get(request.param, "scheduling_app:app")
+    with run(request.param, target, *GRACEFUL.get(request.param, [])) as started:
+        yield started
+
+
+def burst(server: Server, paths: list[str]) -> list[int]:
+    """Send the requests all at once (100 connections); return their statuses."""
+
+    async def send_all() -> list[int]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as client:
+            responses = await asyncio.gather(*(client.get(path) for path in paths))
+        return [response.status_code for response in responses]
+
+    return asyncio.run(send_all())
+
+
+def stats_until(server: Server, ready: str, count: int) -> dict[str, int]:
+    """The middleware's counters once `ready` has reached `count` (polled: a count, not a
+    time, is what the test waits for)."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats: dict[str, int] = server.control("stats")
+        if stats[ready] >= count or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+def events_of(server: Server, prefix: str) -> list[str]:
+    return [e for e in server.control("events") if e.startswith(prefix)]
+
+
+def test_a_burst_of_a_thousand_rebuilds_runs_at_most_twice(server: Server) -> None:
+    """The first rebuild waits on a gate while 1,000 requests ask for the same cache: when it
+    ends, one more rebuild runs, with the newest arguments; the 999 others are superseded."""
+    cache = new_id()
+    before = server.control("stats")
+    assert httpx.get(f"{server.url}/rebuild?id={cache}&n=0", timeout=10).status_code == 200
+    server.control("until", event=f"{cache}:rebuild 0")
+    statuses = burst(server, [f"/rebuild?id={cache}&n={n}" for n in range(1, 1001)])
+    assert statuses == [200] * 1000
+    stats = stats_until(server, "superseded", before["superseded"] + 999)
+    assert stats["superseded"] - before["superseded"] == 999
+    assert events_of(server, f"{cache}:") == [f"{cache}:rebuild 0"]  # the gate is still shut
+    server.control("open", id=f"{cache}-first")
+    stats = stats_until(server, "completed", before["completed"] + 2)
+    assert stats["completed"] - before["completed"] == 2  # 1 + 999 + 1 = all 1,001 ended
+    rebuilds = events_of(server, f"{cache}:rebuild")
+    assert len(rebuilds) == 2
+    assert rebuilds[0] == f"{cache}:rebuild 0"
+
+
+def test_a_debounced_task_runs_once_per_burst_with_the_last_arguments(server: Server) -> None:
+    """Twenty requests with one key and a delay: one run, after the burst, the other
+    nineteen superseded; every request's task is accounted for."""
+    index = new_id()
+    before = server.control("stats")
+    statuses = burst(server, [f"/debounce?id={index}&n={n}&delay=0.5" for n in range(20)])
+    assert statuses == [200] * 20
+    stats = stats_until(server, "completed", before["completed"] + 1)
+    ran = events_of(server, f"{index}:ran")
+    assert len(ran) == 1
+    assert stats["superseded"] - before["superseded"] == 19
+    assert stats["completed"] - before["completed"] == 1
+
+
+def test_a_flaky_task_is_retried_and_each_failure_logged(server: Server) -> None:
+    """A task that fails twice completes on its third attempt; the server's log has each
+    failed attempt with its number and the next delay, and no failure of the task."""
+    task_id = new_id()
+    assert httpx.get(f"{server.url}/flaky?id={task_id}&fails=2", timeout=10).status_code == 200
+    events = server.control("until", event=f"{task_id}:end")
+    assert [e for e in events if e.startswith(task_id)] == [
+        f"{task_id}:attempt 1",
+        f"{task_id}:attempt 2",
+        f"{task_id}:attempt 3",
+        f"{task_id}:end",
+    ]
+    output = server.output()
+    prefix = "Task 'flaky' of GET /flaky failed (attempt {} of 4): ConnectionError: attempt {} of"
+    assert prefix.format(1, 1) in output
+    assert prefix.format(2, 2) in output
+    assert f"attempt 3 of {task_id} failed" not in output
+
+
+def test_a_task_failing_every_attempt_fails_once_with_its_traceback(server: Server) -> None:
+    """After its fourth attempt the task is failed: one ERROR with the traceback."""
+    task_id = new_id()
+    before = server.control("stats")
+    assert httpx.get(f"{server.url}/flaky?id={task_id}&fails=99", timeout=10).status_code == 200
+    server.control("until", event=f"{task_id}:attempt 4")
+    stats = stats_until(server, "failed", before["failed"] + 1)
+    assert stats["failed"] - before["failed"] == 1
+    output = server.output()
+    assert output.count("Task 'flaky' of GET /flaky failed after 4 attempts") == 1
+    assert f"ConnectionError: attempt 4 of {task_id} failed" in output
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_sigterm_runs_delayed_tasks_and_abandons_those_waiting_to_retry(server_name: str) -> None:
+    """SIGTERM (waitress: SIGINT) while one task waits for its 600 s delay and another for
+    its next attempt: the delayed task runs at once, the other is abandoned with its attempt
+    count, and the process exits by itself well within shutdown_timeout."""
+    delayed, flaky = new_id(), new_id()
+    graceful = GRACEFUL.get(server_name, [])
+    options = {"shutdown_timeout": 30}
+    target = APPS.get(server_name, "scheduling_app:app")
+    with run(server_name, target, *graceful, middleware=options) as server:
+        assert httpx.get(f"{server.url}/delayed?id={delayed}&delay=600").status_code == 200
+        url = f"{server.url}/flaky?id={flaky}&fails=99&backoff=600"
+        assert httpx.get(url).status_code == 200
+        server.control("until", event=f"{flaky}:attempt 1")
+        assert events_of(server, f"{delayed}:") == []
+        exit_code_after(server, STOP.get(server_name, signal.SIGTERM), limit=20)
+        output = server.output()
+    assert f"event: {delayed}:ran" in output, output
+    assert (
+        "Task 'flaky' of GET /flaky abandoned: the server shut down while it waited for its "
+        "next attempt, after 1 failed"
+    ) in output
+    assert f"event: {flaky}:attempt 2" not in output
