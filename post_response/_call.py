@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from asgiref.sync import iscoroutinefunction
 
+from ._checks import describe
 from ._errors import InvalidTaskError
-from ._task import describe
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator

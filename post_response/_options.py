@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from ._call import is_async
+from ._checks import check_backoff, check_flag, check_retries, check_timeout, describe
 from ._errors import ConfigurationError
-from ._task import check_backoff, check_flag, check_retries, check_timeout, describe
 
 if TYPE_CHECKING:
     from ._task import TaskHandle

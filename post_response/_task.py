@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import collections
 import enum
-import functools
-import inspect
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 from . import _context
-from ._errors import ConfigurationError, InvalidTaskError, OutsideRequestError, TaskStartedError
+from ._checks import (
+    GENERATOR,
+    check_backoff,
+    check_delay,
+    check_flag,
+    check_retries,
+    check_retry_on,
+    check_timeout,
+    describe,
+    generator_flags,
+    generator_function,
+    kind,
+    not_callable,
+)
+from ._errors import ConfigurationError, OutsideRequestError, TaskStartedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import Context
-    from types import CodeType
 
 __all__ = [
     "FINAL_STATES",
@@ -29,11 +39,6 @@ __all__ = [
     "TaskState",
     "add_task",
     "cancel",
-    "check_backoff",
-    "check_flag",
-    "check_retries",
-    "check_timeout",
-    "describe",
 ]
 
 P = ParamSpec("P")
@@ -259,7 +264,7 @@ class TaskHandle:
             self._planned().delay = check_delay(delay, "set(delay=...)")
         if key is not None:
             if not isinstance(key, str) or not key:
-                msg = f"A task key must be a non-empty string, got {_kind(key)}."
+                msg = f"A task key must be a non-empty string, got {kind(key)}."
                 raise ConfigurationError(msg)
             self._planned().key = key
             # In one request the last call wins, at its own place in the order.
@@ -288,7 +293,7 @@ class TaskHandle:
         if backoff is not None:
             self._planned().backoff = check_backoff(backoff, "set(backoff=...)")
         if retry_on is not None:
-            self._planned().retry_on = _check_retry_on(retry_on)
+            self._planned().retry_on = check_retry_on(retry_on)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started; returns whether it was cancelled.
@@ -455,12 +460,12 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
         TaskLimitError: The request reached the middleware's `max_tasks` (a `RuntimeError`).
     """
     if not callable(func):
-        raise _not_callable(func)
+        raise not_callable(func)
     code = getattr(func, "__code__", None)  # a plain function: one flag test, the usual case
-    if code is None or code.co_flags & _GENERATOR:
-        flags = _generator_flags(func, code)
+    if code is None or code.co_flags & GENERATOR:
+        flags = generator_flags(func, code)
         if flags:
-            raise _generator_function(func, flags)
+            raise generator_function(func, flags)
     tasks = _context.current()
     if tasks is None:
         if not _context.captures:
@@ -501,130 +506,3 @@ _OUTSIDE_REQUEST = (
     "`loop.run_in_executor` or `threading.Thread`; use `asyncio.to_thread` or "
     "`anyio.to_thread.run_sync`, which carry it. In tests, see `post_response.testing`."
 )
-
-
-def _not_callable(func: object) -> InvalidTaskError:
-    close = getattr(func, "close", None)
-    if hasattr(func, "__await__") and callable(close):
-        close()  # a coroutine object: close it so Python does not warn "never awaited"
-        name = getattr(func, "__qualname__", type(func).__qualname__)
-        msg = (
-            f"add_task() got an awaitable ({name}(...) was already called), not a function. "
-            f"Pass the function and its arguments instead: `add_task({name}, ...)`."
-        )
-    else:  # its type, not its repr: a value may hold a user's data
-        msg = f"add_task() needs a callable as its first argument, got {_kind(func)}."
-    return InvalidTaskError(msg)
-
-
-# A function whose call only creates a generator: its body runs when someone iterates.
-# `@types.coroutine` generators are awaitable, and run like async functions.
-_GENERATOR = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
-_AWAITABLE_GENERATOR = inspect.CO_ITERABLE_COROUTINE
-
-
-def _generator_flags(func: object, code: CodeType | None) -> int:
-    """The generator flags of the code that calling `func` runs first, 0 for an ordinary
-    function. `code` is `func.__code__`, or None: then `func` is seen through
-    `functools.partial`, and a callable object through its class's `__call__`."""
-    if code is None and isinstance(func, functools.partial):
-        while isinstance(func, functools.partial):
-            func = func.func
-        code = getattr(func, "__code__", None)
-    if code is None:
-        code = getattr(type(func).__call__, "__code__", None)
-        if code is None:  # a builtin, a class: not a generator function
-            return 0
-    flags: int = code.co_flags
-    return 0 if flags & _AWAITABLE_GENERATOR else flags & _GENERATOR
-
-
-def _generator_function(func: object, flags: int) -> InvalidTaskError:
-    name = describe(func)
-    short = name.rpartition(".")[2]
-    if flags & inspect.CO_ASYNC_GENERATOR:
-        kind, consume = "an async generator", f"`async for _ in {short}(...): pass`"
-    else:
-        kind, consume = "a generator", f"`list({short}(...))`"
-    msg = (
-        f"add_task() got {name}, a function that returns {kind} when called, so its body "
-        "would never run. Make it a plain function (no `yield`), or add a function that "
-        f"consumes it: {consume}."
-    )
-    return InvalidTaskError(msg)
-
-
-def _kind(value: object) -> str:
-    """What a message says about a value it must not show: its type."""
-    return f"a value of type {type(value).__qualname__}"
-
-
-def describe(func: object) -> str:
-    """`module.qualname` of a callable, seen through `functools.partial`.
-
-    Never raises: a callable whose `__qualname__` or `__module__` raises is named by
-    `object.__repr__` (`<module.Class object at 0x...>`), so its failure is still logged.
-    """
-    try:
-        while isinstance(func, functools.partial):
-            func = func.func
-        qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-        module = getattr(func, "__module__", None)
-        name = f"{module}.{qualname}" if module else qualname
-        if isinstance(name, str):
-            return name
-    except BaseException:  # noqa: S110  (a name for a log line must not fail)
-        pass
-    return object.__repr__(func)
-
-
-def check_flag(value: object, where: str) -> bool:
-    """`value` if it is a bool, or a `ConfigurationError` naming `where`: `"false"` must not
-    mean True."""
-    if not isinstance(value, bool):
-        msg = f"{where} must be True or False; got {value!r}."
-        raise ConfigurationError(msg)
-    return value
-
-
-def check_timeout(value: object, where: str) -> float | None:
-    """Return `value` as a timeout in seconds, or raise a `ConfigurationError` naming `where`."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        msg = f"{where} must be a number of seconds above 0, or None for no limit; got {value!r}."
-        raise ConfigurationError(msg)
-    return float(value)
-
-
-def check_delay(value: object, where: str) -> float:
-    """Return `value` as a delay in seconds, or raise a `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        msg = f"{where} must be a number of seconds, 0 or more; got {value!r}."
-        raise ConfigurationError(msg)
-    return float(value)
-
-
-def check_backoff(value: object, where: str) -> float:
-    """Return `value` as seconds before a first retry, or raise a `ConfigurationError`."""
-    return check_delay(value, where)
-
-
-def check_retries(value: object, where: str) -> int:
-    """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        msg = f"{where} must be a whole number of retries, 0 or more; got {value!r}."
-        raise ConfigurationError(msg)
-    return value
-
-
-def _check_retry_on(value: object) -> type[Exception] | tuple[type[Exception], ...]:
-    classes = value if isinstance(value, tuple) else (value,)
-    if not classes or not all(isinstance(c, type) and issubclass(c, Exception) for c in classes):
-        msg = (
-            "set(retry_on=...) must be an exception class, or a tuple of them, deriving "
-            "from `Exception` (cancellation and other `BaseException`s are never retried); "
-            f"got {value!r}."
-        )
-        raise ConfigurationError(msg)
-    return value  # type: ignore[return-value]  # checked above

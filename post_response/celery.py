@@ -33,8 +33,8 @@ from celery.canvas import Signature
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
+from ._checks import describe
 from ._errors import InvalidTaskError, PostResponseError
-from ._task import describe
 from ._text import outline
 
 if TYPE_CHECKING:

@@ -32,8 +32,9 @@ import anyio.to_thread
 
 from . import _backend, _context, _registry
 from ._call import call
+from ._checks import check_flag
 from ._errors import ConfigurationError, PostResponseError
-from ._task import Stats, TaskHandle, TaskState, check_flag, lost
+from ._task import Stats, TaskHandle, TaskState, lost
 
 __all__ = [
     "CapturedTasks",
