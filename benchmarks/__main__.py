@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--out DIR] [--only a,b,...]`: see `benchmarks.cli`."""
+"""`python -m benchmarks [--quick] [--check] [--out DIR] [--only a,b,...]`: see `benchmarks.cli`."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@
 
 Examples:
     python -m benchmarks.profile inprocess --requests 20000 --top 30
+    python -m benchmarks.profile inprocess --system starlette-ours --compare starlette-bg
     python -m benchmarks.profile server --seconds 8 --system ours --work sync:1
 """
 
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +39,7 @@ from .apps import COUNTER, Work, build
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["main", "profile_inprocess", "profile_server"]
+__all__ = ["compare_inprocess", "main", "profile_inprocess", "profile_server"]
 
 # Packages, by the path fragment of their frames, for the per-package split.
 GROUPS = [
@@ -85,36 +87,127 @@ async def _profiled(system: str, work: Work, count: int, profiler: cProfile.Prof
         return time.perf_counter() - start
 
 
-def profile_inprocess(system: str, work: Work, count: int, top: int) -> str:
-    """The report: the cost per request, then the top functions by own time."""
+@dataclass(frozen=True)
+class Spent:
+    """One function's share of a profiled run, per request."""
+
+    calls: float
+    own_us: float
+    cumulative_us: float
+
+
+def _profile(
+    system: str, work: Work, count: int
+) -> tuple[float, dict[tuple[str, int, str], Spent]]:
+    """µs per request under the profiler, and each function's calls and times per request,
+    keyed by (file, line, name)."""
     profiler = cProfile.Profile()
     COUNTER.value = 0
     elapsed = asyncio.run(_profiled(system, work, count, profiler))
-    stats = pstats.Stats(profiler)
-    entries = stats.stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tt, ct, callers)}
-    total = sum(entry[2] for entry in entries.values())
+    entries = pstats.Stats(profiler).stats  # type: ignore[attr-defined]  # {key: (cc, nc, tt, ct, callers)}
+    spent = {
+        (path, line, name): Spent(calls / count, own / count * 1e6, cum / count * 1e6)
+        for (path, line, name), (_, calls, own, cum, _) in entries.items()
+    }
+    return elapsed / count * 1e6, spent
+
+
+def _where(key: tuple[str, int, str]) -> str:
+    return f"{key[2]} ({_short(key[0])}:{key[1]})"
+
+
+def profile_inprocess(system: str, work: Work, count: int, top: int) -> str:
+    """The report: the cost per request, the top functions by own time, ours alone, and
+    the own time by package."""
+    per_request, spent = _profile(system, work, count)
+    total = sum(entry.own_us for entry in spent.values())
+    header = f"{'own %':>6} {'own µs/req':>10} {'cum µs/req':>10} {'calls/req':>9}  function"
+
+    def table(keys: list[tuple[str, int, str]]) -> list[str]:
+        return [
+            f"{spent[k].own_us / total * 100:6.1f} {spent[k].own_us:10.2f} "
+            f"{spent[k].cumulative_us:10.2f} {spent[k].calls:9.2f}  {_where(k)}"
+            for k in keys
+        ]
+
+    ranked = sorted(spent, key=lambda key: spent[key].own_us, reverse=True)
+    ours = [key for key in ranked if group_of(key[0]) == "post_response"]
+    by_group = _by_group(spent)
+    our_calls = sum(spent[key].calls for key in ours)
     lines = [
         f"cProfile, in-process: {system} doing {work.encode()}, {count:,} requests: "
-        f"{elapsed / count * 1e6:.1f} µs/request under the profiler",
+        f"{per_request:.1f} µs/request under the profiler",
         "",
-        f"{'own %':>6} {'own µs/req':>10} {'cum µs/req':>10} {'calls/req':>9}  function",
+        header,
+        *table(ranked[:top]),
+        "",
+        f"post_response's functions, top {top} by own time "
+        f"({by_group.get('post_response', (0.0, 0.0))[0]:.1f} µs/req, {our_calls:.1f} calls/req):",
+        header,
+        *table(ours[:top]),
+        "",
+        "own time by package:",
+        *(f"{own / total * 100:6.1f}%  {name}" for name, (own, _) in by_group.items()),
     ]
-    ranked = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)
-    for (path, line, name), (_, calls, own, cumulative, _) in ranked[:top]:
-        lines.append(
-            f"{own / total * 100:6.1f} {own / count * 1e6:10.2f} {cumulative / count * 1e6:10.2f} "
-            f"{calls / count:9.2f}  {name} ({_short(path)}:{line})"
+    return "\n".join(lines)
+
+
+def _by_group(spent: dict[tuple[str, int, str], Spent]) -> dict[str, tuple[float, float]]:
+    """Own µs and calls per request by package, most time first."""
+    own: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, float] = collections.defaultdict(float)
+    for key, entry in spent.items():
+        group = group_of(key[0])
+        own[group] += entry.own_us
+        calls[group] += entry.calls
+    return {
+        name: (own[name], calls[name]) for name in sorted(own, key=own.__getitem__, reverse=True)
+    }
+
+
+def compare_inprocess(first: tuple[str, Work], second: tuple[str, Work], count: int) -> str:
+    """Two systems profiled one after the other: every function whose calls per request
+    differ (a different code path, a fast path lost), then both by package."""
+    runs = [_profile(system, work, count) for system, work in (first, second)]
+    names = [f"{system} {work.encode()}" for system, work in (first, second)]
+    (cost_a, a), (cost_b, b) = runs
+    none = Spent(0.0, 0.0, 0.0)
+    differ = [
+        key
+        for key in a.keys() | b.keys()
+        if abs(a.get(key, none).calls - b.get(key, none).calls) >= 0.05
+    ]
+    differ.sort(
+        key=lambda key: (group_of(key[0]), -max(a.get(key, none).own_us, b.get(key, none).own_us))
+    )
+    groups_a, groups_b = _by_group(a), _by_group(b)
+    lines = [
+        f"cProfile, in-process, {count:,} requests each: A = {names[0]} ({cost_a:.1f} µs/req "
+        f"under the profiler), B = {names[1]} ({cost_b:.1f})",
+        "",
+        "functions whose calls per request differ (own µs/req under the profiler):",
+        f"{'A calls':>8} {'B calls':>8} {'A own':>7} {'B own':>7}  function",
+        *(
+            f"{a.get(k, none).calls:8.2f} {b.get(k, none).calls:8.2f} "
+            f"{a.get(k, none).own_us:7.2f} {b.get(k, none).own_us:7.2f}  {_where(k)}"
+            for k in differ
+        ),
+        "",
+        "by package (own µs/req under the profiler, calls/req):",
+        f"{'A own':>8} {'B own':>8} {'A calls':>8} {'B calls':>8}  package",
+    ]
+    nothing = (0.0, 0.0)
+    for group in sorted(groups_a.keys() | groups_b.keys()):
+        (own_a, calls_a), (own_b, calls_b) = (
+            groups_a.get(group, nothing),
+            groups_b.get(group, nothing),
         )
-    lines += ["", "own time by package:"]
-    by_group: collections.Counter[str] = collections.Counter()
-    for (path, _, _), entry in entries.items():
-        by_group[group_of(path)] += entry[2]
-    lines += [f"{own / total * 100:6.1f}%  {name}" for name, own in by_group.most_common()]
+        lines.append(f"{own_a:8.2f} {own_b:8.2f} {calls_a:8.1f} {calls_b:8.1f}  {group}")
     return "\n".join(lines)
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3", f"{server.ROOT}/"):
         if marker in path:
             return path.split(marker, 1)[1]
     return path
@@ -289,9 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         help="the server profiled first, for comparison "
         "(default: the bare app; e.g. raw-spawn with --work sleep:1:0.5)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="SYSTEM[:WORK]",
+        help="in-process: profile this system too (doing --work, unless given) and list the "
+        "functions whose calls per request differ, e.g. --system starlette-ours --work none "
+        "--compare starlette",
+    )
     args = parser.parse_args(argv)
     work = Work.decode(args.work)
-    if args.what in ("inprocess", "all"):
+    if args.what in ("inprocess", "all") and args.compare:
+        other, _, other_work = args.compare.partition(":")
+        second = (other, Work.decode(other_work) if other_work else work)
+        print(compare_inprocess((args.system, work), second, args.requests), end="\n\n")
+    elif args.what in ("inprocess", "all"):
         print(profile_inprocess(args.system, work, args.requests, args.top), end="\n\n")
     if args.what in ("server", "all"):
         print(profile_server(args.system, work, args.seconds, args.top, args.baseline))

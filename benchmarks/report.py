@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import datetime
 
-    from .results import Section, Target
+    from .goals import Verdict
+    from .results import Section
 
 __all__ = ["machine", "markdown", "tables", "write_chart"]
 
@@ -134,30 +135,33 @@ def section_table(section: Section) -> list[str]:
 
 
 def _met(met: bool | None) -> str:
-    return {True: "**met**", False: "**not met**", None: "not measured"}[met]
+    return {True: "**met**", False: "**missed**", None: "not measured"}[met]
 
 
-def targets_table(sections: list[Section]) -> list[str]:
-    lines = ["| | target | measured (median of per-round ratios) | |", "| --- | --- | ---: | --- |"]
-    for section in sections:
-        for target in section.targets:
-            measured = "n/a" if target.ratio is None else f"{target.ratio:.2f}"
-            lines.append(f"| ({section.key}) | {target.text} | {measured} | {_met(target.met)} |")
+def goals_table(verdicts: list[Verdict]) -> list[str]:
+    """One row per goal: what it was, what it must be, what this run measured."""
+    lines = [
+        "| | comparison | was | goal | this run (range over rounds) | |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for verdict in verdicts:
+        goal = verdict.goal
+        cells = [f"({goal.section})", goal.text, goal.was, goal.wanted, verdict.shown()]
+        lines.append("| " + " | ".join([*cells, _met(verdict.met)]) + " |")
     return lines
 
 
-def tables(sections: list[Section]) -> str:
-    """What the terminal shows at the end: each table, then the targets."""
+def tables(sections: list[Section], verdicts: list[Verdict]) -> str:
+    """What the terminal shows at the end: each section's table, then the goals."""
     out = []
     for section in sections:
         out += [f"({section.key}) {section.title}", *section_table(section), ""]
-    if any(section.targets for section in sections):
-        out += ["Targets", *targets_table(sections)]
-    return "\n".join(out)
+    return "\n".join([*out, "Goals", *goals_table(verdicts)])
 
 
 def markdown(
     sections: list[Section],
+    verdicts: list[Verdict],
     *,
     info: dict[str, str],
     command: str,
@@ -175,14 +179,18 @@ def markdown(
         "comparison interleaves its systems (A B C A B C ...) over several rounds, and a "
         "ratio is the median of the ratios within each round, with their range in brackets. "
         'Tasks are no-ops unless said otherwise. "Ours" is `PostResponseMiddleware` with '
-        "its defaults (`detach=True`). The targets are those of issue 5. Where our time "
-        "goes: `python -m benchmarks.profile`.",
+        "its defaults (`detach=True`). Where our time goes: `python -m benchmarks.profile`.",
+        "",
+        "## Goals (issue 12)",
+        "",
+        "Each measured in this run, its systems interleaved; `python -m benchmarks --check` "
+        "fails when one is missed by more than its noise margin.",
+        "",
+        *goals_table(verdicts),
         "",
     ]
     if chart:
         lines += [f"![ratios]({chart})", ""]
-    if any(section.targets for section in sections):
-        lines += ["## Targets", "", *targets_table(sections), ""]
     for section in sections:
         lines += [f"## ({section.key}) {section.title}", "", section.method, ""]
         lines += section_table(section)
@@ -194,39 +202,44 @@ def markdown(
     return "\n".join(lines)
 
 
-def _bars(ax: Any, section: Section) -> None:
-    """One bar per (row, column) ratio; a target's bar is green when met, red when not,
+def _bars(ax: Any, section: Section, verdicts: list[Verdict]) -> None:
+    """One bar per (row, column) ratio; a goal's bar is green when met, red when not,
     with its threshold marked by a black tick."""
     metric = section.chart_metric or section.metrics[0].key
-    bars: list[tuple[str, tuple[float, float, float], Target | None]] = []
+    bars: list[tuple[str, tuple[float, float, float], Verdict | None]] = []
     for row in section.rows:
         for ref, title in section.columns:
             found = section.ratio(metric, row.key, ref) if ref in row.compare else None
             if found is None:
                 continue
-            target = next(
-                (t for t in section.targets if (t.row, t.ref, t.metric) == (row.key, ref, metric)),
-                None,
+            verdict = next(
+                (v for v in verdicts if _charted(v, section, row.key, ref, metric)), None
             )
-            bars.append((f"{row.label} {title}", found, target))
+            bars.append((f"{row.label} {title}", found, verdict))
     positions = list(range(len(bars)))[::-1]
     medians = [found[0] for _, found, _ in bars]
     ax.barh(
         positions,
         medians,
         xerr=[[f[0] - f[1] for _, f, _ in bars], [f[2] - f[0] for _, f, _ in bars]],
-        color=[_COLORS[None if t is None else t.met] for _, _, t in bars],
+        color=[_COLORS[None if v is None else v.met] for _, _, v in bars],
         capsize=3,
     )
     ax.set_yticks(positions, [label for label, _, _ in bars], fontsize=7)
     ax.axvline(1.0, color="grey", linewidth=0.8)
-    for position, (_, _, target) in zip(positions, bars, strict=True):
-        if target is not None:
-            ax.plot([target.threshold], [position], marker="|", markersize=16, color="black")
+    for position, (_, _, verdict) in zip(positions, bars, strict=True):
+        if verdict is not None:
+            threshold = verdict.goal.threshold
+            ax.plot([threshold], [position], marker="|", markersize=16, color="black")
     if medians and max(medians) / max(min(medians), 1e-9) > 8:
         ax.set_xscale("log")
     _title(ax, section)
     ax.tick_params(axis="x", labelsize=7)
+
+
+def _charted(verdict: Verdict, section: Section, row: str, ref: str, metric: str) -> bool:
+    goal = verdict.goal
+    return (goal.section, goal.row, goal.ref, goal.metric) == (section.key, row, ref, metric)
 
 
 _COLORS = {None: "#4c72b0", True: "#55a868", False: "#c44e52"}
@@ -247,10 +260,10 @@ def _series(ax: Any, section: Section) -> None:
     ax.tick_params(labelsize=7)
 
 
-def write_chart(sections: list[Section], path: Path) -> bool:
+def write_chart(sections: list[Section], verdicts: list[Verdict], path: Path) -> bool:
     """A PNG of each section's ratios (bars with the range over rounds as whiskers, 1.0 as
     a grey line) and of the RSS samples. False when matplotlib is not installed."""
-    # matplotlib is optional (the bench extra), so imported untyped: the Axes are `Any`.
+    # matplotlib is optional (benchmarks/requirements.txt), so imported untyped: the Axes are `Any`.
     try:
         mpl = importlib.import_module("matplotlib")
     except ImportError:
@@ -269,12 +282,12 @@ def write_chart(sections: list[Section], path: Path) -> bool:
         if section.series:
             _series(axes, section)
         else:
-            _bars(axes, section)
+            _bars(axes, section, verdicts)
     for index in range(len(panels), rows * columns):
         grid[index // columns][index % columns].set_visible(False)
     figure.suptitle(
         "post_response benchmarks: ratios, median over rounds (whiskers: their range); "
-        "a target's bar is green when met, red when not, its threshold a black tick",
+        "a goal's bar is green when met, red when not, its threshold a black tick",
         fontsize=9,
     )
     figure.tight_layout()

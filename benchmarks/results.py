@@ -1,4 +1,4 @@
-"""Results: values per round, medians, paired ratios, and the targets they are judged by.
+"""Results: values per round, medians, and paired ratios (`goals` judges them).
 
 A ratio compares two rows *within each round* (they were measured next to each other),
 and the report gives the median of those per-round ratios with their range, which says
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Literal
 
-__all__ = ["Metric", "Row", "Section", "Target", "paired_ratios"]
+__all__ = ["Metric", "Row", "Section", "paired_ratios"]
 
 
 @dataclass(frozen=True)
@@ -39,26 +38,6 @@ class Row:
 
 
 @dataclass
-class Target:
-    text: str  # as the issue states it: "ours >= 0.95 x bare raw"
-    metric: str
-    row: str
-    ref: str
-    op: Literal[">=", "<="]
-    threshold: float
-    ref_metric: str | None = None  # another metric of `ref` (RSS at the end / after warm-up)
-    ratio: float | None = None  # filled in by Section.judge()
-
-    @property
-    def met(self) -> bool | None:
-        if self.ratio is None:
-            return None
-        if self.op == ">=":
-            return self.ratio >= self.threshold
-        return self.ratio <= self.threshold
-
-
-@dataclass
 class Section:
     key: str  # "a", "b", ...
     title: str
@@ -66,7 +45,6 @@ class Section:
     metrics: list[Metric]
     columns: list[tuple[str, str]] = field(default_factory=list)  # ratio columns: (row, header)
     rows: list[Row] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long the section took
     chart_metric: str | None = None  # the metric whose ratios the chart shows (default: first)
@@ -89,11 +67,6 @@ class Section:
         if not ratios:
             return None
         return statistics.median(ratios), min(ratios), max(ratios)
-
-    def judge(self) -> None:
-        for target in self.targets:
-            found = self.ratio(target.metric, target.row, target.ref, target.ref_metric)
-            target.ratio = None if found is None else found[0]
 
 
 def paired_ratios(row: Row, ref: Row, metric: str, ref_metric: str | None = None) -> list[float]:

@@ -3,12 +3,11 @@
 Each server is a subprocess (`uvicorn --http httptools --loop uvloop --no-access-log`,
 one worker) serving `benchmarks.apps:from_env`; it is stopped with SIGINT (then SIGKILL)
 when its block ends, whatever happened inside it. Throughput comes from wrk, or from a
-small asyncio keep-alive client where wrk is not installed.
+Python client of `benchmarks.client` where wrk is not installed (or is not wanted).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -23,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .client import closed_loop
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .apps import Work
 
-__all__ = ["LoadResult", "Server", "load", "rss_bytes", "serving"]
+__all__ = ["LoadResult", "Server", "complaints", "load", "rss_bytes", "serving", "wait_idle"]
 
 ROOT = Path(__file__).resolve().parent.parent  # servers import `benchmarks.apps` from here
 STARTUP_LIMIT = 30.0  # seconds a server may take to accept connections
@@ -141,6 +142,35 @@ def _stop(server: Server) -> None:
         server.process.wait()
 
 
+def complaints(server: Server) -> str:
+    """What the server logged so far (it logs warnings and errors only), in short; or ""."""
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{server.name}'s server logged {len(lines)} lines, the first: `{lines[0][:160]}`"
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (user and system), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(server: Server, limit: float = 30.0, interval: float = 0.2) -> None:
+    """Until the server uses under 5% of a core (its tasks are done), at most `limit` s."""
+    if not Path(f"/proc/{server.process.pid}/stat").exists():
+        return
+    deadline = time.monotonic() + limit
+    used = cpu_seconds(server.process.pid)
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = cpu_seconds(server.process.pid)
+        if now - used <= 0.05 * interval:
+            return
+        used = now
+
+
 def rss_bytes(pid: int) -> int:
     """The resident set size of a process, from /proc/<pid>/status."""
     with open(f"/proc/{pid}/status") as status:
@@ -175,7 +205,7 @@ def load(
     if (client or ("wrk" if WRK else "python")) == "wrk" and WRK:
         result = _wrk(WRK, server.url, seconds, connections)
     else:
-        result = asyncio.run(_keep_alive_load(server.port, seconds, connections))
+        result = LoadResult(*closed_loop(server.port, seconds, connections))
     server.check_alive()
     return result
 
@@ -202,41 +232,3 @@ def _wrk_ms(out: str, percentile: str) -> float | None:
     if found is None:
         return None
     return float(found[1]) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[found[2]]
-
-
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-async def read_response(reader: asyncio.StreamReader) -> int:
-    """Read one response with a Content-Length body; return its status."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    await reader.readexactly(length)
-    return int(lines[0].split(" ", 2)[1])
-
-
-async def _keep_alive_load(port: int, seconds: float, connections: int) -> LoadResult:
-    """wrk's job, in Python (slower: on two cores it competes with the server more)."""
-    done = errors = 0
-    deadline = time.monotonic() + seconds
-
-    async def client() -> None:
-        nonlocal done, errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while time.monotonic() < deadline:
-                writer.write(REQUEST)
-                status = await read_response(reader)
-                done += 1
-                errors += not 200 <= status < 400
-        finally:
-            writer.close()
-
-    start = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(connections)))
-    return LoadResult(done, time.monotonic() - start, errors)
