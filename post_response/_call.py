@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from asgiref.sync import iscoroutinefunction
 
-from ._checks import describe
-from ._errors import InvalidTaskError
+from ._checks import GENERATORS, returned_generator
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -89,25 +87,9 @@ def _call_sync(
     result = context.run(func, *args, **kwargs)
     if inspect.isawaitable(result):
         return (result,)
-    if isinstance(result, _GENERATORS):
-        raise _returned_generator(result)
+    if isinstance(result, GENERATORS):
+        raise returned_generator(result)
     return None
-
-
-_GENERATORS = (GeneratorType, AsyncGeneratorType)
-
-
-def _returned_generator(result: object) -> InvalidTaskError:
-    if isinstance(result, AsyncGeneratorType):
-        kind, consume = "an async generator", "an async function with `async for _ in gen(): pass`"
-    else:
-        kind, consume = "a generator", "`add_task(lambda: list(gen()))`"
-    msg = (
-        f"The task returned {kind} ({describe(result)}) instead of doing its work: a "
-        "generator's body runs only when something iterates it. Call a function without "
-        f"`yield`, or consume the generator in the task, e.g. {consume}."
-    )
-    return InvalidTaskError(msg)
 
 
 def is_async(func: object) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING
 
 from ._errors import ConfigurationError, InvalidTaskError
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GENERATOR",
+    "GENERATORS",
     "check_backoff",
     "check_delay",
     "check_flag",
@@ -29,6 +31,7 @@ __all__ = [
     "generator_function",
     "kind",
     "not_callable",
+    "returned_generator",
 ]
 
 
@@ -79,6 +82,22 @@ def generator_function(func: object, flags: int) -> InvalidTaskError:
         f"add_task() got {name}, a function that returns {kind} when called, so its body "
         "would never run. Make it a plain function (no `yield`), or add a function that "
         f"consumes it: {consume}."
+    )
+    return InvalidTaskError(msg)
+
+
+GENERATORS = (GeneratorType, AsyncGeneratorType)  # what a generator function returns
+
+
+def returned_generator(result: object) -> InvalidTaskError:
+    if isinstance(result, AsyncGeneratorType):
+        kind, consume = "an async generator", "an async function with `async for _ in gen(): pass`"
+    else:
+        kind, consume = "a generator", "`add_task(lambda: list(gen()))`"
+    msg = (
+        f"The task returned {kind} ({describe(result)}) instead of doing its work: a "
+        "generator's body runs only when something iterates it. Call a function without "
+        f"`yield`, or consume the generator in the task, e.g. {consume}."
     )
     return InvalidTaskError(msg)
 
