@@ -3,11 +3,8 @@ connection open. Imported by the middleware only once Django's settings are conf
 
 from __future__ import annotations
 
-import sys
-import threading
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import anyio
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -18,7 +15,7 @@ from . import _batch, _context
 from ._backend import asyncio_loop
 from ._errors import ConfigurationError
 from ._options import skip_reason
-from ._owner import Owner
+from ._owner import run_to_the_end
 from ._task import Stats
 
 if TYPE_CHECKING:
@@ -112,7 +109,7 @@ def run_test_client_tasks() -> Callable[[], None]:
         reason = skip_reason(config.policy, status, True, False, raised=view_raised)
         batch = _batch.finished(tasks, task_settings, reason)
         if batch is not None:
-            _run_to_the_end(batch, config.max_running, config.max_queued)
+            run_to_the_end(batch, config.max_running, config.max_queued)
 
     hooks = [(request_started, started), (got_request_exception, failed)]
     hooks.append((request_finished, finished))
@@ -124,18 +121,3 @@ def run_test_client_tasks() -> Callable[[], None]:
             signal.disconnect(receiver, dispatch_uid=f"post_response:{id(receiver)}")
 
     return disconnect
-
-
-def _run_to_the_end(batch: _batch.Batch, max_running: int | None, max_queued: int | None) -> None:
-    """Run `batch` and wait for it: here, or in a thread of its own if a loop runs here."""
-
-    async def run() -> None:
-        await Owner(max_running, max_queued).run_here(batch)
-
-    trio = sys.modules.get("trio")
-    if asyncio_loop() is None and not (trio is not None and trio.lowlevel.in_trio_run()):
-        anyio.run(run)
-        return
-    thread = threading.Thread(target=anyio.run, args=(run,), name="post_response")
-    thread.start()
-    thread.join()

@@ -19,6 +19,8 @@ import enum
 import heapq
 import itertools
 import logging
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from ._batch import Batch
     from ._task import TaskHandle
 
-__all__ = ["Owner"]
+__all__ = ["Owner", "run_to_the_end"]
 
 logger = logging.getLogger("post_response")
 
@@ -555,3 +557,19 @@ class Owner:
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks()]
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
+
+
+def run_to_the_end(batch: Batch, max_running: int | None, max_queued: int | None) -> None:
+    """Run `batch` from sync code and wait for it: on an event loop of its own, in this
+    thread, or in a thread of its own if a loop already runs in this one."""
+
+    async def run() -> None:
+        await Owner(max_running, max_queued).run_here(batch)
+
+    trio = sys.modules.get("trio")
+    if _backend.asyncio_loop() is None and not (trio is not None and trio.lowlevel.in_trio_run()):
+        anyio.run(run)
+        return
+    thread = threading.Thread(target=anyio.run, args=(run,), name="post_response")
+    thread.start()
+    thread.join()

@@ -29,7 +29,7 @@ import anyio
 from . import _batch, _context, _registry
 from ._middleware import new_stats, setup
 from ._options import check_app, skip_reason
-from ._owner import Owner
+from ._owner import Owner, run_to_the_end
 from ._task import TaskState
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class PostResponseWSGIMiddleware:
                 if _registry.held_requests:  # a test asked to see the tasks' effects
                     loop.wait(batch)
             else:
-                anyio.run(_run_inline, batch, self.config.max_running, self.config.max_queued)
+                run_to_the_end(batch, self.config.max_running, self.config.max_queued)
         except Exception:
             logger.exception("post_response could not run the tasks of %s", batch.label)
             batch.abandon(TaskState.ABANDONED, "post_response could not run them (see above)")
@@ -194,10 +194,6 @@ class _ClosingIterable:
                 complete=self._exhausted,
                 client_gone=not (self._exhausted or self._raised),
             )
-
-
-async def _run_inline(batch: _batch.Batch, max_running: int | None, max_queued: int | None) -> None:
-    await Owner(max_running, max_queued).run_here(batch)
 
 
 class _TaskLoop:
