@@ -24,6 +24,7 @@ from ._threads import THREADS, Job, pool
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine
     from contextlib import AbstractAsyncContextManager
+    from contextvars import Context
 
     from anyio.abc import TaskGroup, TaskStatus
 
@@ -83,6 +84,18 @@ class Backend(Protocol):
     def forgive_self_cancel(self) -> None:
         """Forget a cancellation the current task asked for itself, once it is handled."""
 
+    @property
+    def runs_tasks_alone(self) -> bool:
+        """Whether each post_response task can get an event-loop task of its own
+        (`start()`); else (trio) the owner runs them on its parked workers."""
+
+    def start(self, coroutine: Coroutine[Any, Any, None], context: Context) -> Any:
+        """Start `coroutine` as a task of its own in `context`, out of the loop's sight
+        (as workers are): the caller keeps it, and cancels it with `stop()`."""
+
+    async def stop(self, tasks: list[Any]) -> None:
+        """Cancel `tasks` (started with `start()`) and wait until they have ended."""
+
 
 def asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None (under trio)."""
@@ -98,6 +111,7 @@ class AsyncioBackend:
 
     cancelled = asyncio.CancelledError
     delivers_by_throw = True
+    runs_tasks_alone = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -157,6 +171,17 @@ class AsyncioBackend:
 
     own_task = staticmethod(asyncio.current_task)  # a C function: no frame per task
 
+    def start(self, coroutine: Coroutine[Any, Any, None], context: Context) -> Any:
+        task = _create_task(self.loop, coroutine, context)
+        _unregister_task(task)
+        return task
+
+    async def stop(self, tasks: list[Any]) -> None:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(tasks)
+
     def forgive_self_cancel(self) -> None:
         task: Any = asyncio.current_task()
         if hasattr(task, "uncancel") and task.cancelling():  # Python 3.11+
@@ -168,6 +193,7 @@ class TrioBackend:
     most `THREADS` at once per run."""
 
     delivers_by_throw = False
+    runs_tasks_alone = False
 
     @property
     def cancelled(self) -> type[BaseException]:
@@ -207,6 +233,14 @@ class TrioBackend:
         return None  # trio cancels through scopes only, which the task's code owns
 
     def forgive_self_cancel(self) -> None:
+        pass
+
+    def start(self, coroutine: Coroutine[Any, Any, None], context: Context) -> Any:
+        coroutine.close()
+        msg = "trio runs post_response tasks on the owner's workers"
+        raise NotImplementedError(msg)
+
+    async def stop(self, tasks: list[Any]) -> None:
         pass
 
 
@@ -330,6 +364,14 @@ def _start_task(
     registry.add(task)
     task.add_done_callback(registry.discard, context=context)
     return task
+
+
+def _create_task(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, None], context: Context
+) -> asyncio.Task[None]:
+    if sys.version_info >= (3, 11):
+        return loop.create_task(coroutine, context=context)
+    return context.run(loop.create_task, coroutine)  # the task runs in a copy of `context`
 
 
 # Low-level asyncio API "for third-party task implementations" (Python 3.10-3.13).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -66,6 +66,13 @@ class Settings:
     dispatchers: Dispatchers | None = None
     retries: int = 0
     backoff: float = 0.5
+    # Nothing to do around each task (no default timeout, span or framework environment):
+    # its tasks without options of their own can run as they are (see `Owner`).
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = self.timeout is None and self.spans is None and self.environment is None
+        object.__setattr__(self, "plain", plain)
 
 
 BACKOFF_CAP = 60.0  # seconds: the longest wait between two attempts
@@ -117,6 +124,7 @@ class Batch:
         "limiter",
         "owner",
         "request",
+        "runner",
         "settings",
         "skip_reason",
     )
@@ -131,6 +139,7 @@ class Batch:
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None
         self.owner: Owner | None = None
+        self.runner: object = None  # the event-loop task running it now, if it has its own
         self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
         self._why: Callable[[], str] = _no_reason
         self._done: anyio.Event | None = None  # for those who wait for its end

@@ -15,8 +15,10 @@ task whose thread runs on), tasks not started end `abandoned`, each logged by na
 from __future__ import annotations
 
 import collections
+import contextvars
 import enum
 import heapq
+import inspect
 import itertools
 import logging
 import sys
@@ -26,15 +28,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _backend, _context
-from ._batch import HeldBatch
+from ._batch import Batch, HeldBatch
 from ._pressure import pressure
-from ._task import TaskState, note_lost
+from ._task import UNSET, TaskState, note_lost
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from ._backend import Workers
-    from ._batch import Batch
     from ._task import TaskHandle
 
 __all__ = ["Owner", "run_to_the_end"]
@@ -42,6 +43,8 @@ __all__ = ["Owner", "run_to_the_end"]
 logger = logging.getLogger("post_response")
 
 _ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskState.PENDING
+_COMPLETED, _RUNNING = TaskState.COMPLETED, TaskState.RUNNING
+_DEBUG = logging.DEBUG
 _SHUT_DOWN = "the server shut down"
 
 
@@ -87,6 +90,13 @@ class Owner:
     `max_running` slot: one timer task per owner serves a heap of due times, and a dict
     keeps, per key, whether a task with it runs and the one task waiting for it. At
     shutdown, delays end at once and a task waiting for its next attempt is abandoned.
+
+    On asyncio there are no workers: a batch is started as soon as `max_running` lets it,
+    and each of its tasks gets an asyncio task of its own (`_step`), started when the one
+    before it has ended (tasks of a request run one after another). A task without options
+    runs there as it is, in its own context snapshot, with nothing around it but its state
+    changes; the others (and batches run `concurrency` at a time, or held for a delay, key
+    or retry) take the general path of `Batch`. Trio keeps parked workers.
     """
 
     SPARE_WORKERS = 64
@@ -119,6 +129,9 @@ class Owner:
         self._tick: anyio.Event | None = None  # set to wake the timer
         self._timing = False  # the timer task was started
         self._flushing = False  # shutting down: delays are over, backoffs abandoned
+        self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
+        self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
+        self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
 
     @classmethod
     def spawn(
@@ -152,6 +165,7 @@ class Owner:
                     raise
                 finally:
                     self.life = Life.STOPPING  # the end of the block stops the workers
+                    await self._stop_tasks()
         finally:
             self._workers = None
             self.life = Life.CLOSED
@@ -277,7 +291,9 @@ class Owner:
             return
         if self._max_running is not None and self._running >= self._max_running:
             return  # a worker takes the next batch when it is done with its own
-        if self._parked:
+        if self._alone:
+            self._pump()
+        elif self._parked:
             self._backend.wake(self._parked.pop())
         else:
             workers.start(self._work)
@@ -313,6 +329,113 @@ class Owner:
             if self._finished is not None:
                 self._finished.set()
                 self._finished = None
+
+    # asyncio: a task of the event loop per post_response task, no workers.
+
+    def _pump(self) -> None:
+        """Start queued batches while `max_running` lets them (iterative: a batch that ends
+        at once, its tasks cancelled meanwhile, starts the next one from here)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            waiting, limit = self._waiting, self._max_running
+            while waiting and self.life is Life.SERVING:
+                if limit is not None and self._running >= limit:
+                    return
+                batch = waiting.popleft()
+                if type(batch) is Batch and batch.settings.concurrency == 1:
+                    self._running += 1
+                    batch._why = self._cause
+                    self._next(batch)
+                else:  # held, or run `concurrency` at a time: the general path, on one task
+                    batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
+        finally:
+            self._pumping = False
+
+    async def _run_alone(self, batch: Batch) -> None:
+        try:
+            await self._run(batch)
+        finally:
+            batch.runner = None
+            if self._waiting:
+                self._wake()
+
+    def _next(self, batch: Batch) -> None:
+        """Start `batch`'s next task on a loop task of its own, or end the batch."""
+        if self.life is not Life.SERVING:  # stopping: what has not started is abandoned
+            self._end_batch(batch, f"{self._cause()} before it started")
+            return
+        task = batch.request.take(close=True)
+        if task is None:
+            self._end_batch(batch, None)
+            return
+        timeout = task.timeout
+        plain = (
+            task.state is _PENDING
+            and task._plan is None
+            and task.dispatch is None
+            and batch.skip_reason is None
+            and batch.settings.plain
+            and (timeout is UNSET or timeout is None)
+            and _is_coroutine_function(task.func)
+        )
+        context = task.context if plain else _EMPTY_CONTEXT()
+        batch.runner = self._backend.start(self._step(batch, task, plain=plain), context)
+
+    async def _step(self, batch: Batch, task: TaskHandle, *, plain: bool) -> None:
+        """Run one task of `batch`, then start the next. A plain task (see `_next`) runs here
+        as it is, in its context snapshot; the others take the general path."""
+        try:
+            if plain:
+                task._start()
+                try:
+                    await task.func(*task.args, **task.kwargs)  # type: ignore[misc]
+                except self._backend.cancelled as exc:
+                    if self._stopping_tasks:  # the owner's, not the task's own
+                        raise
+                    self._backend.forgive_self_cancel()
+                    await batch._fail(task, exc, "failed: it raised a cancellation of its own")
+                except BaseException as exc:  # SystemExit too: the task failed, not the loop
+                    await batch._fail(task, exc, "failed")
+                else:
+                    task._end(_COMPLETED)
+                    if logger.isEnabledFor(_DEBUG):
+                        task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+            else:
+                await batch._one(task)
+        except self._backend.cancelled:
+            if task.state is _RUNNING or task.state is _PENDING:
+                batch._interrupted(task)
+            self._end_batch(batch, f"{self._cause()} before it started")
+            raise
+        except BaseException:
+            logger.exception("post_response failed running the tasks of %s", batch.label)
+            self._end_batch(batch, "post_response failed running them (see the error above)")
+            return
+        self._next(batch)
+
+    def _end_batch(self, batch: Batch, abandoned: str | None) -> None:
+        """`batch` is over (its tasks not started abandoned, for the reason given)."""
+        batch.runner = None
+        if abandoned is None:
+            batch._ended()
+        else:
+            batch.abandon(_ABANDONED, abandoned)
+        self._running -= 1
+        self._batches.discard(batch)
+        if self._finished is not None:
+            self._finished.set()
+            self._finished = None
+        if self._waiting:
+            self._wake()
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the loop tasks running batches (asyncio) and wait for them."""
+        tasks = [batch.runner for batch in self._batches if batch.runner is not None]
+        if tasks:
+            self._stopping_tasks = True
+            await self._backend.stop(tasks)
 
     # Tasks that wait: for a delay, for their key, for their next attempt.
 
@@ -557,6 +680,14 @@ class Owner:
     def _count(self) -> tuple[int, int]:
         states = [task.state for batch in self._batches for task in batch.tasks()]
         return states.count(TaskState.RUNNING), states.count(TaskState.PENDING)
+
+
+_EMPTY_CONTEXT = contextvars.Context  # where the general path runs: each task gets its own
+
+
+def _is_coroutine_function(func: object) -> bool:
+    code = getattr(func, "__code__", None)
+    return code is not None and bool(code.co_flags & inspect.CO_COROUTINE)
 
 
 def run_to_the_end(batch: Batch, max_running: int | None, max_queued: int | None) -> None:
