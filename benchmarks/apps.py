@@ -284,6 +284,13 @@ def ours(work: Work) -> ASGIApp:
     return PostResponseMiddleware(raw_app(_adding(work)))
 
 
+def ours_unlimited(work: Work) -> ASGIApp:
+    """The same with `max_running` and `max_queued` off: for the rows that need 10,000-25,000
+    tasks at once (long sleep tasks), which measure capacity, not the default limits (with
+    them, the tasks past 10,000 would wait, and past 20,000 be dropped)."""
+    return PostResponseMiddleware(raw_app(_adding(work)), max_running=None, max_queued=None)
+
+
 def ours_inline(work: Work) -> ASGIApp:
     """The same with `detach=False`: tasks run inside the request's app call."""
     return PostResponseMiddleware(raw_app(_adding(work)), detach=False)
@@ -405,6 +412,7 @@ SYSTEMS: dict[str, System] = {
     "raw-spawn": System(raw_spawn, "post_response", "raw app, asyncio.create_task"),
     "raw-await": System(raw_await, "post_response", "raw app, send then await the task"),
     "ours": System(ours, "post_response", "ours"),
+    "ours-unlimited": System(ours_unlimited, "post_response", "ours, no max_running/max_queued"),
     "ours-inline": System(ours_inline, "post_response", "ours, detach=False"),
     "starlette": System(starlette_plain, "starlette", "Starlette"),
     "starlette-bg": System(starlette_background, "starlette", "Starlette BackgroundTasks"),

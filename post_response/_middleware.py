@@ -91,7 +91,7 @@ class PostResponseMiddleware:
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0915
         kind = scope["type"]
         if kind == "lifespan" and self.config.detach:
             await self._lifespan(scope, receive, send)
@@ -109,10 +109,53 @@ class PostResponseMiddleware:
         )
         token = _context.activate(tasks)
         try:
-            if kind == "http":
-                await self._http(scope, receive, send, tasks)
-            else:
+            if kind != "http":
                 await self._websocket(scope, receive, send, tasks)
+                return
+            # HTTP, inline (one coroutine less per request): watch for the end of the
+            # response, then judge its outcome.
+            status = 0
+            trailers = complete = client_gone = False
+
+            async def watch_receive() -> Message:
+                nonlocal client_gone
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    client_gone = True
+                return message
+
+            async def watch_send(message: Message) -> None:
+                nonlocal status, trailers, complete, client_gone
+                try:
+                    await send(message)  # the one place a response message is forwarded
+                except OSError:  # ASGI 2.4: send() after the client went away
+                    client_gone = True
+                    raise
+                sent = message["type"]
+                if sent == "http.response.start":
+                    status = message["status"]
+                    trailers = message.get("trailers", False)
+                elif sent in _BODY:
+                    complete = not trailers and not message.get("more_body", False)
+                elif sent == "http.response.pathsend":
+                    complete = not trailers
+                elif sent == "http.response.trailers":
+                    complete = not message.get("more_trailers", False)
+
+            try:
+                await self.app(scope, watch_receive, watch_send)
+            except Exception:
+                reason = skip_reason(config.policy, status, complete, client_gone, raised=True)
+                await self._finish(tasks, reason)
+                raise
+            except BaseException:
+                _abandon(tasks, "the request was cancelled")
+                raise
+            if not tasks.tasks and tasks.close_if_done():  # no task: the usual request, done
+                return
+            await self._finish(
+                tasks, skip_reason(config.policy, status, complete, client_gone, raised=False)
+            )
         finally:
             _context.deactivate(token)
 
@@ -125,50 +168,6 @@ class PostResponseMiddleware:
         owner = self._owners.get(None)
         if owner is not None:
             await owner.join()
-
-    async def _http(
-        self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
-    ) -> None:
-        status = 0
-        trailers = complete = client_gone = False
-
-        async def watch_receive() -> Message:
-            nonlocal client_gone
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                client_gone = True
-            return message
-
-        async def watch_send(message: Message) -> None:
-            nonlocal status, trailers, complete, client_gone
-            try:
-                await send(message)
-            except OSError:  # ASGI 2.4: send() after the client went away
-                client_gone = True
-                raise
-            sent = message["type"]
-            if sent == "http.response.start":
-                status = message["status"]
-                trailers = message.get("trailers", False)
-            elif sent in _BODY:
-                complete = not trailers and not message.get("more_body", False)
-            elif sent == "http.response.pathsend":
-                complete = not trailers
-            elif sent == "http.response.trailers":
-                complete = not message.get("more_trailers", False)
-
-        try:
-            await self.app(scope, watch_receive, watch_send)
-        except Exception:
-            reason = skip_reason(self.config.policy, status, complete, client_gone, raised=True)
-            await self._finish(tasks, reason)
-            raise
-        except BaseException:
-            _abandon(tasks, "the request was cancelled")
-            raise
-        await self._finish(
-            tasks, skip_reason(self.config.policy, status, complete, client_gone, raised=False)
-        )
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks

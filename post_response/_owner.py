@@ -207,6 +207,15 @@ class Owner:
             return
         if self._admit(batch):
             self._batches.add(batch)
+            limit = self._max_running
+            if (
+                self._alone
+                and not self._waiting
+                and self.life is Life.SERVING
+                and (limit is None or self._running < limit)
+            ):
+                self._launch(batch)  # the usual case: straight on, no queue
+                return
             self._waiting.append(batch)
             self._wake()
 
@@ -232,6 +241,12 @@ class Owner:
             self._tokens_lent = True
         if not inline:
             batch.owner = self  # it hands the tasks that must wait back to this owner
+        limit = self._max_running
+        if batch.skip_reason is None and (limit is None or not self._full()):
+            for task in batch._tasks:  # the usual case: all pending, none dropped
+                if task.state is _PENDING:
+                    task._enqueue()
+            return True
         tasks = batch.runnable()
         dropped = []
         if self._full():
@@ -343,15 +358,18 @@ class Owner:
             while waiting and self.life is Life.SERVING:
                 if limit is not None and self._running >= limit:
                     return
-                batch = waiting.popleft()
-                if type(batch) is Batch and batch.settings.concurrency == 1:
-                    self._running += 1
-                    batch._why = self._cause
-                    self._next(batch)
-                else:  # held, or run `concurrency` at a time: the general path, on one task
-                    batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
+                self._launch(waiting.popleft())
         finally:
             self._pumping = False
+
+    def _launch(self, batch: Batch) -> None:
+        """Start running `batch` (`max_running` lets it)."""
+        if type(batch) is Batch and batch.settings.concurrency == 1:
+            self._running += 1
+            batch._why = self._cause
+            self._next(batch)
+        else:  # held, or run `concurrency` at a time: the general path, on one task
+            batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
 
     async def _run_alone(self, batch: Batch) -> None:
         try:
@@ -370,7 +388,7 @@ class Owner:
         if task is None:
             self._end_batch(batch, None)
             return
-        timeout = task.timeout
+        timeout, code = task.timeout, getattr(task.func, "__code__", None)
         plain = (
             task.state is _PENDING
             and task._plan is None
@@ -378,7 +396,8 @@ class Owner:
             and batch.skip_reason is None
             and batch.settings.plain
             and (timeout is UNSET or timeout is None)
-            and _is_coroutine_function(task.func)
+            and code is not None
+            and code.co_flags & _CO_COROUTINE  # an `async def`
         )
         context = task.context if plain else _EMPTY_CONTEXT()
         batch.runner = self._backend.start(self._step(batch, task, plain=plain), context)
@@ -683,11 +702,7 @@ class Owner:
 
 
 _EMPTY_CONTEXT = contextvars.Context  # where the general path runs: each task gets its own
-
-
-def _is_coroutine_function(func: object) -> bool:
-    code = getattr(func, "__code__", None)
-    return code is not None and bool(code.co_flags & inspect.CO_COROUTINE)
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 def run_to_the_end(batch: Batch, max_running: int | None, max_queued: int | None) -> None:
