@@ -224,10 +224,18 @@ class Batch:
                 else:
                     await self._one(task)
                 continue
-            async with limiter:  # taken once a token is held: tasks start in order
+            # Taken once a token is held: tasks start in order. A free token is taken
+            # without a turn of the event loop (anyio's `async with` checkpoints twice).
+            try:
+                limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await limiter.acquire()
+            try:
                 if (task := request.take(close=close)) is None:
                     return
                 await self._one(task)
+            finally:
+                limiter.release()
 
     async def _one(self, task: TaskHandle) -> None:
         if task.state is not _PENDING:  # cancelled with its handle

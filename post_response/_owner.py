@@ -132,6 +132,7 @@ class Owner:
         self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
         self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
         self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
+        self._why_now = self._cause  # one bound method, not one per batch
 
     @classmethod
     def spawn(
@@ -366,7 +367,7 @@ class Owner:
         """Start running `batch` (`max_running` lets it)."""
         if type(batch) is Batch and batch.settings.concurrency == 1:
             self._running += 1
-            batch._why = self._cause
+            batch._why = self._why_now
             self._next(batch)
         else:  # held, or run `concurrency` at a time: the general path, on one task
             batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
