@@ -143,7 +143,7 @@ class Batch:
         self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
         self._why: Callable[[], str] = _no_reason
         self._done: anyio.Event | None = None  # for those who wait for its end
-        _registry.add(self)
+        _registry.unfinished[self] = None  # (`_registry.add`, without the call)
 
     @property
     def label(self) -> str:
