@@ -44,7 +44,7 @@ from ._text import escape
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Coroutine, Iterable
 
     from ._context import RequestTasks
     from ._task import TaskHandle
@@ -798,11 +798,14 @@ def _replayed_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def on_this_loop(run: Callable[[list[Entry]], None]) -> Callable[[list[Entry]], None]:
-    """A sink for `Journal.open()`: runs `run(entries)` on the event loop that calls this
-    (asyncio or trio), scheduled from the writer thread."""
+def on_this_loop(
+    run: Callable[[list[Entry]], Coroutine[Any, Any, None]],
+) -> Callable[[list[Entry]], None]:
+    """A sink for `Journal.open()`: runs `await run(entries)` as a task of its own on the
+    event loop that calls this (asyncio or trio), started from the writer thread."""
     from . import _backend  # noqa: PLC0415
 
+    backend = _backend.current()
     loop = _backend.asyncio_loop()
     if loop is not None:
         schedule: Callable[..., object] = loop.call_soon_threadsafe
@@ -813,7 +816,7 @@ def on_this_loop(run: Callable[[list[Entry]], None]) -> Callable[[list[Entry]], 
 
     def sink(entries: list[Entry]) -> None:
         try:
-            schedule(run, entries)
+            schedule(backend.spawn, functools.partial(run, entries))
         except RuntimeError:  # the loop closed
             logger.error(
                 "Journal: %d claimed tasks were not run, their event loop had closed; they "

@@ -256,7 +256,7 @@ class PostResponseMiddleware:
         """Where the journal hands the entries it claims: batches on this event loop."""
         return _journal.on_this_loop(self._replay)
 
-    def _replay(self, entries: list[_journal.Entry]) -> None:
+    async def _replay(self, entries: list[_journal.Entry]) -> None:
         owner, journal = self._owner_here(), self._journal
         if journal is not None:
             config = self.config

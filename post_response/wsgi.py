@@ -100,11 +100,11 @@ class PostResponseWSGIMiddleware:
             atexit.register(self._journal.close_sync)  # after the task loop's drain (LIFO)
 
         def sink(entries: list[_journal.Entry]) -> None:
-            self._task_loop().loop.call_soon_threadsafe(self._replay, entries)
+            asyncio.run_coroutine_threadsafe(self._replay(entries), self._task_loop().loop)
 
         return sink
 
-    def _replay(self, entries: list[_journal.Entry]) -> None:
+    async def _replay(self, entries: list[_journal.Entry]) -> None:
         journal, config = self._journal, self.config
         if journal is not None:
             submit = self._task_loop().owner.submit
