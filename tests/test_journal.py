@@ -254,7 +254,12 @@ async def test_the_entry_is_on_disk_before_the_body_and_gone_once_the_task_ran(
     exchange = DiskAtBody(journal)
     await exchange.run(middleware)
     [(func, payload, options, _, dead)] = exchange.at_body
-    assert (func, payload, options, dead) == ("tests.test_journal:remember", '[["a"],{}]', None, None)
+    assert (func, payload, options, dead) == (
+        "tests.test_journal:remember",
+        '[["a"],{}]',
+        None,
+        None,
+    )
     assert RAN == [("a", False, 0)]
     await middleware.config.journal.close()  # type: ignore[union-attr]
     assert rows(journal) == []
@@ -344,7 +349,7 @@ async def test_an_entry_that_cannot_be_loaded_is_kept_as_dead_and_logged(
     """An entry whose callable is gone is never dropped silently: logged, marked dead,
     kept in the file for whoever reads it, and not tried again."""
     journal = tmp_path / "j.db"
-    plant(journal, "tests.nowhere:gone\n", '[[],{}]', pid=dead_pid())
+    plant(journal, "tests.nowhere:gone\n", "[[],{}]", pid=dead_pid())
     the_journal = Journal(journal, lease=0.3)
     middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
     with caplog.at_level(logging.ERROR, "post_response"):
@@ -376,7 +381,7 @@ async def test_a_replayed_task_knows_it_through_its_handle(tmp_path: Path) -> No
         RAN.append((what, post_response.is_replay(), 0))
         raise ValueError(what)
 
-    remember = failing  # type: ignore[assignment]
+    remember = failing
     failing.__qualname__ = "remember"
     try:
         await Exchange().run(middleware)
