@@ -16,6 +16,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import httpx
+
 from .load import hammer
 from .servers import Server, run
 
@@ -233,3 +235,22 @@ def beat_of(tmp_path: Path, pid: int) -> float:
     with sqlite3.connect(tmp_path / "journal.db") as db:
         found = db.execute("SELECT beat FROM owners WHERE pid = ?", (pid,)).fetchone()
     return 0.0 if found is None else float(found[0])
+
+
+def test_the_wsgi_middleware_journals_and_replays_at_its_first_use(tmp_path: Path) -> None:
+    """waitress: responses mean entries on disk; after `kill -9` and a restart, the first
+    request replays them."""
+    env = environment(tmp_path)
+    count = 40
+    with run("waitress", "journal_wsgi:app", env=env) as server:
+        for n in range(count):
+            assert httpx.get(f"{server.url}/add?n={n}").status_code == 200
+        assert entries(tmp_path) == count
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    (tmp_path / "gate").touch()
+    with run("waitress", "journal_wsgi:app", env=env) as server:
+        assert httpx.get(f"{server.url}/").status_code == 200  # its first use
+        done = wait_for_runs(tmp_path, set(range(count)))
+    assert sorted(n for n, _, _ in done) == list(range(count))
+    assert {(pid, replay) for _, pid, replay in done} == {(server.process.pid, 1)}
