@@ -39,7 +39,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
+from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
@@ -89,6 +91,7 @@ class _Json:
 
 
 _JSON = _Json()
+_NO_ARGUMENTS = _JSON.dumps([[], {}])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS owners (
@@ -271,6 +274,8 @@ class Journal:
     def encode(
         self, func: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bytes | str:
+        if not args and not kwargs and self.serializer is _JSON:
+            return _NO_ARGUMENTS
         try:
             return self.serializer.dumps([list(args), kwargs])
         except (TypeError, ValueError, OverflowError) as exc:
@@ -382,6 +387,8 @@ def _not_durable(func: object, why: str) -> TaskNotDurableError:
 # The writer thread.
 
 _INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
+_COLLECTING = Phase.COLLECTING
+LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
 
 
 class _Writer(threading.Thread):
@@ -402,30 +409,39 @@ class _Writer(threading.Thread):
         self._waiters: list[
             tuple[int, Callable[[Callable[[], None]], None] | None, Callable[[], None]]
         ] = []
-        self._opened = threading.Event()
-        self._stopping = False
+        self._signalled = False  # the writer was woken and has not taken the writes yet
 
     def new_key(self) -> Key:
         return (self.origin, next(self._numbers))
 
-    def _queue(self, op: tuple[Any, ...]) -> int:
+    def _queue(self, op: tuple[Any, ...], *, urgent: bool) -> int:
+        """Queue a write; wake the writer only if `urgent` and it is not woken already.
+        Other writes wait for the next commit someone waits for, or `LINGER` seconds."""
         with self._lock:
             self._queued += 1
             self._ops.append(op)
             number = self._queued
-        self._wake.set()
+            wake = urgent and not self._signalled
+            if wake:
+                self._signalled = True
+        if wake:
+            self._wake.set()
         return number
 
     def insert(
         self, key: Key, task: TaskHandle, path: str, payload: bytes | str, request: RequestTasks
     ) -> int:
-        return self._queue((_INSERT_OP, key, task, path, payload, request.method, request.path))
+        # Added while the request runs: committed when its response is about to end (the
+        # guard waits for it), with the others of that moment. Added later: at once.
+        urgent = request.phase is not _COLLECTING
+        op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
+        return self._queue(op, urgent=urgent)
 
     def delete(self, key: Key) -> int:
-        return self._queue((_DELETE_OP, key))
+        return self._queue((_DELETE_OP, key), urgent=False)  # a replay too many at worst
 
     def stop(self) -> int:
-        return self._queue((_STOP_OP,))
+        return self._queue((_STOP_OP,), urgent=True)
 
     # Waiting for a commit: from an event loop, or from a thread.
 
@@ -458,8 +474,14 @@ class _Writer(threading.Thread):
         with self._lock:
             if number > self.done:
                 self._waiters.append((number, via, wake))
-                return
-        wake()
+                kick = not self._signalled
+                self._signalled = True
+            else:
+                kick = None
+        if kick is None:
+            wake()
+        elif kick:
+            self._wake.set()
 
     def _wake_waiters(self) -> None:
         with self._lock:
@@ -521,9 +543,13 @@ class _Writer(threading.Thread):
             if now >= next_beat:
                 self._beat(db)
                 next_beat = time.monotonic() + beat_every
-            self._wake.wait(max(next_beat - time.monotonic(), 0.0))
-            self._wake.clear()
+            until = next_beat - time.monotonic()
+            if self._ops:  # writes no one waits for yet: commit them soon anyway
+                until = min(until, LINGER)
+            self._wake.wait(max(until, 0.0))
             with self._lock:
+                self._wake.clear()
+                self._signalled = False
                 ops, self._ops = self._ops, collections.deque()
                 last = self._queued
             if not ops:
@@ -717,12 +743,10 @@ def _alive(pid: int) -> bool:
 
 def _options(task: TaskHandle) -> str | None:
     """The task's `set()` options, read when its entry is written, as JSON."""
-    from ._task import UNSET  # noqa: PLC0415
-
     options: dict[str, Any] = {}
     if task._name is not None:
         options["name"] = task._name
-    if task.timeout is not UNSET:
+    if task.timeout is not _UNSET:
         options["timeout"] = task.timeout
     if task.always:
         options["always"] = True
