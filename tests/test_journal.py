@@ -343,7 +343,7 @@ async def test_the_entries_of_an_owner_past_its_lease_are_taken(tmp_path: Path) 
     await middleware.config.journal.close()  # type: ignore[union-attr]
 
 
-async def test_an_entry_that_cannot_be_loaded_is_kept_as_dead_and_logged(
+async def test_an_entry_whose_callable_is_gone_is_kept_as_dead_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An entry whose callable is gone is never dropped silently: logged, marked dead,
