@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from . import _backend
 from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
 from ._task import UNSET as _UNSET
@@ -107,11 +108,43 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (owner);
 """
 
-_INSERT = (
+# Many rows per statement: the sqlite3 module lets go of the GIL around each step, and a
+# writer thread that must take it back from a busy event loop waits for it each time (up
+# to the interpreter's switch interval), so one step per chunk, not one per row.
+_INSERT_INTO = (
     "INSERT OR REPLACE INTO entries (origin, seq, owner, func, payload, options, method, "
-    "path, deliveries, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+    "path, deliveries, added) VALUES "
 )
-_DELETE = "DELETE FROM entries WHERE origin = ? AND seq = ?"
+# SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
+_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_INSERT_CHUNK = _PARAMETERS // 9  # an entry's row has 9 parameters
+_DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
+_DELETE_CHUNK = _PARAMETERS // 2
+
+
+@functools.lru_cache(maxsize=64)
+def _inserting(count: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"] * count)  # placeholders only
+    return _INSERT_INTO + values
+
+
+@functools.lru_cache(maxsize=64)
+def _deleting(count: int) -> str:
+    values = ", ".join(["(?, ?)"] * count)
+    return _DELETE_FROM + values + ")"
+
+
+def _write_many(
+    db: sqlite3.Connection,
+    statement: Callable[[int], str],
+    rows: list[tuple[Any, ...]],
+    chunk: int,
+) -> None:
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        db.execute(statement(len(part)), [value for row in part for value in row])
+
+
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
 _ORPHANS = (
     "SELECT origin, seq, func, payload, options, method, path, deliveries FROM entries "
@@ -448,8 +481,6 @@ class _Writer(threading.Thread):
     async def committed(self, number: int) -> None:
         if number <= self.done:
             return
-        from . import _backend  # noqa: PLC0415
-
         loop = _backend.asyncio_loop()
         if loop is not None:
             future: asyncio.Future[None] = loop.create_future()
@@ -570,7 +601,7 @@ class _Writer(threading.Thread):
             if op[0] == _INSERT_OP:
                 inserts[op[1]] = op
             elif op[0] == _DELETE_OP:
-                if inserts.pop(op[1], None) is None:  # inserted and ended in this batch
+                if inserts.pop(op[1], None) is None:  # else: inserted and ended in this batch
                     deletes.append(op[1])
             else:
                 stop = True
@@ -578,13 +609,14 @@ class _Writer(threading.Thread):
         rows = [self._row(op, now) for op in inserts.values()]
         for attempt in itertools.count(1):
             try:
-                with _transaction(db):
-                    if rows:
-                        db.executemany(_INSERT, rows)
-                    if deletes:
-                        db.executemany(_DELETE, deletes)
-                    if stop:
-                        db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
+                # Each statement is a transaction of its own: the writes are independent,
+                # and BEGIN and COMMIT would be two more steps (see _write_many).
+                _write_many(db, _inserting, rows, _INSERT_CHUNK)
+                rows = []  # committed: not written again if what follows fails
+                _write_many(db, _deleting, deletes, _DELETE_CHUNK)
+                deletes = []
+                if stop:
+                    db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
                 break
             except sqlite3.Error:
                 logger.exception(
