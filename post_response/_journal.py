@@ -443,6 +443,8 @@ class _Writer(threading.Thread):
             tuple[int, Callable[[Callable[[], None]], None] | None, Callable[[], None]]
         ] = []
         self._signalled = False  # the writer was woken and has not taken the writes yet
+        self._deletes: list[Key] = []  # deletions taken by the writer, not yet written
+        self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
     def new_key(self) -> Key:
         return (self.origin, next(self._numbers))
@@ -575,7 +577,7 @@ class _Writer(threading.Thread):
                 self._beat(db)
                 next_beat = time.monotonic() + beat_every
             until = next_beat - time.monotonic()
-            if self._ops:  # writes no one waits for yet: commit them soon anyway
+            if self._ops or self._deletes:  # writes no one waits for: commit them soon anyway
                 until = min(until, LINGER)
             self._wake.wait(max(until, 0.0))
             with self._lock:
@@ -583,7 +585,7 @@ class _Writer(threading.Thread):
                 self._signalled = False
                 ops, self._ops = self._ops, collections.deque()
                 last = self._queued
-            if not ops:
+            if not ops and not self._deletes:
                 continue
             stop = self._write(db, ops)
             with self._lock:
@@ -593,20 +595,30 @@ class _Writer(threading.Thread):
                 return
 
     def _write(self, db: sqlite3.Connection, ops: Iterable[tuple[Any, ...]]) -> bool:
-        """Commit every op in one transaction; True when a stop was among them."""
+        """Commit the ops; True when a stop was among them.
+
+        Deletions wait up to `LINGER` seconds, unless nothing else is written: each
+        statement costs the thread the GIL once more (see `_write_many`), and no one
+        waits for a deletion.
+        """
         inserts: dict[Key, tuple[Any, ...]] = {}
-        deletes: list[Key] = []
+        deletes = self._deletes
         stop = False
         for op in ops:
             if op[0] == _INSERT_OP:
                 inserts[op[1]] = op
             elif op[0] == _DELETE_OP:
-                if inserts.pop(op[1], None) is None:  # else: inserted and ended in this batch
-                    deletes.append(op[1])
+                inserts.pop(op[1], None)  # ended before its entry was written
+                deletes.append(op[1])  # (or written again: the first write stays)
             else:
                 stop = True
         now = time.time()
         rows = [self._row(op, now) for op in inserts.values()]
+        due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
+        if not due:
+            deletes = []
+        else:
+            self._deletes, self._deleted_at = [], time.monotonic()
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
