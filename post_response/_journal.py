@@ -342,6 +342,16 @@ class Recorder:
         request = task.request_tasks
         self.last = self.writer.insert(key, task, path, payload, request)
 
+    def add(self, task: TaskHandle, *, volatile: bool) -> None:
+        """Journal the task, then add it to its request; if the request refuses it (closed,
+        at its limit), its entry goes too."""
+        self.record(task, volatile=volatile)
+        try:
+            task.request_tasks.add(task)
+        except BaseException:
+            self.ended(task)
+            raise
+
     def adopt(self, task: TaskHandle, key: Key) -> None:
         """A replayed task, whose entry is already in the file."""
         self.entries[task] = key

@@ -510,7 +510,8 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     if tasks.dispatchers is not None:
         tasks.dispatchers.route(task)  # raises for a queued task whose arguments cannot travel
     if tasks.journal is not None:
-        tasks.journal.record(task, volatile=opted_out)  # raises for one that cannot be journaled
+        tasks.journal.add(task, volatile=opted_out)  # raises for one that cannot be journaled
+        return task
     tasks.add(task)
     return task
 

@@ -391,3 +391,26 @@ async def test_a_replayed_task_knows_it_through_its_handle(tmp_path: Path) -> No
         remember = original
     assert seen == [(True, 2)]  # the dead process was handed attempt 1
     await middleware.config.journal.close()  # type: ignore[union-attr]
+
+
+async def test_a_task_the_request_refuses_leaves_no_entry(tmp_path: Path) -> None:
+    """Past `max_tasks`, add_task() raises, and the refused task is not journaled either."""
+    journal = tmp_path / "j.db"
+    errors: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(remember, "first")
+        try:
+            add_task(remember, "second")
+        except post_response.TaskLimitError as exc:
+            errors.append(exc)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exchange = DiskAtBody(journal)
+    middleware = PostResponseMiddleware(app, journal=journal, max_tasks=1)
+    await exchange.run(middleware)
+    assert len(errors) == 1
+    assert [row[1] for row in exchange.at_body] == ['[["first"],{}]']
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
