@@ -431,6 +431,7 @@ def _not_durable(func: object, why: str) -> TaskNotDurableError:
 
 _INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
 _COLLECTING = Phase.COLLECTING
+STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
 LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
 
 
@@ -688,18 +689,32 @@ class _Writer(threading.Thread):
 
     def _claim(self, db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], list[int]]:
         """In the caller's transaction: remove owners that are gone, take their entries."""
-        limit = time.time() - self.journal.lease
+        now = time.time()
         gone: list[int] = []
         for owner, pid, host, beat in db.execute(
             "SELECT id, pid, host, beat FROM owners WHERE id != ?", (self.origin,)
         ).fetchall():
-            if beat < limit or (host == self.host and not _alive(pid)):
+            if self._gone(pid, host, now - beat):
                 db.execute("DELETE FROM owners WHERE id = ?", (owner,))
                 gone.append(pid)
         claimed = db.execute(_ORPHANS).fetchall()
         if claimed:
             db.execute(_ADOPT, (self.origin,))
         return claimed, gone
+
+    def _gone(self, pid: int, host: str, silent: float) -> bool:
+        """Whether the owner with `pid` on `host`, silent for `silent` seconds, is gone.
+
+        On this host the pid decides: a live process keeps its entries even if its
+        heartbeat is late (stopped, starved), so that no entry ever runs twice at once;
+        only a silence of `STALE_LEASES` leases outweighs it (the pid was reused). Our
+        own pid under another owner id is a process that had it before us (a container
+        restarted: same host name, same pid 1). Elsewhere, the heartbeat decides.
+        """
+        lease = self.journal.lease
+        if host != self.host:
+            return silent > lease
+        return pid == self.pid or not _alive(pid) or silent > lease * STALE_LEASES
 
     def _deliver(
         self, db: sqlite3.Connection, claimed: list[tuple[Any, ...]], gone: list[int]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -100,14 +100,27 @@ def dead_pid() -> int:
     return process.pid
 
 
-def plant(path: Path, func: str, payload: str, *, pid: int, beat: float | None = None) -> str:
+def plant(
+    path: Path,
+    func: str,
+    payload: str,
+    *,
+    pid: int,
+    beat: float | None = None,
+    host: str | None = None,
+) -> str:
     """Write an owner record with `pid` and one entry it owns; return the owner's id."""
     owner = uuid.uuid4().hex
     with sqlite3.connect(path) as db:
         db.executescript(_schema())
         db.execute(
             "INSERT INTO owners VALUES (?, ?, ?, ?)",
-            (owner, pid, os.uname().nodename, time.time() if beat is None else beat),
+            (
+                owner,
+                pid,
+                socket.gethostname() if host is None else host,
+                time.time() if beat is None else beat,
+            ),
         )
         db.execute(
             "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
@@ -121,6 +134,16 @@ def _schema() -> str:
     from post_response import _journal
 
     return _journal._SCHEMA
+
+
+async def heartbeats(path: Path, journal: Journal, count: int) -> None:
+    """Wait until `journal`'s owner record has been refreshed `count` more times."""
+    origin = journal.writer().origin
+    seen: set[float] = set()
+    with anyio.fail_after(DEADLINE):
+        while len(seen) <= count:
+            seen |= {beat for owner, _, _, beat in owners(path) if owner == origin}
+            await anyio.sleep(0.01)
 
 
 async def wait_for_runs(count: int) -> None:
@@ -314,33 +337,57 @@ async def test_entries_of_a_dead_process_are_replayed_once_and_leave_the_journal
 
 
 async def test_the_entries_of_a_live_owner_are_never_taken(tmp_path: Path) -> None:
-    """An owner on this host whose pid is alive and whose heartbeat is fresh keeps its
-    entries, however many heartbeats the other process makes."""
+    """An owner on this host whose pid is alive keeps its entries, even with its
+    heartbeat late, however many heartbeats the other process makes; once its process
+    is gone, they are taken and run."""
     journal = tmp_path / "j.db"
-    owner = plant(journal, "tests.test_journal:remember", '[["alive"],{}]', pid=os.getpid())
-    the_journal = Journal(journal, lease=0.3)  # a heartbeat every 0.1 s
-    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
-    await Exchange().run(middleware)
-    with sqlite3.connect(journal) as db:  # keep the planted owner alive meanwhile
-        for _ in range(10):
-            db.execute("UPDATE owners SET beat = ? WHERE id = ?", (time.time(), owner))
-            db.commit()
-            await anyio.sleep(0.05)
-    assert RAN == []
-    assert [row[3] for row in rows(journal)] == [owner]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = plant(
+            journal,
+            "tests.test_journal:remember",
+            '[["alive"],{}]',
+            pid=alive.pid,
+            beat=time.time() - 0.6,  # two leases late
+        )
+        the_journal = Journal(journal, lease=0.3)  # a heartbeat every 0.1 s
+        middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+        await Exchange().run(middleware)
+        await heartbeats(journal, the_journal, 4)  # each one looks for owners that are gone
+        assert RAN == []
+        assert [row[3] for row in rows(journal)] == [owner]
+    finally:
+        alive.kill()
+        alive.wait()
+    await wait_for_runs(1)
+    assert RAN == [("alive", True, 0)]
+    await middleware.join()
     await the_journal.close()
 
 
-async def test_the_entries_of_an_owner_past_its_lease_are_taken(tmp_path: Path) -> None:
-    """An owner whose heartbeat is older than the lease is gone, whatever its pid says."""
+async def test_an_owner_on_another_host_is_gone_once_past_its_lease(tmp_path: Path) -> None:
+    """On another host no pid can be probed: a heartbeat older than the lease decides."""
     journal = tmp_path / "j.db"
-    plant(journal, "tests.test_journal:remember", '[["late"],{}]', pid=os.getpid(), beat=1.0)
-    middleware = PostResponseMiddleware(app_adding(), journal=journal)
+    beating = time.time() + 3600  # as if it beat all through the test
+    plant(
+        journal,
+        "tests.test_journal:remember",
+        '[["far"],{}]',
+        pid=1,
+        host="elsewhere",
+        beat=beating,
+    )
+    stale = plant(
+        journal, "tests.test_journal:remember", '[["late"],{}]', pid=1, host="elsewhere", beat=1.0
+    )
+    the_journal = Journal(journal, lease=0.3)
+    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
     await Exchange().run(middleware)
     await wait_for_runs(1)
-    assert RAN == [("late", True, 0)]
     await middleware.join()
-    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert RAN == [("late", True, 0)]
+    assert stale not in {owner for owner, *_ in owners(journal)}
+    await the_journal.close()
 
 
 async def test_an_entry_whose_callable_is_gone_is_kept_as_dead_and_logged(
