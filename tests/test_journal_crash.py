@@ -254,3 +254,22 @@ def test_the_wsgi_middleware_journals_and_replays_at_its_first_use(tmp_path: Pat
         done = wait_for_runs(tmp_path, set(range(count)))
     assert sorted(n for n, _, _ in done) == list(range(count))
     assert {(pid, replay) for _, pid, replay in done} == {(server.process.pid, 1)}
+
+
+def test_on_trio_too_responses_mean_entries_and_a_restart_replays_them(tmp_path: Path) -> None:
+    """hypercorn's trio worker: the body waits for the commit through trio's token, and
+    the entries of the killed server run after a restart."""
+    env = environment(tmp_path)
+    count = 200
+    with run("hypercorn-trio", "journal_app:app", middleware=OPTIONS, env=env) as server:
+        assert send_requests(server, count) == {200: count}
+        assert entries(tmp_path) == count
+        for pid in worker_pids(server.process.pid):  # hypercorn serves from a child process
+            kill(pid)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    (tmp_path / "gate").touch()
+    with run("hypercorn-trio", "journal_app:app", middleware=OPTIONS, env=env) as server:
+        done = wait_for_runs(tmp_path, set(range(count)))
+    assert sorted(n for n, _, _ in done) == list(range(count))
+    assert {replay for _, _, replay in done} == {1}
