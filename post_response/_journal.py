@@ -58,7 +58,7 @@ __all__ = ["Journal", "Recorder", "Serializer", "is_replay", "replaying"]
 logger = logging.getLogger("post_response")
 
 Durability = Literal["normal", "full"]
-Key = tuple[str, int]  # (origin, number): an entry's identity, made in this process
+Key = tuple[int, int]  # (origin, number): an entry's identity, made in this process
 
 # Set, in the context of replayed tasks only, to how many processes were handed the
 # entry before this one: normal tasks never pay for it.
@@ -96,16 +96,15 @@ _NO_ARGUMENTS = _JSON.dumps([[], {}])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS owners (
-    id TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, beat REAL NOT NULL
+    id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, beat REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS entries (
-    origin TEXT NOT NULL, seq INTEGER NOT NULL, owner TEXT NOT NULL,
+    origin INTEGER NOT NULL, seq INTEGER NOT NULL, owner INTEGER NOT NULL,
     func TEXT NOT NULL, payload BLOB NOT NULL, options TEXT,
     method TEXT NOT NULL, path TEXT NOT NULL,
     deliveries INTEGER NOT NULL DEFAULT 0, added REAL NOT NULL,
     dead TEXT, PRIMARY KEY (origin, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_owner ON entries (owner);
 """
 
 # Many rows per statement: the sqlite3 module lets go of the GIL around each step, and a
@@ -443,7 +442,9 @@ class _Writer(threading.Thread):
         self.journal = journal
         self.pid = os.getpid()
         self.host = socket.gethostname()
-        self.origin = uuid.uuid4().hex  # this process's owner id, and its entries' origin
+        # This process's owner id, and its entries' origin: 63 random bits (an index on
+        # `owner` would cost every write; claims scan the table, a few times a minute).
+        self.origin = uuid.uuid4().int >> 65
         self._numbers = itertools.count(1)
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()

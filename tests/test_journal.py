@@ -108,9 +108,9 @@ def plant(
     pid: int,
     beat: float | None = None,
     host: str | None = None,
-) -> str:
+) -> int:
     """Write an owner record with `pid` and one entry it owns; return the owner's id."""
-    owner = uuid.uuid4().hex
+    owner = uuid.uuid4().int >> 65
     with sqlite3.connect(path) as db:
         db.executescript(_schema())
         db.execute(

@@ -155,10 +155,8 @@ def test_a_killed_worker_s_tasks_are_taken_over_by_another_worker(tmp_path: Path
         statuses = asyncio.run(_requests_by_pid(server.port, served))
         assert statuses == {200: REQUESTS}
         by_worker = {pid: served[pid] for pid in workers}
-        assert all(by_worker.values()), (
-            f"one worker served nothing: {list(map(len, by_worker.values()))}"
-        )
-        victim, survivor = sorted(workers)
+        # The one that served more is killed (the kernel may hand one all connections).
+        victim, survivor = sorted(workers, key=lambda pid: len(by_worker[pid]), reverse=True)
         kill(victim)
         (tmp_path / "gate").touch()
         done = wait_for_runs(tmp_path, set(range(REQUESTS)))
@@ -225,7 +223,7 @@ def test_a_process_that_starts_never_takes_a_live_ones_tasks_only_a_dead_ones(
     assert len(done) == count
 
 
-def owner_of_entries(tmp_path: Path) -> set[str]:
+def owner_of_entries(tmp_path: Path) -> set[int]:
     with sqlite3.connect(tmp_path / "journal.db") as db:
         return {owner for (owner,) in db.execute("SELECT owner FROM entries")}
 
