@@ -296,7 +296,7 @@ class Journal:
             raise _not_durable(func, "it is not a module-level function or class")
         try:
             found = resolve(module, qualname)
-        except (ImportError, AttributeError):
+        except Exception:
             found = None
         if found is not func:
             raise _not_durable(func, f"importing `{module}.{qualname}` does not give it back")
