@@ -20,6 +20,7 @@ import gc
 import importlib.util
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -291,6 +292,12 @@ def ours_unlimited(work: Work) -> ASGIApp:
     return PostResponseMiddleware(raw_app(_adding(work)), max_running=None, max_queued=None)
 
 
+def ours_journal(work: Work) -> ASGIApp:
+    """`ours` with the journal on: a SQLite file of its own in a fresh temporary folder."""
+    folder = tempfile.mkdtemp(prefix="post_response-bench-")
+    return PostResponseMiddleware(raw_app(_adding(work)), journal=os.path.join(folder, "j.db"))
+
+
 def ours_inline(work: Work) -> ASGIApp:
     """The same with `detach=False`: tasks run inside the request's app call."""
     return PostResponseMiddleware(raw_app(_adding(work)), detach=False)
@@ -414,6 +421,7 @@ SYSTEMS: dict[str, System] = {
     "ours": System(ours, "post_response", "ours"),
     "ours-unlimited": System(ours_unlimited, "post_response", "ours, no max_running/max_queued"),
     "ours-inline": System(ours_inline, "post_response", "ours, detach=False"),
+    "ours-journal": System(ours_journal, "post_response", "ours, journal on"),
     "starlette": System(starlette_plain, "starlette", "Starlette"),
     "starlette-bg": System(starlette_background, "starlette", "Starlette BackgroundTasks"),
     "starlette-ours": System(starlette_ours, "starlette", "Starlette + ours"),

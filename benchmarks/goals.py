@@ -71,6 +71,8 @@ GOALS = [
          "b", "rps", "starlette-ours", "starlette-bg", ">=", 1.0, "0.70-0.75"),
     Goal("raw app + ours (no-op async task) ÷ raw app that sends, then awaits the task itself, "
          "req/s", "b", "rps", "ours-async", "raw-await", ">=", 0.9, "0.49-0.70"),
+    Goal("raw + ours with `journal=` (no-op async task) ÷ the same without the journal, req/s "
+         "(issue 14)", "b", "rps", "ours-journal", "ours-async", ">=", 0.7, "new"),
     Goal("raw + ours (0.5 s sleep task) ÷ raw app calling `loop.create_task()` itself, req/s",
          "c", "rps", "ours", "raw-spawn", ">=", 0.8, "0.57-0.59"),
     Goal("raw + ours (0.5 s sleep task) ÷ Starlette BackgroundTask, req/s",

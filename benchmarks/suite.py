@@ -258,6 +258,7 @@ def server_throughput(plan: Plan) -> Section:
             ("raw-await", "÷ raw, send then await"),
             ("starlette-bg", "÷ Starlette BackgroundTask"),
             ("starlette-bg-sync", "÷ Starlette sync BackgroundTask"),
+            ("ours-async", "÷ ours, no journal"),
         ],
     )
     bare, starlette_bg, awaited = ("bare",), ("bare", "starlette-bg"), ("bare", "raw-await")
@@ -267,6 +268,8 @@ def server_throughput(plan: Plan) -> Section:
         # What detaching costs by itself: the floor of any design that frees the request.
         Variant("raw-spawn", "raw app + asyncio.create_task", "raw-spawn", A1, awaited),
         Variant("ours-async", "raw + ours, async task", "ours", A1, awaited),
+        Variant("ours-journal", "raw + ours with the journal, async task", "ours-journal", A1,
+                ("bare", "ours-async")),
         Variant("ours-sync", "raw + ours, sync task", "ours", S1, bare),
         Variant("starlette", "Starlette plain", "starlette", Work(), starlette_bg),
         Variant("starlette-bg", "Starlette BackgroundTask", "starlette-bg", A1, bare),

@@ -12,24 +12,30 @@ from ._errors import (
     PostResponseError,
     RequestFinishedError,
     TaskLimitError,
+    TaskNotDurableError,
     TaskStartedError,
 )
+from ._journal import Journal, is_replay
 from ._middleware import PostResponseMiddleware
-from ._task import TaskHandle, TaskState, add_task, cancel
+from ._task import TaskHandle, TaskState, add_task, cancel, volatile
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ConfigurationError",
     "InvalidTaskError",
+    "Journal",
     "OutsideRequestError",
     "PostResponseError",
     "PostResponseMiddleware",
     "RequestFinishedError",
     "TaskHandle",
     "TaskLimitError",
+    "TaskNotDurableError",
     "TaskStartedError",
     "TaskState",
     "add_task",
     "cancel",
+    "is_replay",
+    "volatile",
 ]

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._dispatch import Dispatchers
+    from ._journal import Recorder
     from ._task import Stats, TaskHandle
 
 __all__ = [
@@ -67,6 +68,7 @@ class RequestTasks:
 
     __slots__ = (
         "dispatchers",
+        "journal",
         "keyed",
         "limit",
         "method",
@@ -94,6 +96,7 @@ class RequestTasks:
         self.stats = stats
         self.dispatchers = dispatchers  # how tasks are handed to a queue (post_response.celery)
         self.keyed: dict[str, TaskHandle] | None = None  # the last task given each key
+        self.journal: Recorder | None = None  # set by a middleware with `journal=`
 
     @property
     def label(self) -> str:

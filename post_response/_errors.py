@@ -29,3 +29,7 @@ class ConfigurationError(PostResponseError, ValueError):
 
 class TaskStartedError(PostResponseError, RuntimeError):
     """A task's options were changed after the task had started."""
+
+
+class TaskNotDurableError(PostResponseError, TypeError):
+    """With the journal on, `add_task()` was given a task that cannot be journaled."""

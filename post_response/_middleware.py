@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.lowlevel import RunVar
 
-from . import _batch, _context, _registry
+from . import _batch, _context, _journal, _registry
 from ._backend import asyncio_loop
 from ._dispatch import Dispatchers
 from ._errors import ConfigurationError
@@ -18,6 +19,7 @@ from ._owner import Owner
 from ._task import Stats, TaskState
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
     from typing_extensions import Unpack
@@ -90,6 +92,7 @@ class PostResponseMiddleware:
         self.stats = new_stats(self.config)
         self._owners: RunVar[Owner] = RunVar("post_response.owner")  # one per event loop
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
+        self._journal = self.config.journal  # None unless `journal=` was given
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0915
         kind = scope["type"]
@@ -107,6 +110,8 @@ class PostResponseMiddleware:
         tasks = _context.RequestTasks(
             config.max_tasks, method, scope.get("path", ""), self.stats, self.settings.dispatchers
         )
+        if self._journal is not None:
+            tasks.journal = self._journal.recorder(self._journal_sink)
         token = _context.activate(tasks)
         try:
             if kind != "http":
@@ -116,6 +121,8 @@ class PostResponseMiddleware:
             # response, then judge its outcome.
             status = 0
             trailers = complete = client_gone = False
+            if tasks.journal is not None:  # the client gets the body once its tasks are on disk
+                send = _journal.guard(send, tasks.journal)
 
             async def watch_receive() -> Message:
                 nonlocal client_gone
@@ -209,12 +216,16 @@ class PostResponseMiddleware:
             if message["type"] == "lifespan.shutdown":
                 # Before the app's own cleanup (closing a pool...), which tasks may need.
                 await owner.shutdown(self.config.shutdown_timeout)
+                if self._journal is not None:
+                    await self._journal.close()  # what did not finish stays for the next start
             return message
 
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
             self._owners.set(owner)
             self._last = None
+            if self._journal is not None:  # replay what processes that are gone left
+                self._journal.open(self._journal_sink())
             try:
                 try:
                     await self.app(scope, watch_receive, send)
@@ -235,8 +246,27 @@ class PostResponseMiddleware:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await owner.shutdown(self.config.shutdown_timeout)
+                if self._journal is not None:
+                    await self._journal.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _journal_sink(self) -> Callable[[list[_journal.Entry]], None]:
+        """Where the journal hands the entries it claims: batches on this event loop."""
+        return _journal.on_this_loop(self._replay)
+
+    async def _replay(self, entries: list[_journal.Entry]) -> None:
+        owner, journal = self._owner_here(), self._journal
+        if journal is not None:
+            config = self.config
+            submit = owner.submit if config.detach else self._run_inline
+            _journal.replay_batches(
+                journal, entries, self.settings, self.stats, config.max_tasks, submit
+            )
+
+    def _run_inline(self, batch: _batch.Batch) -> None:
+        owner = self._owner_here()
+        owner._backend.spawn(functools.partial(owner.run_here, batch))
 
     def _owner_here(self) -> Owner:
         """This event loop's owner: the lifespan's, or else one made on first use (spawned

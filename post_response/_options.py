@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 from ._call import is_async
 from ._checks import check_backoff, check_flag, check_retries, check_timeout, describe
 from ._errors import ConfigurationError
+from ._journal import Journal
 
 if TYPE_CHECKING:
     from ._task import TaskHandle
@@ -48,6 +50,7 @@ class Options(TypedDict, total=False):
     celery_app: object
     retries: int
     backoff: float
+    journal: str | os.PathLike[str] | Journal | None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Config:
     celery_app: object = None
     retries: int = 0  # a task's default: `set(retries=...)`
     backoff: float = 0.5  # seconds before a first retry: `set(backoff=...)`
+    journal: Journal | None = None  # a path given is opened as `Journal(path)`
 
 
 DEFAULTS = Config()
@@ -111,6 +115,8 @@ def configure(options: Mapping[str, object], source: str = "PostResponseMiddlewa
         given["retries"] = check_retries(given["retries"], option("retries"))
     if "backoff" in given:
         given["backoff"] = check_backoff(given["backoff"], option("backoff"))
+    if given.get("journal") is not None:
+        given["journal"] = _journal(given["journal"], option("journal"))
     _check_celery_app(given.get("celery_app"), option("celery_app"))
     _check_hook(given.get("on_error"), option("on_error"))
     return Config(**given)  # type: ignore[arg-type]  # each value was checked above
@@ -219,3 +225,15 @@ def _check_count(value: object, name: str, *, optional: bool = False) -> None:
         also = ", or None for no limit" if optional else ""
         msg = f"{name} must be a whole number of at least 1{also}; got {value!r}."
         raise ConfigurationError(msg)
+
+
+def _journal(value: object, name: str) -> Journal:
+    if isinstance(value, Journal):
+        return value
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return Journal(value)
+    msg = (
+        f'{name} must be the path of the journal\'s SQLite file (`journal="tasks.db"`) '
+        f"or a `post_response.Journal(...)`; got {type(value).__qualname__}."
+    )
+    raise ConfigurationError(msg)

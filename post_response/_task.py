@@ -6,7 +6,7 @@ import collections
 import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 from . import _context
 from ._checks import (
@@ -37,11 +37,14 @@ __all__ = [
     "Stats",
     "TaskHandle",
     "TaskState",
+    "Volatile",
     "add_task",
     "cancel",
+    "volatile",
 ]
 
 P = ParamSpec("P")
+R = TypeVar("R")
 logger = logging.getLogger("post_response")
 
 
@@ -61,6 +64,8 @@ class TaskState(str, enum.Enum):
 
 
 FINAL_STATES = tuple(TaskState)[2:]
+# Final states that keep a task in the journal: the runtime lost it, so a next start runs it.
+_KEPT_IN_JOURNAL = frozenset({TaskState.DROPPED, TaskState.ABANDONED})
 
 
 class Metrics(Protocol):
@@ -186,8 +191,20 @@ class TaskHandle:
 
     @property
     def attempt(self) -> int:
-        """The attempt running, or the last one run (1-based); 0 before the first."""
+        """The attempt running, or the last one run (1-based); 0 before the first.
+
+        A task replayed from the journal goes on from the attempts of the processes that
+        were handed it before (each counts as one, whether or not it got to run it).
+        """
         return (self._plan or _NO_PLAN).tries + (self._started != 0.0)
+
+    @property
+    def replayed(self) -> bool:
+        """Whether this task was replayed from the journal: left there by a process
+        that is gone, which may have run it already (see `post_response.is_replay()`)."""
+        from ._journal import replaying  # noqa: PLC0415  (only asked of a journal's tasks)
+
+        return self.context.get(replaying, 0) > 0
 
     def _planned(self) -> Plan:
         """The task's plan, made on first use."""
@@ -217,6 +234,7 @@ class TaskHandle:
         retries: int | None = None,
         backoff: float | None = None,
         retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
+        durable: bool | None = None,
     ) -> TaskHandle:
         """Set this task's options; returns the handle, so it chains onto `add_task()`.
 
@@ -238,6 +256,10 @@ class TaskHandle:
                 at most 60 s). Defaults to the middleware's `backoff`.
             retry_on: The exception class, or a tuple of them, that is worth a retry
                 (default: every `Exception`).
+            durable: `False` takes the task out of the middleware's journal: it will
+                not be replayed after a crash. (A task that cannot be journaled at all is
+                refused by `add_task()` itself: wrap its callable in
+                `post_response.volatile()` instead.)
 
         Raises:
             TaskStartedError: The task has already started (or ended).
@@ -271,6 +293,12 @@ class TaskHandle:
             earlier = self.request_tasks.keep_last(self, key)
             if earlier is not None and earlier.key == key and earlier.state is _PENDING:
                 earlier._supersede()
+        journal = self.request_tasks.journal
+        if journal is not None:
+            if durable is False:
+                journal.ended(self)
+            else:
+                journal.changed(self)  # a task added after the response may be written already
         return self
 
     def _set_retries(
@@ -354,8 +382,11 @@ class TaskHandle:
         self._started = 0.0
         self._planned().tries += 1
 
-    def _end(self, state: TaskState) -> None:
-        stats = self.request_tasks.stats
+    def _end(self, state: TaskState, *, lost: bool = False) -> None:
+        request = self.request_tasks
+        if request.journal is not None and not lost and state not in _KEPT_IN_JOURNAL:
+            request.journal.ended(self)  # it ran, or was deliberately not run
+        stats = request.stats
         metrics, ran = stats.metrics, False
         if self._queued:
             self._queued = False
@@ -376,7 +407,7 @@ class TaskHandle:
     def _lose(self, state: TaskState, level: int, what: str, *args: object) -> None:
         """End in `state` a task the runtime could not run to its end: log it, and note it
         for `post_response.testing.wait_for_tasks()`."""
-        self._end(state)
+        self._end(state, lost=True)  # a journal keeps it: a next start runs it
         self._log(level, what, *args)
         note_lost(self)
 
@@ -462,7 +493,11 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     if not callable(func):
         raise not_callable(func)
     code = getattr(func, "__code__", None)  # a plain function: one flag test, the usual case
+    opted_out = False
     if code is None or code.co_flags & GENERATOR:
+        if type(func) is Volatile:
+            func, opted_out = func.func, True
+            code = getattr(func, "__code__", None)
         flags = generator_flags(func, code)
         if flags:
             raise generator_function(func, flags)
@@ -474,8 +509,39 @@ def add_task(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) ->
     task = TaskHandle(func, args, kwargs, tasks)
     if tasks.dispatchers is not None:
         tasks.dispatchers.route(task)  # raises for a queued task whose arguments cannot travel
+    if tasks.journal is not None:
+        tasks.journal.add(task, volatile=opted_out)  # raises for one that cannot be journaled
+        return task
     tasks.add(task)
     return task
+
+
+class Volatile:
+    """A callable marked to run without the journal: see `volatile()`."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable[..., object]) -> None:
+        self.func = func
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"volatile({describe(self.func)})"
+
+
+def volatile(func: Callable[P, R]) -> Callable[P, R]:
+    """`func`, to be added as a task that the middleware's journal leaves out.
+
+    With `journal=` on, `add_task()` refuses a task it cannot journal (a lambda, a bound
+    method, arguments JSON cannot encode). `add_task(volatile(fn), obj)` runs it anyway,
+    without the journal: it is lost if the process dies. `add_task()` unwraps it, so the
+    task's `func` and name are `fn`'s. Without a journal it changes nothing.
+    """
+    if not callable(func):
+        raise not_callable(func)
+    return cast("Callable[P, R]", Volatile(func))
 
 
 def cancel(key: str) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _batch, _context, _registry
+from . import _batch, _context, _journal, _registry
 from ._middleware import new_stats, setup
 from ._options import check_app, skip_reason
 from ._owner import Owner, run_to_the_end
@@ -64,6 +64,7 @@ class PostResponseWSGIMiddleware:
         self.stats = new_stats(self.config)
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
+        self._journal = self.config.journal  # None unless `journal=` was given
 
     @_context.sandboxed  # a fresh context per request, though the server reuses threads
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -75,6 +76,8 @@ class PostResponseWSGIMiddleware:
             self.stats,
             self.settings.dispatchers,
         )
+        if self._journal is not None:
+            tasks.journal = self._journal.recorder(self._journal_sink)
         _context.activate(tasks)  # no reset: the sandbox is discarded after the call
         response = _Response(self, tasks, start_response)
         try:
@@ -89,6 +92,25 @@ class PostResponseWSGIMiddleware:
         """Wait until the tasks handed off so far have ended; False if `timeout` passed first."""
         loop = self._loop
         return loop is None or loop.join(timeout)
+
+    def _journal_sink(self) -> Callable[[list[_journal.Entry]], None]:
+        """Opening the journal (first request in this process): its claimed entries run on
+        the task loop, replays included even with `detach=False`; it closes at exit."""
+        if self._journal is not None:
+            atexit.register(self._journal.close_sync)  # after the task loop's drain (LIFO)
+
+        def sink(entries: list[_journal.Entry]) -> None:
+            asyncio.run_coroutine_threadsafe(self._replay(entries), self._task_loop().loop)
+
+        return sink
+
+    async def _replay(self, entries: list[_journal.Entry]) -> None:
+        journal, config = self._journal, self.config
+        if journal is not None:
+            submit = self._task_loop().owner.submit
+            _journal.replay_batches(
+                journal, entries, self.settings, self.stats, config.max_tasks, submit
+            )
 
     def _run(self, batch: _batch.Batch) -> None:
         """Run a finished request's tasks: on the task loop, or here (`detach=False`).
@@ -173,14 +195,20 @@ class _ClosingIterable:
     def __next__(self) -> bytes:
         if self._iterator is None:
             self._iterator = self._context.run(iter, self._body)
+        journal = self._response.tasks.journal
         try:
-            return self._context.run(next, self._iterator)
+            chunk = self._context.run(next, self._iterator)
         except StopIteration:
             self._exhausted = True
+            if journal is not None:
+                journal.flush_sync()
             raise
         except BaseException:
             self._raised = True
             raise
+        if journal is not None:  # the server gets the body once the tasks are on disk
+            journal.flush_sync()
+        return chunk
 
     def close(self) -> None:
         try:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -115,3 +116,49 @@ def test_every_task_under_load_and_shutdown_ends_in_one_logged_state(tmp_path: P
     assert ended["dropped"] == 0  # max_queued is far above this load (drops: test_owner.py)
     assert rss_after <= rss_before * 1.10, (rss_before, rss_after)
     assert alive == {"TaskHandle": 0, "RequestTasks": 0, "Batch": 0}
+
+
+JOURNAL_REQUESTS = 1000  # the journal-on run: bounded, its cost is in docs/benchmarks.md
+JOURNAL_BURST = 500
+
+
+def test_under_load_with_the_journal_what_the_runtime_lost_stays_journaled(
+    tmp_path: Path,
+) -> None:
+    """The same load with `journal=` on: every response, every task accounted for, none
+    run twice; after SIGTERM with tasks queued, the journal holds exactly the tasks the
+    shutdown cancelled or abandoned (for the next start), and none that ended otherwise."""
+    report, journal = tmp_path / "report.json", tmp_path / "journal.db"
+    options = {**OPTIONS, "journal": str(journal)}
+    with run(
+        "uvicorn-httptools",
+        "load_app:app",
+        "--no-access-log",
+        middleware=options,
+        env={"LOAD_REPORT": str(report)},
+    ) as server:
+        load(server, 0, JOURNAL_REQUESTS)
+        drained(server)
+        deadline = time.monotonic() + 5  # deletions are committed within 50 ms
+        while journaled(journal) != 0:
+            assert time.monotonic() < deadline, f"{journaled(journal)} entries left"
+            time.sleep(0.01)
+        load(server, JOURNAL_REQUESTS, JOURNAL_BURST, slow=True)
+        exit_code_after(server, signal.SIGTERM, limit=30)
+
+    result = json.loads(report.read_text())
+    stats, total = result["stats"], 3 * (JOURNAL_REQUESTS + JOURNAL_BURST)
+    ended = {state: n for state, n in stats.items() if state not in ("queued", "running")}
+    assert result["added"] == sum(ended.values()) == total
+    assert result["ran_twice"] == 0
+    lost = ended["cancelled"] + ended["abandoned"] + ended["dropped"]
+    assert lost > 0
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT count(*), count(dead) FROM entries").fetchone() == (lost, 0)
+        assert db.execute("SELECT count(*) FROM owners").fetchone() == (0,)  # shut down
+
+
+def journaled(path: Path) -> int:
+    """How many entries the journal file holds."""
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])

@@ -1,0 +1,946 @@
+"""The durable journal: tasks recorded in a SQLite file, replayed after a crash.
+
+With `PostResponseMiddleware(app, journal="tasks.db")`, each task is written to the
+file when it is added, and the middleware waits for that write to be committed before it
+forwards the body of the response: a client that got a response knows its tasks are on
+disk. A task leaves the file when it reaches a final state that means it ran, or was
+deliberately not run. What the runtime lost (the process died, the shutdown deadline
+passed, `max_queued` dropped it) stays, and the next process to open the file runs it.
+
+The event loop never touches the disk: one writer thread per open journal takes every
+pending write at once and commits them in one transaction, then wakes whoever waits for
+them, once per event loop. Entry keys are made here (a random origin per open, and a
+counter), so a task's delete can be queued before its insert is committed.
+
+Several processes may share one file. Each registers as an owner, with its pid, host and
+a heartbeat the writer refreshes every `lease / 3` seconds. An owner is gone when its
+heartbeat is older than the lease, or, on the same host, when its pid no longer exists;
+its entries are claimed in one `BEGIN IMMEDIATE` transaction, so two processes never
+claim the same entry, and the entries of a live owner are never taken.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import functools
+import importlib
+import itertools
+import json
+import logging
+import os
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from . import _backend
+from ._context import Phase
+from ._errors import ConfigurationError, TaskNotDurableError
+from ._task import UNSET as _UNSET
+from ._text import escape
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Coroutine, Iterable
+
+    from ._context import RequestTasks
+    from ._task import TaskHandle
+    from ._types import Message, Send
+
+__all__ = ["Journal", "Recorder", "Serializer", "is_replay", "replaying"]
+
+logger = logging.getLogger("post_response")
+
+Durability = Literal["normal", "full"]
+Key = tuple[int, int]  # (origin, number): an entry's identity, made in this process
+
+# Set, in the context of replayed tasks only, to how many processes were handed the
+# entry before this one: normal tasks never pay for it.
+replaying: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "post_response.replaying", default=0
+)
+
+
+def is_replay() -> bool:
+    """Whether the running task is a replay: its entry was left in the journal by a
+    process that is gone, which may have run it, or part of it, already."""
+    return replaying.get() > 0
+
+
+class Serializer(Protocol):
+    """How a task's arguments are written to the journal: `json` is the default."""
+
+    def dumps(self, obj: Any) -> str | bytes: ...
+
+    def loads(self, data: str | bytes) -> Any: ...
+
+
+class _Json:
+    @staticmethod
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, separators=(",", ":"))
+
+    @staticmethod
+    def loads(data: str | bytes) -> Any:
+        return json.loads(data)
+
+
+_JSON = _Json()
+_NO_ARGUMENTS = _JSON.dumps([[], {}])
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS owners (
+    id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, beat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    origin INTEGER NOT NULL, seq INTEGER NOT NULL, owner INTEGER NOT NULL,
+    func TEXT NOT NULL, payload BLOB NOT NULL, options TEXT,
+    method TEXT NOT NULL, path TEXT NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0, added REAL NOT NULL,
+    dead TEXT, PRIMARY KEY (origin, seq)
+) WITHOUT ROWID;
+"""
+
+# Many rows per statement: the sqlite3 module lets go of the GIL around each step, and a
+# writer thread that must take it back from a busy event loop waits for it each time (up
+# to the interpreter's switch interval), so one step per chunk, not one per row.
+_INSERT_INTO = (
+    "INSERT OR REPLACE INTO entries (origin, seq, owner, func, payload, options, method, "
+    "path, deliveries, added) VALUES "
+)
+# SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
+_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_INSERT_CHUNK = _PARAMETERS // 9  # an entry's row has 9 parameters
+_DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
+_DELETE_CHUNK = _PARAMETERS // 2
+
+
+@functools.lru_cache(maxsize=64)
+def _inserting(count: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"] * count)  # placeholders only
+    return _INSERT_INTO + values
+
+
+@functools.lru_cache(maxsize=64)
+def _deleting(count: int) -> str:
+    values = ", ".join(["(?, ?)"] * count)
+    return _DELETE_FROM + values + ")"
+
+
+def _write_many(
+    db: sqlite3.Connection,
+    statement: Callable[[int], str],
+    rows: list[tuple[Any, ...]],
+    chunk: int,
+) -> None:
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        db.execute(statement(len(part)), [value for row in part for value in row])
+
+
+# Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
+_ORPHANS = (
+    "SELECT origin, seq, func, payload, options, method, path, deliveries FROM entries "
+    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added"
+)
+_ADOPT = (
+    "UPDATE entries SET owner = ?, deliveries = deliveries + 1 "
+    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL"
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A claimed entry, decoded: what to run again, and where it came from."""
+
+    key: Key
+    func: Callable[..., object]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+    method: str
+    path: str
+    replays: int  # how many times it was claimed from a process that was gone, this one included
+
+
+class Journal:
+    """A SQLite file where tasks wait until they have run (see the README, "the journal").
+
+    Args:
+        path: The SQLite file; several processes of one app may share it.
+        durability: `"normal"` (default) survives the process being killed, not a power
+            loss; `"full"` survives a power loss too, at a higher cost per commit.
+        lease: Seconds without a heartbeat after which an owner on another host is
+            taken for dead and its entries are replayed (default 10). On the same host a
+            dead pid is noticed at the next heartbeat, every `lease / 3` seconds.
+        serializer: How arguments are encoded: an object with `dumps` and `loads`
+            (default: `json`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "normal",
+        lease: float = 10.0,
+        serializer: Serializer | None = None,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            msg = f'Journal(durability=...) must be "normal" or "full"; got {durability!r}.'
+            raise ConfigurationError(msg)
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+            msg = f"Journal(lease=...) must be a positive number of seconds; got {lease!r}."
+            raise ConfigurationError(msg)
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.lease = float(lease)
+        self.serializer: Serializer = _JSON if serializer is None else serializer
+        self._paths: dict[object, str] = {}  # callables known to import back as themselves
+        self._writer: _Writer | None = None
+        self._lock = threading.Lock()
+        self._sink: Callable[[list[Entry]], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Journal {self.path!r} durability={self.durability!r} lease={self.lease:g}>"
+
+    # Opening, in the process that serves (after a fork), and replaying.
+
+    def open(self, sink: Callable[[list[Entry]], None] | None = None) -> None:
+        """Register this process as an owner (once per process) and take over the entries
+        of owners that are gone; `sink` receives entries to run, in the writer thread."""
+        with self._lock:
+            if sink is not None:
+                self._sink = sink
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():  # forked since: start afresh
+                self._writer = _Writer(self)
+                self._writer.start()
+
+    def writer(self) -> _Writer:
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            self.open()
+            writer = self._writer
+        if writer is None:  # pragma: no cover  (open() sets it)
+            msg = "the journal's writer did not start"
+            raise RuntimeError(msg)
+        return writer
+
+    def recorder(
+        self, opener: Callable[[], Callable[[list[Entry]], None]] | None = None
+    ) -> Recorder:
+        """What one request uses to journal its tasks; the first in this process opens
+        the journal, with the sink `opener()` makes."""
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            self.open(None if opener is None else opener())
+            writer = self.writer()
+        return Recorder(self, writer)
+
+    def deliver(self, entries: list[Entry]) -> None:
+        """Hand claimed entries to whoever runs them (called in the writer thread)."""
+        sink = self._sink
+        if sink is None:
+            logger.error(
+                "Journal %s: %d claimed tasks have no event loop to run on; they stay "
+                "in the file for the next start",
+                escape(self.path),
+                len(entries),
+            )
+            return
+        sink(entries)
+
+    async def close(self) -> None:
+        """Commit what is pending, remove this process's owner record, stop the writer.
+
+        Entries of tasks that did not finish stay, claimable at once by the next start.
+        """
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            return
+        seq = writer.stop()
+        await writer.committed(seq)
+        self._writer = None
+
+    def close_sync(self, timeout: float | None = 10.0) -> None:
+        """`close()`, from sync code (the WSGI middleware, at exit)."""
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            return
+        writer.wait_sync(writer.stop(), timeout)
+        self._writer = None
+
+    # What can be journaled.
+
+    def path_of(self, func: Callable[..., object]) -> str:
+        """`module:qualname`, from which importing gives back `func` itself.
+
+        Raises:
+            TaskNotDurableError: `func` cannot be found again by another process.
+        """
+        try:
+            return self._paths[func]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable callable
+            raise _not_durable(func, "it cannot be found again by name") from None
+        module = getattr(func, "__module__", None)
+        qualname = getattr(func, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+            raise _not_durable(func, "it is not a module-level function or class")
+        try:
+            found = resolve(module, qualname)
+        except Exception:
+            found = None
+        if found is not func:
+            raise _not_durable(func, f"importing `{module}.{qualname}` does not give it back")
+        path = self._paths[func] = f"{module}:{qualname}"
+        return path
+
+    def encode(
+        self, func: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bytes | str:
+        if not args and not kwargs and self.serializer is _JSON:
+            return _NO_ARGUMENTS
+        try:
+            return self.serializer.dumps([list(args), kwargs])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _not_durable(func, f"its arguments cannot be encoded ({exc})") from exc
+
+
+class Recorder:
+    """One request's side of the journal: its tasks' keys, and its last pending write."""
+
+    __slots__ = ("entries", "journal", "last", "writer")
+
+    def __init__(self, journal: Journal, writer: _Writer) -> None:
+        self.journal = journal
+        self.writer = writer
+        self.entries: dict[TaskHandle, Key] = {}
+        self.last = 0  # the number of this request's last write
+
+    def record(self, task: TaskHandle, *, volatile: bool) -> None:
+        """Journal a task `add_task()` just made; refuse one that cannot be journaled.
+
+        Raises:
+            TaskNotDurableError: The task's callable or arguments cannot be journaled.
+        """
+        if volatile or task.dispatch is not None:  # opted out; or enqueued to a queue
+            return
+        journal, func = self.journal, task.func
+        path = journal.path_of(func)
+        payload = journal.encode(func, task.args, task.kwargs)
+        key = self.writer.new_key()
+        self.entries[task] = key
+        request = task.request_tasks
+        self.last = self.writer.insert(key, task, path, payload, request)
+
+    def add(self, task: TaskHandle, *, volatile: bool) -> None:
+        """Journal the task, then add it to its request; if the request refuses it (closed,
+        at its limit), its entry goes too."""
+        self.record(task, volatile=volatile)
+        try:
+            task.request_tasks.add(task)
+        except BaseException:
+            self.ended(task)
+            raise
+
+    def adopt(self, task: TaskHandle, key: Key) -> None:
+        """A replayed task, whose entry is already in the file."""
+        self.entries[task] = key
+
+    def changed(self, task: TaskHandle) -> None:
+        """The task's options changed (`set()`): write them again, if it is journaled."""
+        key = self.entries.get(task)
+        if key is not None and key[0] == self.writer.origin:
+            path = self.journal.path_of(task.func)
+            payload = self.journal.encode(task.func, task.args, task.kwargs)
+            self.last = self.writer.insert(key, task, path, payload, task.request_tasks)
+
+    def ended(self, task: TaskHandle) -> None:
+        """The task reached a final state that takes it out of the journal."""
+        key = self.entries.pop(task, None)
+        if key is not None:
+            self.writer.delete(key)
+
+    def pending(self) -> bool:
+        return self.last > self.writer.done
+
+    async def flushed(self) -> None:
+        """Wait until every write of this request so far is committed."""
+        if self.last > self.writer.done:
+            await self.writer.committed(self.last)
+
+    def flush_sync(self) -> None:
+        if self.last > self.writer.done:
+            self.writer.wait_sync(self.last, None)
+
+
+def guard(send: Send, recorder: Recorder) -> Send:
+    """`send`, which first waits until the request's tasks are committed to the journal
+    before forwarding a message that may end the response (the client then knows)."""
+
+    async def send_when_journaled(message: Message) -> None:
+        if recorder.last > recorder.writer.done and message["type"] in _ENDING:
+            await recorder.flushed()
+        await send(message)
+
+    return send_when_journaled
+
+
+_ENDING = frozenset(
+    {
+        "http.response.body",
+        "http.response.pathsend",
+        "http.response.zerocopysend",
+        "http.response.trailers",
+    }
+)
+
+
+def resolve(module: str, qualname: str) -> Any:
+    """The object `module.qualname` names, importing the module if needed."""
+    found: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _not_durable(func: object, why: str) -> TaskNotDurableError:
+    from ._checks import describe  # noqa: PLC0415  (_checks imports _task's siblings)
+
+    name = describe(func)
+    msg = (
+        f"Task {name!r} cannot be journaled: {why}. With `journal=` on, a task must be a "
+        "module-level function (or class) that another process can import, called with "
+        "arguments the journal's serializer encodes (JSON by default: pass ids, not "
+        "objects). To run this one without the journal (it is then lost on a crash), "
+        f"opt out: `add_task(post_response.volatile({name.rsplit('.', 1)[-1]}), ...)`."
+    )
+    return TaskNotDurableError(msg)
+
+
+# The writer thread.
+
+_INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
+_COLLECTING = Phase.COLLECTING
+STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
+LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
+
+
+class _Writer(threading.Thread):
+    """The thread that owns the SQLite connection of one open journal in one process."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(name="post_response-journal", daemon=True)
+        self.journal = journal
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        # This process's owner id, and its entries' origin: 63 random bits (an index on
+        # `owner` would cost every write; claims scan the table, a few times a minute).
+        self.origin = uuid.uuid4().int >> 65
+        self._numbers = itertools.count(1)
+        self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queued = 0  # number of the last write queued
+        self.done = 0  # number of the last write committed (or given up on)
+        self._waiters: list[
+            tuple[int, Callable[[Callable[[], None]], None] | None, Callable[[], None]]
+        ] = []
+        self._signalled = False  # the writer was woken and has not taken the writes yet
+        self._deletes: list[Key] = []  # deletions taken by the writer, not yet written
+        self._deleted_at = 0.0  # when deletions were last written (monotonic)
+
+    def new_key(self) -> Key:
+        return (self.origin, next(self._numbers))
+
+    def _queue(self, op: tuple[Any, ...], *, urgent: bool) -> int:
+        """Queue a write; wake the writer only if `urgent` and it is not woken already.
+        Other writes wait for the next commit someone waits for, or `LINGER` seconds."""
+        with self._lock:
+            self._queued += 1
+            self._ops.append(op)
+            number = self._queued
+            wake = urgent and not self._signalled
+            if wake:
+                self._signalled = True
+        if wake:
+            self._wake.set()
+        return number
+
+    def insert(
+        self, key: Key, task: TaskHandle, path: str, payload: bytes | str, request: RequestTasks
+    ) -> int:
+        # Added while the request runs: committed when its response is about to end (the
+        # guard waits for it), with the others of that moment. Added later: at once.
+        urgent = request.phase is not _COLLECTING
+        op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
+        return self._queue(op, urgent=urgent)
+
+    def delete(self, key: Key) -> int:
+        return self._queue((_DELETE_OP, key), urgent=False)  # a replay too many at worst
+
+    def stop(self) -> int:
+        return self._queue((_STOP_OP,), urgent=True)
+
+    # Waiting for a commit: from an event loop, or from a thread.
+
+    async def committed(self, number: int) -> None:
+        if number <= self.done:
+            return
+        loop = _backend.asyncio_loop()
+        if loop is not None:
+            future: asyncio.Future[None] = loop.create_future()
+            self._wait(number, loop.call_soon_threadsafe, functools.partial(_resolve, future))
+            await future
+            return
+        import trio  # noqa: PLC0415  (the only other backend anyio runs)
+
+        event = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        self._wait(number, token.run_sync_soon, event.set)
+        await event.wait()
+
+    def wait_sync(self, number: int, timeout: float | None) -> bool:
+        if number <= self.done:
+            return True
+        event = threading.Event()
+        self._wait(number, None, event.set)
+        return event.wait(timeout)
+
+    def _wait(self, number: int, via: Callable[..., Any] | None, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if number > self.done:
+                self._waiters.append((number, via, wake))
+                kick = not self._signalled
+                self._signalled = True
+            else:
+                kick = None
+        if kick is None:
+            wake()
+        elif kick:
+            self._wake.set()
+
+    def _wake_waiters(self) -> None:
+        with self._lock:
+            done = self.done
+            ready = [w for w in self._waiters if w[0] <= done]
+            self._waiters = [w for w in self._waiters if w[0] > done]
+        by_loop: dict[Any, list[Callable[[], None]]] = {}
+        for _, via, wake in ready:
+            if via is None:
+                wake()
+            else:
+                by_loop.setdefault(via, []).append(wake)
+        for via, wakes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop closed: no one waits there
+                via(_call_all, wakes)
+
+    # The thread.
+
+    def run(self) -> None:
+        try:
+            db = self._connect()
+        except sqlite3.Error:
+            logger.exception(
+                "Journal %s could not be opened; tasks are not journaled", escape(self.journal.path)
+            )
+            self._give_up_forever()
+            return
+        try:
+            self._serve(db)
+        except BaseException:
+            logger.exception("The journal %s stopped", escape(self.journal.path))
+            self._give_up_forever()
+        finally:
+            db.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        journal = self.journal
+        db = sqlite3.connect(
+            journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if journal.durability == 'full' else 'NORMAL'}")
+        with _transaction(db):
+            for statement in _SCHEMA.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
+                (self.origin, self.pid, self.host, time.time()),
+            )
+        return db
+
+    def _serve(self, db: sqlite3.Connection) -> None:
+        beat_every = self.journal.lease / 3
+        next_beat = 0.0  # at once: take over what dead owners left
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._beat(db)
+                next_beat = time.monotonic() + beat_every
+            until = next_beat - time.monotonic()
+            if self._ops or self._deletes:  # writes no one waits for: commit them soon anyway
+                until = min(until, LINGER)
+            self._wake.wait(max(until, 0.0))
+            with self._lock:
+                self._wake.clear()
+                self._signalled = False
+                ops, self._ops = self._ops, collections.deque()
+                last = self._queued
+            if not ops and not self._deletes:
+                continue
+            stop = self._write(db, ops)
+            with self._lock:
+                self.done = last
+            self._wake_waiters()
+            if stop:
+                return
+
+    def _write(self, db: sqlite3.Connection, ops: Iterable[tuple[Any, ...]]) -> bool:
+        """Commit the ops; True when a stop was among them.
+
+        Deletions wait up to `LINGER` seconds, unless nothing else is written: each
+        statement costs the thread the GIL once more (see `_write_many`), and no one
+        waits for a deletion.
+        """
+        inserts: dict[Key, tuple[Any, ...]] = {}
+        deletes = self._deletes
+        stop = False
+        for op in ops:
+            if op[0] == _INSERT_OP:
+                inserts[op[1]] = op
+            elif op[0] == _DELETE_OP:
+                inserts.pop(op[1], None)  # ended before its entry was written
+                deletes.append(op[1])  # (or written again: the first write stays)
+            else:
+                stop = True
+        now = time.time()
+        rows = [self._row(op, now) for op in inserts.values()]
+        due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
+        if not due:
+            deletes = []
+        else:
+            self._deletes, self._deleted_at = [], time.monotonic()
+        for attempt in itertools.count(1):
+            try:
+                # Each statement is a transaction of its own: the writes are independent,
+                # and BEGIN and COMMIT would be two more steps (see _write_many).
+                _write_many(db, _inserting, rows, _INSERT_CHUNK)
+                rows = []  # committed: not written again if what follows fails
+                _write_many(db, _deleting, deletes, _DELETE_CHUNK)
+                deletes = []
+                if stop:
+                    db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
+                break
+            except sqlite3.Error:
+                logger.exception(
+                    "Journal %s: could not commit %d writes (attempt %d)",
+                    escape(self.journal.path),
+                    len(rows) + len(deletes),
+                    attempt,
+                )
+                if attempt >= 5:
+                    logger.error(
+                        "Journal %s: %d writes were not journaled",
+                        escape(self.journal.path),
+                        len(rows) + len(deletes),
+                    )
+                    break
+                time.sleep(0.1 * attempt)
+        return stop
+
+    def _row(self, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
+        _, (origin, seq), task, path, payload, method, request_path = op
+        return (origin, seq, self.origin, path, payload, _options(task), method, request_path, now)
+
+    def _beat(self, db: sqlite3.Connection) -> None:
+        """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
+        try:
+            with _transaction(db, immediate=True):
+                updated = db.execute(
+                    "UPDATE owners SET beat = ? WHERE id = ?", (time.time(), self.origin)
+                )
+                if updated.rowcount == 0:
+                    logger.error(
+                        "Journal %s: this process (pid %d) was taken for dead by another, "
+                        "whose heartbeat check it missed; registering again",
+                        escape(self.journal.path),
+                        self.pid,
+                    )
+                    db.execute(
+                        "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
+                        (self.origin, self.pid, self.host, time.time()),
+                    )
+                claimed, gone = self._claim(db)
+        except sqlite3.Error:
+            logger.exception("Journal %s: the heartbeat failed", escape(self.journal.path))
+            return
+        if claimed:
+            self._deliver(db, claimed, gone)
+
+    def _claim(self, db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """In the caller's transaction: remove owners that are gone, take their entries."""
+        now = time.time()
+        gone: list[int] = []
+        for owner, pid, host, beat in db.execute(
+            "SELECT id, pid, host, beat FROM owners WHERE id != ?", (self.origin,)
+        ).fetchall():
+            if self._gone(pid, host, now - beat):
+                db.execute("DELETE FROM owners WHERE id = ?", (owner,))
+                gone.append(pid)
+        claimed = db.execute(_ORPHANS).fetchall()
+        if claimed:
+            db.execute(_ADOPT, (self.origin,))
+        return claimed, gone
+
+    def _gone(self, pid: int, host: str, silent: float) -> bool:
+        """Whether the owner with `pid` on `host`, silent for `silent` seconds, is gone.
+
+        On this host the pid decides: a live process keeps its entries even if its
+        heartbeat is late (stopped, starved), so that no entry ever runs twice at once;
+        only a silence of `STALE_LEASES` leases outweighs it (the pid was reused). Our
+        own pid under another owner id is a process that had it before us (a container
+        restarted: same host name, same pid 1). Elsewhere, the heartbeat decides.
+        """
+        lease = self.journal.lease
+        if host != self.host:
+            return silent > lease
+        return pid == self.pid or not _alive(pid) or silent > lease * STALE_LEASES
+
+    def _deliver(
+        self, db: sqlite3.Connection, claimed: list[tuple[Any, ...]], gone: list[int]
+    ) -> None:
+        journal, entries, dead = self.journal, [], []
+        for origin, seq, path, payload, options, method, request_path, deliveries in claimed:
+            try:
+                module, qualname = path.split(":", 1)
+                func = resolve(module, qualname)
+                args, kwargs = journal.serializer.loads(payload)
+                opts = json.loads(options) if options else {}
+            except Exception as exc:
+                logger.error(
+                    "Journal %s: a task of %s %s left by a process that is gone cannot be "
+                    "replayed: %s cannot be loaded (%s: %s); it is kept in the file, marked dead",
+                    escape(journal.path),
+                    escape(method),
+                    escape(request_path),
+                    escape(path),
+                    type(exc).__name__,
+                    escape(str(exc)),
+                )
+                dead.append((f"{type(exc).__name__}: {exc}", origin, seq))
+                continue
+            entries.append(
+                Entry(
+                    (origin, seq),
+                    func,
+                    tuple(args),
+                    kwargs,
+                    opts,
+                    method,
+                    request_path,
+                    deliveries + 1,
+                )
+            )
+        if dead:
+            try:
+                with _transaction(db):
+                    db.executemany("UPDATE entries SET dead = ? WHERE origin = ? AND seq = ?", dead)
+            except sqlite3.Error:
+                logger.exception("Journal %s: could not mark entries dead", escape(journal.path))
+        if entries:
+            logger.warning(
+                "Journal %s: replaying %d tasks left by processes that are gone (pids %s)",
+                escape(journal.path),
+                len(entries),
+                ", ".join(map(str, sorted(set(gone)))) or "unknown: their owners had shut down",
+            )
+            journal.deliver(entries)
+
+    def _give_up_forever(self) -> None:
+        """The journal is unusable: release every waiter now and later (logged above)."""
+        with self._lock:
+            self.done = sys.maxsize
+        self._wake_waiters()
+
+
+class _transaction:
+    def __init__(self, db: sqlite3.Connection, *, immediate: bool = True) -> None:
+        self.db = db
+        self.immediate = immediate
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        if kind is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _call_all(wakes: list[Callable[[], None]]) -> None:
+    for wake in wakes:
+        wake()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with `pid` exists on this host. On Windows, `os.kill(pid, 0)`
+    would send CTRL_C_EVENT: there the heartbeat alone decides."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _options(task: TaskHandle) -> str | None:
+    """The task's `set()` options, read when its entry is written, as JSON."""
+    options: dict[str, Any] = {}
+    if task._name is not None:
+        options["name"] = task._name
+    if task.timeout is not _UNSET:
+        options["timeout"] = task.timeout
+    if task.always:
+        options["always"] = True
+    plan = task._plan
+    if plan is not None:
+        for name in ("key", "delay", "retries", "backoff"):
+            value = getattr(plan, name)
+            if value is not None:
+                options[name] = value
+        if plan.retry_on is not Exception:
+            kinds = plan.retry_on if isinstance(plan.retry_on, tuple) else (plan.retry_on,)
+            options["retry_on"] = [f"{k.__module__}:{k.__qualname__}" for k in kinds]
+    return json.dumps(options) if options else None
+
+
+def replay(
+    entries: list[Entry],
+    make_request: Callable[[str, str], RequestTasks],
+    submit: Callable[[RequestTasks], None],
+) -> None:
+    """Run claimed entries again: one batch per entry, through the same runner. Called
+    on the event loop that runs them."""
+    from ._task import TaskHandle  # noqa: PLC0415
+
+    for entry in entries:
+        request = make_request(entry.method, entry.path)
+        context = contextvars.Context()
+        context.run(_enter, request, entry.replays)
+        task = context.run(TaskHandle, entry.func, entry.args, entry.kwargs, request)
+        try:
+            task.set(**_replayed_options(entry.options))
+        except Exception:
+            logger.warning(
+                "Journal: options of replayed task %r ignored", escape(task.name), exc_info=True
+            )
+        task._planned().tries = entry.replays  # attempt numbers go on from the lost ones
+        recorder = request.journal
+        if recorder is not None:
+            recorder.adopt(task, entry.key)
+        request.tasks.append(task)
+        logger.info(
+            "Task %r of %s replayed from the journal (replay %d)",
+            task.name,
+            request.label,
+            entry.replays,
+            extra=task._fields(),
+        )
+        submit(request)
+
+
+def _enter(request: RequestTasks, replays: int) -> None:
+    from . import _context  # noqa: PLC0415
+
+    _context.activate(request)
+    replaying.set(replays)
+
+
+def _replayed_options(options: dict[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    kinds = options.pop("retry_on", None)
+    if kinds:
+        found = []
+        for name in kinds:
+            try:
+                found.append(resolve(*name.split(":", 1)))
+            except (ImportError, AttributeError, ValueError):
+                logger.warning(
+                    "Journal: retry_on class %s not found; retrying on Exception", escape(name)
+                )
+                found = [Exception]
+                break
+        options["retry_on"] = tuple(found)
+    return options
+
+
+def on_this_loop(
+    run: Callable[[list[Entry]], Coroutine[Any, Any, None]],
+) -> Callable[[list[Entry]], None]:
+    """A sink for `Journal.open()`: runs `await run(entries)` as a task of its own on the
+    event loop that calls this (asyncio or trio), started from the writer thread."""
+    from . import _backend  # noqa: PLC0415
+
+    backend = _backend.current()
+    loop = _backend.asyncio_loop()
+    if loop is not None:
+        schedule: Callable[..., object] = loop.call_soon_threadsafe
+    else:
+        import trio  # noqa: PLC0415  (the only other backend anyio runs)
+
+        schedule = trio.lowlevel.current_trio_token().run_sync_soon
+
+    def sink(entries: list[Entry]) -> None:
+        try:
+            schedule(backend.spawn, functools.partial(run, entries))
+        except RuntimeError:  # the loop closed
+            logger.error(
+                "Journal: %d claimed tasks were not run, their event loop had closed; they "
+                "stay in the file for the next start",
+                len(entries),
+            )
+
+    return sink
+
+
+def replay_batches(  # noqa: PLR0917  (one call site per middleware)
+    journal: Journal,
+    entries: list[Entry],
+    settings: Any,
+    stats: Any,
+    max_tasks: int,
+    submit: Callable[[Any], None],
+) -> None:
+    """Run claimed entries as batches of the middleware whose `settings`, `stats` and
+    `max_tasks` are given; `submit(batch)` hands each to its owner. On the event loop."""
+    from . import _batch, _context  # noqa: PLC0415
+
+    def make_request(method: str, path: str) -> RequestTasks:
+        request = _context.RequestTasks(max_tasks, method, path, stats, settings.dispatchers)
+        request.journal = journal.recorder()  # its tasks' ends, and what they add
+        return request
+
+    def run(request: RequestTasks) -> None:
+        submit(_batch.Batch(request, settings, None))
+
+    replay(entries, make_request, run)

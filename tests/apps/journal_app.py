@@ -1,0 +1,65 @@
+"""A raw ASGI app with the journal on, for the journal and crash tests.
+
+`GET /add?n=N` adds `record(N)`, a task that waits until the gate file exists, then
+appends `N <pid> <replays>` to the runs file (`O_APPEND`: whole lines, whatever process
+writes them). The journal file, the gate and the runs file come from environment
+variables; the middleware's other options from `POST_RESPONSE_OPTIONS` (as in control.py).
+`GET /volatile` adds a task that cannot be journaled, opted out with `volatile()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+
+import post_response
+from post_response import PostResponseMiddleware, add_task
+from post_response._types import Receive, Scope, Send
+
+from .control import options
+
+JOURNAL = os.environ.get("JOURNAL_FILE", "journal.db")
+GATE = Path(os.environ.get("JOURNAL_GATE", "gate"))
+RUNS = os.environ.get("JOURNAL_RUNS", "runs.txt")
+LEASE = float(os.environ.get("JOURNAL_LEASE", "10"))
+POLL = 0.02  # seconds between two looks at the gate file
+
+
+async def record(n: int) -> None:
+    """Wait for the gate file, then append one line saying who ran task `n`."""
+    while not GATE.exists():
+        await anyio.sleep(POLL)
+    line = f"{n} {os.getpid()} {int(post_response.is_replay())}\n".encode()
+    fd = os.open(RUNS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    query = parse_qs(scope.get("query_string", b"").decode())
+    if scope["path"] == "/add":
+        add_task(record, int(query["n"][0]))
+    elif scope["path"] == "/volatile":
+        add_task(post_response.volatile(lambda: None))
+    body = str(os.getpid()).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+settings: dict[str, Any] = {"max_running": 50, **options()}
+app = PostResponseMiddleware(inner, journal=post_response.Journal(JOURNAL, lease=LEASE), **settings)

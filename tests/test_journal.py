@@ -1,0 +1,463 @@
+"""The journal: what it refuses, what it writes and when, and what it replays."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import post_response
+from post_response import (
+    ConfigurationError,
+    Journal,
+    PostResponseMiddleware,
+    TaskHandle,
+    TaskNotDurableError,
+    add_task,
+)
+from post_response._types import Message, Receive, Scope, Send
+
+from .harness import Exchange
+
+pytestmark = pytest.mark.anyio
+
+RAN: list[tuple[str, bool, int]] = []  # (what, is_replay(), attempt) for each run
+DEADLINE = 10.0  # seconds a replay may take to show up
+
+
+async def remember(what: str) -> None:
+    """A journalable task: records that it ran, and whether as a replay."""
+    RAN.append((what, post_response.is_replay(), 0))
+
+
+def remember_sync(what: str) -> None:
+    RAN.append((what, post_response.is_replay(), 0))
+
+
+class Unencodable:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _forget_runs() -> None:
+    RAN.clear()
+
+
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    """The journal's entries, read by another connection, as another process would."""
+    with sqlite3.connect(path) as db:
+        db.executescript(_schema())  # the writer thread may not have made it yet
+        return db.execute("SELECT func, payload, options, owner, dead FROM entries").fetchall()
+
+
+def owners(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT id, pid, host, beat FROM owners").fetchall()
+
+
+def app_adding(*calls: tuple[Any, ...], handles: list[TaskHandle] | None = None) -> Any:
+    """A raw app that calls `add_task(*call)` for each call, then answers 200."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for call in calls:
+            handle = add_task(*call)
+            if handles is not None:
+                handles.append(handle)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+class DiskAtBody(Exchange):
+    """An exchange that reads the journal file when the response's body arrives."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.at_body: list[tuple[Any, ...]] = []
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body":
+            self.at_body = rows(self.path)
+        await super().send(message)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def plant(
+    path: Path,
+    func: str,
+    payload: str,
+    *,
+    pid: int,
+    beat: float | None = None,
+    host: str | None = None,
+) -> int:
+    """Write an owner record with `pid` and one entry it owns; return the owner's id."""
+    owner = uuid.uuid4().int >> 65
+    with sqlite3.connect(path) as db:
+        db.executescript(_schema())
+        db.execute(
+            "INSERT INTO owners VALUES (?, ?, ?, ?)",
+            (
+                owner,
+                pid,
+                socket.gethostname() if host is None else host,
+                time.time() if beat is None else beat,
+            ),
+        )
+        db.execute(
+            "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
+            "VALUES (?, 1, ?, ?, ?, 'GET', '/planted', ?)",
+            (owner, owner, func, payload, time.time()),
+        )
+    return owner
+
+
+def _schema() -> str:
+    from post_response import _journal
+
+    return _journal._SCHEMA
+
+
+async def heartbeats(path: Path, journal: Journal, count: int) -> None:
+    """Wait until `journal`'s owner record has been refreshed `count` more times."""
+    origin = journal.writer().origin
+    seen: set[float] = set()
+    with anyio.fail_after(DEADLINE):
+        while len(seen) <= count:
+            seen |= {beat for owner, _, _, beat in owners(path) if owner == origin}
+            await anyio.sleep(0.01)
+
+
+async def wait_for_runs(count: int) -> None:
+    with anyio.fail_after(DEADLINE):
+        while len(RAN) < count:
+            await anyio.sleep(0.01)
+
+
+# The option and what it refuses.
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"journal": 3}, "must be the path of the journal's SQLite file"),
+        ({"journal": ""}, "must be the path of the journal's SQLite file"),
+    ],
+)
+async def test_a_wrong_journal_option_is_refused_with_the_fix(
+    options: dict[str, Any], message: str
+) -> None:
+    """`journal=` takes a path or a `Journal`; anything else names both."""
+    with pytest.raises(ConfigurationError, match=message):
+        PostResponseMiddleware(app_adding(), **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"durability": "fsync"}, "durability"), ({"lease": 0}, "lease"), ({"lease": True}, "lease")],
+)
+async def test_a_wrong_journal_setting_is_refused(options: dict[str, Any], message: str) -> None:
+    """`Journal(...)` checks its durability and lease when built."""
+    with pytest.raises(ConfigurationError, match=message):
+        Journal("x.db", **options)
+
+
+def _local() -> Any:
+    def inner() -> None: ...
+
+    return inner
+
+
+class _Holder:
+    def method(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("call", "why"),
+    [
+        ((lambda: None,), "not a module-level function"),
+        ((_local(),), "not a module-level function"),
+        ((_Holder().method,), "does not give it back"),
+        ((remember, Unencodable()), "arguments cannot be encoded"),
+    ],
+    ids=["lambda", "local function", "bound method", "object argument"],
+)
+async def test_a_task_that_cannot_be_journaled_is_refused_at_add_task(
+    tmp_path: Path, call: tuple[Any, ...], why: str
+) -> None:
+    """With the journal on, add_task() raises a TypeError that names the fix: a
+    module-level function, ids for arguments, or `volatile()`."""
+    errors: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            add_task(*call)
+        except TypeError as exc:
+            errors.append(exc)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = PostResponseMiddleware(app, journal=tmp_path / "j.db")
+    await Exchange().run(middleware)
+    [error] = errors
+    assert isinstance(error, TaskNotDurableError)
+    assert why in str(error)
+    assert "module-level function" in str(error)
+    assert "post_response.volatile(" in str(error)
+
+
+async def test_volatile_runs_a_task_the_journal_cannot_take_and_leaves_it_out(
+    tmp_path: Path,
+) -> None:
+    """`add_task(volatile(fn), obj)` runs `fn` (the handle names it), with nothing on disk."""
+    journal = tmp_path / "j.db"
+    handles: list[TaskHandle] = []
+    app = app_adding((post_response.volatile(remember_sync), Unencodable()), handles=handles)
+    exchange = DiskAtBody(journal)
+    await exchange.run(PostResponseMiddleware(app, journal=journal))
+    assert exchange.at_body == []
+    [handle] = handles
+    assert handle.func is remember_sync
+    assert handle.name == "tests.test_journal.remember_sync"
+    assert len(RAN) == 1
+
+
+async def test_set_durable_false_takes_a_task_out_of_the_journal(tmp_path: Path) -> None:
+    """`.set(durable=False)` removes a journaled task's entry before the response ends."""
+    journal = tmp_path / "j.db"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(remember, "kept")
+        add_task(remember, "out").set(durable=False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exchange = DiskAtBody(journal)
+    await exchange.run(PostResponseMiddleware(app, journal=journal))
+    assert [row[1] for row in exchange.at_body] == ['[["kept"],{}]']
+
+
+async def test_volatile_without_a_journal_changes_nothing() -> None:
+    """Without `journal=`, a `volatile()` task is an ordinary task."""
+    handles: list[TaskHandle] = []
+    app = app_adding((post_response.volatile(remember), "x"), handles=handles)
+    await Exchange().run(PostResponseMiddleware(app))
+    assert handles[0].func is remember
+    assert RAN == [("x", False, 0)]
+
+
+# What is written, and when.
+
+
+async def test_the_entry_is_on_disk_before_the_body_and_gone_once_the_task_ran(
+    tmp_path: Path,
+) -> None:
+    """The body is forwarded only once the task's entry is committed; the entry is
+    deleted once the task has completed, and the owner record at shutdown."""
+    journal = tmp_path / "j.db"
+    middleware = PostResponseMiddleware(app_adding((remember, "a")), journal=journal)
+    exchange = DiskAtBody(journal)
+    await exchange.run(middleware)
+    [(func, payload, options, _, dead)] = exchange.at_body
+    assert (func, payload, options, dead) == (
+        "tests.test_journal:remember",
+        '[["a"],{}]',
+        None,
+        None,
+    )
+    assert RAN == [("a", False, 0)]
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
+    assert owners(journal) == []
+
+
+async def test_a_tasks_options_are_journaled_with_it(tmp_path: Path) -> None:
+    """The options set on the handle after add_task() are in its entry, read at write time."""
+    journal = tmp_path / "j.db"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(remember, "o").set(
+            name="named", timeout=5, always=True, key="k", retries=2, retry_on=ValueError
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exchange = DiskAtBody(journal)
+    await exchange.run(PostResponseMiddleware(app, journal=journal))
+    [(_, _, options, _, _)] = exchange.at_body
+    assert json.loads(options) == {
+        "name": "named",
+        "timeout": 5,
+        "always": True,
+        "key": "k",
+        "retries": 2,
+        "retry_on": ["builtins:ValueError"],
+    }
+
+
+# Replay.
+
+
+async def test_entries_of_a_dead_process_are_replayed_once_and_leave_the_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose owner's pid is gone runs again in the next process to open the
+    journal, as a replay (`is_replay()`, `attempt` going on), then leaves the file."""
+    journal = tmp_path / "j.db"
+    pid = dead_pid()
+    plant(journal, "tests.test_journal:remember", '[["left"],{}]', pid=pid)
+    middleware = PostResponseMiddleware(app_adding(), journal=journal)
+    with caplog.at_level(logging.INFO, "post_response"):
+        await Exchange().run(middleware)  # the first request opens the journal
+        await wait_for_runs(1)
+        await middleware.join()
+    assert RAN == [("left", True, 0)]
+    assert f"replaying 1 tasks left by processes that are gone (pids {pid})" in caplog.text
+    assert "Task 'tests.test_journal.remember' of GET /planted replayed" in caplog.text
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
+
+
+async def test_the_entries_of_a_live_owner_are_never_taken(tmp_path: Path) -> None:
+    """An owner on this host whose pid is alive keeps its entries, even with its
+    heartbeat late, however many heartbeats the other process makes; once its process
+    is gone, they are taken and run."""
+    journal = tmp_path / "j.db"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = plant(
+            journal,
+            "tests.test_journal:remember",
+            '[["alive"],{}]',
+            pid=alive.pid,
+            beat=time.time() - 0.6,  # two leases late
+        )
+        the_journal = Journal(journal, lease=0.3)  # a heartbeat every 0.1 s
+        middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+        await Exchange().run(middleware)
+        await heartbeats(journal, the_journal, 4)  # each one looks for owners that are gone
+        assert RAN == []
+        assert [row[3] for row in rows(journal)] == [owner]
+    finally:
+        alive.kill()
+        alive.wait()
+    await wait_for_runs(1)
+    assert RAN == [("alive", True, 0)]
+    await middleware.join()
+    await the_journal.close()
+
+
+async def test_an_owner_on_another_host_is_gone_once_past_its_lease(tmp_path: Path) -> None:
+    """On another host no pid can be probed: a heartbeat older than the lease decides."""
+    journal = tmp_path / "j.db"
+    beating = time.time() + 3600  # as if it beat all through the test
+    plant(
+        journal,
+        "tests.test_journal:remember",
+        '[["far"],{}]',
+        pid=1,
+        host="elsewhere",
+        beat=beating,
+    )
+    stale = plant(
+        journal, "tests.test_journal:remember", '[["late"],{}]', pid=1, host="elsewhere", beat=1.0
+    )
+    the_journal = Journal(journal, lease=0.3)
+    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+    await Exchange().run(middleware)
+    await wait_for_runs(1)
+    await middleware.join()
+    assert RAN == [("late", True, 0)]
+    assert stale not in {owner for owner, *_ in owners(journal)}
+    await the_journal.close()
+
+
+async def test_an_entry_whose_callable_is_gone_is_kept_as_dead_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose callable is gone is never dropped silently: logged, marked dead,
+    kept in the file for whoever reads it, and not tried again."""
+    journal = tmp_path / "j.db"
+    plant(journal, "tests.nowhere:gone\n", "[[],{}]", pid=dead_pid())
+    the_journal = Journal(journal, lease=0.3)
+    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        await Exchange().run(middleware)
+        with anyio.fail_after(DEADLINE):
+            while not rows(journal)[0][4]:
+                await anyio.sleep(0.01)
+    [(_, _, _, _, dead)] = rows(journal)
+    assert dead.startswith("ModuleNotFoundError")
+    assert "tests.nowhere:gone\\n cannot be loaded" in caplog.text  # escaped: one line
+    await the_journal.close()
+    assert len(rows(journal)) == 1
+
+
+async def test_a_replayed_task_knows_it_through_its_handle(tmp_path: Path) -> None:
+    """`handle.replayed` and `handle.attempt` tell a replay from a first run."""
+    journal = tmp_path / "j.db"
+    seen: list[tuple[bool, int]] = []
+    plant(journal, "tests.test_journal:remember", '[["h"],{}]', pid=dead_pid())
+
+    def on_error(task: TaskHandle, exc: BaseException) -> None:
+        seen.append((task.replayed, task.attempt))
+
+    middleware = PostResponseMiddleware(app_adding(), journal=journal, on_error=on_error)
+    global remember  # noqa: PLW0603  (the planted entry names this function)
+    original = remember
+
+    async def failing(what: str) -> None:
+        RAN.append((what, post_response.is_replay(), 0))
+        raise ValueError(what)
+
+    remember = failing
+    failing.__qualname__ = "remember"
+    try:
+        await Exchange().run(middleware)
+        await wait_for_runs(1)
+        await middleware.join()
+    finally:
+        remember = original
+    assert seen == [(True, 2)]  # the dead process was handed attempt 1
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+
+
+async def test_a_task_the_request_refuses_leaves_no_entry(tmp_path: Path) -> None:
+    """Past `max_tasks`, add_task() raises, and the refused task is not journaled either."""
+    journal = tmp_path / "j.db"
+    errors: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(remember, "first")
+        try:
+            add_task(remember, "second")
+        except post_response.TaskLimitError as exc:
+            errors.append(exc)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exchange = DiskAtBody(journal)
+    middleware = PostResponseMiddleware(app, journal=journal, max_tasks=1)
+    await exchange.run(middleware)
+    assert len(errors) == 1
+    assert [row[1] for row in exchange.at_body] == ['[["first"],{}]']
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
