@@ -567,6 +567,15 @@ class _Writer(threading.Thread):
         db = sqlite3.connect(
             journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        journal = self.journal
         db.execute("PRAGMA busy_timeout = 30000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if journal.durability == 'full' else 'NORMAL'}")
@@ -578,7 +587,6 @@ class _Writer(threading.Thread):
                 "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
                 (self.origin, self.pid, self.host, time.time()),
             )
-        return db
 
     def _serve(self, db: sqlite3.Connection) -> None:
         beat_every = self.journal.lease / 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from post_response import (
 from post_response._types import Message, Receive, Scope, Send
 
 from .harness import Exchange
+from .journalfile import opened
 
 pytestmark = pytest.mark.anyio
 
@@ -55,13 +55,13 @@ def _forget_runs() -> None:
 
 def rows(path: Path) -> list[tuple[Any, ...]]:
     """The journal's entries, read by another connection, as another process would."""
-    with sqlite3.connect(path) as db:
+    with opened(path) as db:
         db.executescript(_schema())  # the writer thread may not have made it yet
         return db.execute("SELECT func, payload, options, owner, dead FROM entries").fetchall()
 
 
 def owners(path: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(path) as db:
+    with opened(path) as db:
         return db.execute("SELECT id, pid, host, beat FROM owners").fetchall()
 
 
@@ -111,7 +111,7 @@ def plant(
 ) -> int:
     """Write an owner record with `pid` and one entry it owns; return the owner's id."""
     owner = uuid.uuid4().int >> 65
-    with sqlite3.connect(path) as db:
+    with opened(path) as db:
         db.executescript(_schema())
         db.execute(
             "INSERT INTO owners VALUES (?, ?, ?, ?)",

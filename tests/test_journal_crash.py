@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from .journalfile import opened
 from .load import hammer
 from .servers import Server, run
 
@@ -44,7 +45,7 @@ def send_requests(server: Server, count: int) -> collections.Counter[int]:
 
 
 def entries(tmp_path: Path) -> int:
-    with sqlite3.connect(tmp_path / "journal.db") as db:
+    with opened(tmp_path / "journal.db") as db:
         return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
 
 
@@ -53,7 +54,7 @@ def owners(tmp_path: Path) -> set[int]:
     path = tmp_path / "journal.db"
     if not path.exists():
         return set()
-    with sqlite3.connect(path) as db:
+    with opened(path) as db:
         try:
             return {pid for (pid,) in db.execute("SELECT pid FROM owners")}
         except sqlite3.OperationalError:  # no table yet
@@ -224,13 +225,13 @@ def test_a_process_that_starts_never_takes_a_live_ones_tasks_only_a_dead_ones(
 
 
 def owner_of_entries(tmp_path: Path) -> set[int]:
-    with sqlite3.connect(tmp_path / "journal.db") as db:
+    with opened(tmp_path / "journal.db") as db:
         return {owner for (owner,) in db.execute("SELECT owner FROM entries")}
 
 
 def beat_of(tmp_path: Path, pid: int) -> float:
     """The last heartbeat of the owner with `pid` (0 before it registered)."""
-    with sqlite3.connect(tmp_path / "journal.db") as db:
+    with opened(tmp_path / "journal.db") as db:
         found = db.execute("SELECT beat FROM owners WHERE pid = ?", (pid,)).fetchone()
     return 0.0 if found is None else float(found[0])
 

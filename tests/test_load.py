@@ -13,11 +13,11 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
+from .journalfile import opened
 from .load import hammer, rss_bytes
 from .servers import Server, exit_code_after, run
 
@@ -153,12 +153,12 @@ def test_under_load_with_the_journal_what_the_runtime_lost_stays_journaled(
     assert result["ran_twice"] == 0
     lost = ended["cancelled"] + ended["abandoned"] + ended["dropped"]
     assert lost > 0
-    with sqlite3.connect(journal) as db:
+    with opened(journal) as db:
         assert db.execute("SELECT count(*), count(dead) FROM entries").fetchone() == (lost, 0)
         assert db.execute("SELECT count(*) FROM owners").fetchone() == (0,)  # shut down
 
 
 def journaled(path: Path) -> int:
     """How many entries the journal file holds."""
-    with sqlite3.connect(path) as db:
+    with opened(path) as db:
         return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
