@@ -80,7 +80,19 @@ SERVERS: dict[str, list[str]] = {
 ASGI_SERVERS = list(SERVERS)
 SERVERS |= {  # WSGI servers, threaded
     "waitress": ["waitress", "--listen=127.0.0.1:{port}", "--threads=4", "{app}"],
-    "gunicorn": ["gunicorn", "-k", "gthread", "--threads", "4", "-b", "127.0.0.1:{port}", "{app}"],
+    # No control socket: gunicorn >= 25 puts one at ~/.gunicorn/gunicorn.ctl, shared by
+    # every gunicorn that runs at once (two test runs, a test and a benchmark).
+    "gunicorn": [
+        "gunicorn",
+        "-k",
+        "gthread",
+        "--threads",
+        "4",
+        "--no-control-socket",
+        "-b",
+        "127.0.0.1:{port}",
+        "{app}",
+    ],
 }
 
 
