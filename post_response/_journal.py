@@ -181,6 +181,10 @@ class Journal:
             dead pid is noticed at the next heartbeat, every `lease / 3` seconds.
         serializer: How arguments are encoded: an object with `dumps` and `loads`
             (default: `json`).
+        max_replays: How many times an entry is replayed before it is given up on, kept
+            in the file marked dead (default 5; `None`: no limit). A task that takes its
+            process down (`os._exit()`, a crash in C code, the OOM killer) would otherwise
+            bring down every process that replays it, at every start.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class Journal:
         durability: Durability = "normal",
         lease: float = 10.0,
         serializer: Serializer | None = None,
+        max_replays: int | None = 5,
     ) -> None:
         if durability not in ("normal", "full"):
             msg = f'Journal(durability=...) must be "normal" or "full"; got {durability!r}.'
@@ -197,9 +202,18 @@ class Journal:
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
             msg = f"Journal(lease=...) must be a positive number of seconds; got {lease!r}."
             raise ConfigurationError(msg)
+        if max_replays is not None and (
+            isinstance(max_replays, bool) or not isinstance(max_replays, int) or max_replays < 0
+        ):
+            msg = (
+                "Journal(max_replays=...) must be a whole number >= 0, or None for no limit; "
+                f"got {max_replays!r}."
+            )
+            raise ConfigurationError(msg)
         self.path = os.fspath(path)
         self.durability = durability
         self.lease = float(lease)
+        self.max_replays = max_replays
         self.serializer: Serializer = _JSON if serializer is None else serializer
         self._paths: dict[object, str] = {}  # callables known to import back as themselves
         self._writer: _Writer | None = None
@@ -207,7 +221,10 @@ class Journal:
         self._sink: Callable[[list[Entry]], None] | None = None
 
     def __repr__(self) -> str:
-        return f"<Journal {self.path!r} durability={self.durability!r} lease={self.lease:g}>"
+        return (
+            f"<Journal {self.path!r} durability={self.durability!r} lease={self.lease:g} "
+            f"max_replays={self.max_replays!r}>"
+        )
 
     # Opening, in the process that serves (after a fork), and replaying.
 
@@ -729,7 +746,21 @@ class _Writer(threading.Thread):
         self, db: sqlite3.Connection, claimed: list[tuple[Any, ...]], gone: list[int]
     ) -> None:
         journal, entries, dead = self.journal, [], []
+        limit = journal.max_replays
         for origin, seq, path, payload, options, method, request_path, deliveries in claimed:
+            if limit is not None and deliveries >= limit:
+                logger.error(
+                    "Journal %s: task %s of %s %s was replayed %d times, and each time its "
+                    "process was gone before it ended; it is not replayed again (max_replays), "
+                    "it is kept in the file, marked dead",
+                    escape(journal.path),
+                    escape(path),
+                    escape(method),
+                    escape(request_path),
+                    deliveries,
+                )
+                dead.append((f"given up after {deliveries} replays (max_replays)", origin, seq))
+                continue
             try:
                 module, qualname = path.split(":", 1)
                 func = resolve(module, qualname)

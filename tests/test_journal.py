@@ -108,6 +108,7 @@ def plant(
     pid: int,
     beat: float | None = None,
     host: str | None = None,
+    deliveries: int = 0,
 ) -> int:
     """Write an owner record with `pid` and one entry it owns; return the owner's id."""
     owner = uuid.uuid4().int >> 65
@@ -123,9 +124,9 @@ def plant(
             ),
         )
         db.execute(
-            "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
-            "VALUES (?, 1, ?, ?, ?, 'GET', '/planted', ?)",
-            (owner, owner, func, payload, time.time()),
+            "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added, "
+            "deliveries) VALUES (?, 1, ?, ?, ?, 'GET', '/planted', ?, ?)",
+            (owner, owner, func, payload, time.time(), deliveries),
         )
     return owner
 
@@ -172,10 +173,17 @@ async def test_a_wrong_journal_option_is_refused_with_the_fix(
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"durability": "fsync"}, "durability"), ({"lease": 0}, "lease"), ({"lease": True}, "lease")],
+    [
+        ({"durability": "fsync"}, "durability"),
+        ({"lease": 0}, "lease"),
+        ({"lease": True}, "lease"),
+        ({"max_replays": -1}, "max_replays"),
+        ({"max_replays": 2.5}, "max_replays"),
+        ({"max_replays": True}, "max_replays"),
+    ],
 )
 async def test_a_wrong_journal_setting_is_refused(options: dict[str, Any], message: str) -> None:
-    """`Journal(...)` checks its durability and lease when built."""
+    """`Journal(...)` checks its durability, lease and replay limit when built."""
     with pytest.raises(ConfigurationError, match=message):
         Journal("x.db", **options)
 
@@ -409,6 +417,33 @@ async def test_an_entry_whose_callable_is_gone_is_kept_as_dead_and_logged(
     assert "tests.nowhere:gone\\n cannot be loaded" in caplog.text  # escaped: one line
     await the_journal.close()
     assert len(rows(journal)) == 1
+
+
+@pytest.mark.parametrize(("replays", "runs"), [(1, True), (2, False)])
+async def test_an_entry_replayed_max_replays_times_is_given_up_on_as_dead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, replays: int, runs: bool
+) -> None:
+    """With `max_replays=2`, an entry replayed once already runs again; one replayed twice
+    (its process died each time: a task that crashes it?) is logged and kept as dead."""
+    journal = tmp_path / "j.db"
+    plant(journal, "tests.test_journal:remember", '[["x"],{}]', pid=dead_pid(), deliveries=replays)
+    the_journal = Journal(journal, max_replays=2)
+    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        await Exchange().run(middleware)
+        with anyio.fail_after(DEADLINE):
+            while not (RAN or (rows(journal) and rows(journal)[0][4])):
+                await anyio.sleep(0.01)
+        await middleware.join()
+    await the_journal.close()
+    if runs:
+        assert RAN == [("x", True, 0)]
+        assert rows(journal) == []
+    else:
+        assert RAN == []
+        [(_, _, _, _, dead)] = rows(journal)
+        assert dead == "given up after 2 replays (max_replays)"
+        assert "was replayed 2 times, and each time its process was gone" in caplog.text
 
 
 async def test_a_replayed_task_knows_it_through_its_handle(tmp_path: Path) -> None:

@@ -272,3 +272,34 @@ def test_on_trio_too_responses_mean_entries_and_a_restart_replays_them(tmp_path:
         done = wait_for_runs(tmp_path, set(range(count)))
     assert sorted(n for n, _, _ in done) == list(range(count))
     assert {replay for _, _, replay in done} == {1}
+
+
+def test_a_task_that_kills_its_process_is_given_up_on_after_max_replays(tmp_path: Path) -> None:
+    """A task that takes uvicorn down (`os._exit()`) takes each restart down as it is
+    replayed, `max_replays` times; the next start keeps it as dead and serves."""
+    env = {**environment(tmp_path), "JOURNAL_MAX_REPLAYS": "2"}
+    gate = tmp_path / "gate"
+    for start in range(3):  # its first run, then its two replays
+        with run("uvicorn-httptools", "journal_app:app", "--no-access-log", env=env) as server:
+            if start == 0:
+                assert httpx.get(f"{server.url}/crash").status_code == 200
+            gate.touch()  # the task (or its replay, waiting since the startup) goes on
+            assert server.process.wait(timeout=DEADLINE) == 3
+        gate.unlink()
+    assert [(n, replay) for n, _, replay in runs(tmp_path)] == [(-1, 0), (-1, 1), (-1, 1)]
+    gate.touch()
+    with run("uvicorn-httptools", "journal_app:app", "--no-access-log", env=env) as server:
+        deadline = time.monotonic() + DEADLINE
+        while not dead_entries(tmp_path):
+            assert time.monotonic() < deadline, "the entry was never given up on"
+            time.sleep(0.05)
+        assert httpx.get(f"{server.url}/add?n=7").status_code == 200
+        wait_for_runs(tmp_path, {7})
+        assert "was replayed 2 times, and each time its process was gone" in server.output()
+    assert len(runs(tmp_path)) == 4  # not run a fourth time
+    assert dead_entries(tmp_path) == ["given up after 2 replays (max_replays)"]
+
+
+def dead_entries(tmp_path: Path) -> list[str]:
+    with opened(tmp_path / "journal.db") as db:
+        return [dead for (dead,) in db.execute("SELECT dead FROM entries WHERE dead IS NOT NULL")]

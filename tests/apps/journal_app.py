@@ -5,6 +5,8 @@ appends `N <pid> <replays>` to the runs file (`O_APPEND`: whole lines, whatever 
 writes them). The journal file, the gate and the runs file come from environment
 variables; the middleware's other options from `POST_RESPONSE_OPTIONS` (as in control.py).
 `GET /volatile` adds a task that cannot be journaled, opted out with `volatile()`.
+`GET /crash` adds `crash()`, which waits for the gate, records itself as task -1, then
+takes the process down with `os._exit(3)`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ JOURNAL = os.environ.get("JOURNAL_FILE", "journal.db")
 GATE = Path(os.environ.get("JOURNAL_GATE", "gate"))
 RUNS = os.environ.get("JOURNAL_RUNS", "runs.txt")
 LEASE = float(os.environ.get("JOURNAL_LEASE", "10"))
+MAX_REPLAYS = int(os.environ.get("JOURNAL_MAX_REPLAYS", "5"))
 POLL = 0.02  # seconds between two looks at the gate file
 
 
@@ -41,6 +44,12 @@ async def record(n: int) -> None:
         os.close(fd)
 
 
+async def crash() -> None:
+    """A task that kills the process running it, each time it runs."""
+    await record(-1)
+    os._exit(3)
+
+
 async def inner(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -53,6 +62,8 @@ async def inner(scope: Scope, receive: Receive, send: Send) -> None:
     query = parse_qs(scope.get("query_string", b"").decode())
     if scope["path"] == "/add":
         add_task(record, int(query["n"][0]))
+    elif scope["path"] == "/crash":
+        add_task(crash)
     elif scope["path"] == "/volatile":
         add_task(post_response.volatile(lambda: None))
     body = str(os.getpid()).encode()
@@ -62,4 +73,6 @@ async def inner(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 settings: dict[str, Any] = {"max_running": 50, **options()}
-app = PostResponseMiddleware(inner, journal=post_response.Journal(JOURNAL, lease=LEASE), **settings)
+app = PostResponseMiddleware(
+    inner, journal=post_response.Journal(JOURNAL, lease=LEASE, max_replays=MAX_REPLAYS), **settings
+)
