@@ -80,15 +80,17 @@ def app_adding(*calls: tuple[Any, ...], handles: list[TaskHandle] | None = None)
 
 
 class DiskAtBody(Exchange):
-    """An exchange that reads the journal file when the response's body arrives."""
+    """An exchange that reads the journal file when the response's body (or the message
+    of type `at`) arrives."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, at: str = "http.response.body") -> None:
         super().__init__()
         self.path = path
+        self.at = at
         self.at_body: list[tuple[Any, ...]] = []
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body":
+        if message["type"] == self.at:
             self.at_body = rows(self.path)
         await super().send(message)
 
@@ -295,6 +297,29 @@ async def test_the_entry_is_on_disk_before_the_body_and_gone_once_the_task_ran(
     await middleware.config.journal.close()  # type: ignore[union-attr]
     assert rows(journal) == []
     assert owners(journal) == []
+
+
+@pytest.mark.parametrize("ending", ["http.response.pathsend", "http.response.zerocopysend"])
+async def test_a_response_that_ends_with_a_file_waits_for_the_commit_too(
+    tmp_path: Path, ending: str
+) -> None:
+    """`pathsend` and `zerocopysend` end a response as the body does: they are forwarded
+    only once the request's entries are committed."""
+    journal = tmp_path / "j.db"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(remember, "file")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": ending, "path": "/dev/null", "file": 0})
+
+    middleware = PostResponseMiddleware(app, journal=journal)
+    exchange = DiskAtBody(journal, at=ending)
+    await exchange.run(middleware)
+    assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
+    await middleware.join()
+    assert RAN == [("file", False, 0)]
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
 
 
 async def test_a_tasks_options_are_journaled_with_it(tmp_path: Path) -> None:
