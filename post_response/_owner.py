@@ -30,7 +30,7 @@ import anyio
 from . import _backend, _context
 from ._batch import Batch, HeldBatch
 from ._pressure import pressure
-from ._task import UNSET, TaskState, note_lost
+from ._task import NO_KWARGS, UNSET, TaskState, note_lost
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -412,7 +412,7 @@ class Owner:
             if plain:
                 task._start()
                 try:
-                    await task.func(*task.args, **task.kwargs)  # type: ignore[misc]
+                    await task.func(*task.args, **(task._kwargs or NO_KWARGS))  # type: ignore[misc]
                 except self._backend.cancelled as exc:
                     if self._stopping_tasks:  # the owner's, not the task's own
                         raise
