@@ -23,7 +23,7 @@ from ._task import UNSET, TaskState
 from ._threads import THREADS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from ._backend import Backend
     from ._call import TaskEnvironment
@@ -154,7 +154,7 @@ class Batch:
         """The request whose tasks these are."""
         return self.request
 
-    def tasks(self) -> list[TaskHandle]:
+    def tasks(self) -> Sequence[TaskHandle]:
         """Every task of the batch so far, in the order they were added."""
         return self._tasks
 
@@ -446,7 +446,7 @@ class HeldBatch(Batch):
         request = _context.RequestTasks(
             1, origin.method, origin.path, origin.stats, origin.dispatchers
         )
-        request.tasks.append(task)
+        request.tasks = [task]
         batch = cls(request, settings)
         batch.owner = owner
         return batch

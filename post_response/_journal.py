@@ -866,7 +866,7 @@ def replay(
         recorder = request.journal
         if recorder is not None:
             recorder.adopt(task, entry.key)
-        request.tasks.append(task)
+        request.tasks = [task]
         logger.info(
             "Task %r of %s replayed from the journal (replay %d)",
             task.name,
