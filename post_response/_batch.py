@@ -154,6 +154,10 @@ class Batch:
         """The request whose tasks these are."""
         return self.request
 
+    def batches(self) -> list[Batch]:
+        """Itself, as the registry asks of what it holds (`_registry.Holder`)."""
+        return [self]
+
     def tasks(self) -> Sequence[TaskHandle]:
         """Every task of the batch so far, in the order they were added."""
         return self._tasks
@@ -189,7 +193,8 @@ class Batch:
 
     async def wait(self) -> None:
         """Wait until every task of the batch has ended."""
-        if self in _registry.unfinished:
+        owner = self.owner
+        if self in _registry.unfinished or (owner is not None and self in owner._batches):
             if self._done is None:
                 self._done = anyio.Event()
             await self._done.wait()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _backend, _context
+from . import _backend, _context, _registry
 from ._batch import Batch, HeldBatch
 from ._pressure import pressure
 from ._task import NO_KWARGS, UNSET, TaskState, note_lost
@@ -111,7 +111,8 @@ class Owner:
         self.life = Life.NEW
         self._workers: Workers | None = None
         # Accepted and not finished. A dict used as a set: at thousands of waiting batches
-        # its table costs a third of a set's per entry (~30 B instead of ~105).
+        # its table costs a third of a set's per entry (~30 B instead of ~105). While it has
+        # any, the process's registry holds the owner instead of each of them (`_hold`).
         self._batches: dict[Batch, None] = {}
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
         self._parked: list[Any] = []  # where idle workers wait (see Backend.spot)
@@ -174,8 +175,8 @@ class Owner:
             self.life = Life.CLOSED
             while self._waiting:
                 batch = self._waiting.popleft()
-                self._batches.pop(batch, None)
                 batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+                self._drop(batch)  # after: the registry says "done" once it is logged
             self._abandon_held()
             self._closed.set()
 
@@ -209,7 +210,7 @@ class Owner:
             batch.abandon(_ABANDONED, "the server had already shut down")
             return
         if self._admit(batch):
-            self._batches[batch] = None
+            self._hold(batch)
             limit = self._max_running
             if (
                 self._alone
@@ -221,6 +222,24 @@ class Owner:
                 return
             self._waiting.append(batch)
             self._wake()
+
+    def _hold(self, batch: Batch) -> None:
+        """Take `batch` on: the process's registry of unfinished work holds the owner
+        now, not the batch (one entry per batch, not two)."""
+        self._batches[batch] = None
+        _registry.unfinished.pop(batch, None)
+        _registry.unfinished[self] = None
+
+    def _drop(self, batch: Batch) -> None:
+        """`batch` is over; once no batch is left, the registry lets go of the owner."""
+        batches = self._batches
+        batches.pop(batch, None)
+        if not batches:
+            _registry.discard(self)
+
+    def batches(self) -> list[Batch]:
+        """The batches accepted and not finished (for the registry's reports)."""
+        return list(self._batches)
 
     async def run_here(self, batch: Batch) -> None:
         """Run `batch` in the caller's task (the middleware's `detach=False`)."""
@@ -343,7 +362,7 @@ class Owner:
             batch.abandon(_ABANDONED, "post_response failed running them (see the error above)")
         finally:
             self._running -= 1
-            self._batches.pop(batch, None)
+            self._drop(batch)
             if self._finished is not None:
                 self._finished.set()
                 self._finished = None
@@ -445,7 +464,7 @@ class Owner:
         else:
             batch.abandon(_ABANDONED, abandoned)
         self._running -= 1
-        self._batches.pop(batch, None)
+        self._drop(batch)
         if self._finished is not None:
             self._finished.set()
             self._finished = None
@@ -512,7 +531,7 @@ class Owner:
     def _held(self, task: TaskHandle, batch: Batch) -> HeldBatch:
         task._unqueue()
         held = HeldBatch.of(task, batch.settings, self)
-        self._batches[held] = None  # joined and drained like any batch
+        self._hold(held)  # joined and drained like any batch
         return held
 
     def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
@@ -541,7 +560,7 @@ class Owner:
     def _forget(self, batch: Batch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""
         batch.close()
-        self._batches.pop(batch, None)
+        self._drop(batch)
         if self._finished is not None:
             self._finished.set()
             self._finished = None
@@ -571,8 +590,8 @@ class Owner:
 
     def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
         if self.life is Life.CLOSED:  # no timer will ever serve it
-            self._batches.pop(held, None)
             held.abandon(_ABANDONED, "the server had already shut down")
+            self._drop(held)
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
@@ -639,8 +658,8 @@ class Owner:
         held += [state.next for state in self._keys.values() if state.next is not None]
         self._timers, self._keys = [], {}
         for batch in held:
-            self._batches.pop(batch, None)
             batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+            self._drop(batch)
 
     async def shutdown(self, deadline: float | None) -> None:
         """Wait for every batch at most `deadline` seconds (None: no limit); cancel the rest.

@@ -10,18 +10,28 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ._task import TaskState
 
 if TYPE_CHECKING:
     from ._batch import Batch
 
-__all__ = ["add", "discard", "unfinished", "wait_idle"]
+__all__ = ["Holder", "add", "discard", "unfinished", "wait_idle"]
 
+
+class Holder(Protocol):
+    """What the registry holds: a batch on its own, or an owner holding batches."""
+
+    def batches(self) -> list[Batch]:
+        """The unfinished batches held."""
+
+
+# Every batch not finished yet that no owner holds, and every owner holding unfinished
+# batches (`Owner._hold`): one entry per waiting batch, not one here and one in its owner.
 # A dict used as a set: at thousands of waiting batches its table costs a third of a set's
 # per entry (~30 B instead of ~105).
-unfinished: dict[Batch, None] = {}
+unfinished: dict[Holder, None] = {}
 _unfinished = unfinished
 _idle = threading.Condition()  # notified when the last unfinished batch ends...
 _waiters = 0  # ...if anybody waits for that
@@ -29,8 +39,8 @@ _waiters = 0  # ...if anybody waits for that
 _UNFINISHED = (TaskState.PENDING, TaskState.RUNNING)
 
 
-def add(batch: Batch) -> None:
-    _unfinished[batch] = None
+def add(holder: Holder) -> None:
+    _unfinished[holder] = None
 
 
 # While above 0 (`post_response.testing.tasks_before_returning()`), a request's call into
@@ -38,8 +48,8 @@ def add(batch: Batch) -> None:
 held_requests = 0
 
 
-def discard(batch: Batch) -> None:
-    _unfinished.pop(batch, None)
+def discard(holder: Holder) -> None:
+    _unfinished.pop(holder, None)
     if _waiters and not _unfinished:  # the lock only when someone waits
         with _idle:
             _idle.notify_all()
@@ -59,7 +69,8 @@ def wait_idle(timeout: float | None) -> list[str]:
             return []
         return [
             f"{task.name!r} of {batch.label}"
-            for batch in list(_unfinished)
+            for holder in list(_unfinished)
+            for batch in holder.batches()
             for task in batch.tasks()
             if task.state in _UNFINISHED
         ]
@@ -67,7 +78,7 @@ def wait_idle(timeout: float | None) -> list[str]:
 
 @atexit.register
 def _abandon_at_exit() -> None:
-    for batch in list(_unfinished):
+    for batch in [batch for holder in list(_unfinished) for batch in holder.batches()]:
         for task in batch.tasks():
             if task.state in _UNFINISHED:
                 was = task.state.value
