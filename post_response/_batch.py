@@ -98,10 +98,6 @@ def finished(request: RequestTasks, settings: Settings, skip_reason: str | None)
     return Batch(request, settings, skip_reason)
 
 
-def _no_reason() -> str:
-    return "the runtime cancelled it"
-
-
 class Batch:
     """One request's tasks, ready to run once its response is complete.
 
@@ -119,7 +115,6 @@ class Batch:
         "_done",
         "_tasks",
         "_waits",
-        "_why",
         "backend",
         "limiter",
         "owner",
@@ -141,7 +136,6 @@ class Batch:
         self.owner: Owner | None = None
         self.runner: object = None  # the event-loop task running it now, if it has its own
         self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
-        self._why: Callable[[], str] = _no_reason
         self._done: anyio.Event | None = None  # for those who wait for its end
         _registry.unfinished[self] = None  # (`_registry.add`, without the call)
 
@@ -168,25 +162,30 @@ class Batch:
             return [t for t in self._tasks if t.state is _PENDING]
         return [t for t in self._tasks if t.state is _PENDING and t.always]
 
+    def _why(self) -> str:
+        """Why the runtime cancelled the batch, for the logs: its owner says (it shuts
+        down); run inline (no owner), the request was cancelled."""
+        owner = self.owner
+        return "the request was cancelled" if owner is None else owner._cause()
+
     def runs(self, task: TaskHandle) -> bool:
         """Whether the request's outcome lets `task` run."""
         return self.skip_reason is None or task.always
 
-    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED) -> None:
         """Run every pending task, including those added while this runs, then end.
 
         If the runtime cancels this (shutdown, the server cancelling the request), each
-        task not started yet ends in `cancelled`, each logged with the reason `why()`
+        task not started yet ends in `cancelled`, each logged with the reason `_why()`
         gives then, and the cancellation propagates.
         """
-        self._why = why
         try:
             if self.settings.concurrency == 1:
                 await self._work(close=True)
             else:
                 await self._work_concurrently()
         except BaseException:
-            self.abandon(cancelled, f"{why()} before it started")
+            self.abandon(cancelled, f"{self._why()} before it started")
             raise
         finally:
             self._ended()
@@ -464,9 +463,9 @@ class HeldBatch(Batch):
     def origin(self) -> RequestTasks:
         return self._tasks[0].request_tasks
 
-    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED) -> None:
         try:
-            await super().run(cancelled=cancelled, why=why)
+            await super().run(cancelled=cancelled)
         finally:
             task, owner = self._tasks[0], self.owner
             plan = task._planned()

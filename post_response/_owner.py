@@ -48,10 +48,6 @@ _DEBUG = logging.DEBUG
 _SHUT_DOWN = "the server shut down"
 
 
-def _request_cancelled() -> str:
-    return "the request was cancelled"
-
-
 class Life(enum.Enum):
     NEW = "new"  # built; batches submitted now wait until it serves
     SERVING = "serving"
@@ -135,7 +131,6 @@ class Owner:
         self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
         self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
         self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
-        self._why_now = self._cause  # one bound method, not one per batch
 
     @classmethod
     def spawn(
@@ -246,7 +241,7 @@ class Owner:
         if self._admit(batch, inline=True):
             self._running += 1
             try:
-                await batch.run(why=_request_cancelled)
+                await batch.run()
             finally:
                 self._running -= 1
 
@@ -354,7 +349,7 @@ class Owner:
     async def _run(self, batch: Batch) -> None:
         self._running += 1
         try:
-            await batch.run(cancelled=_ABANDONED, why=self._cause)
+            await batch.run(cancelled=_ABANDONED)
         except self._backend.cancelled:
             raise
         except BaseException:
@@ -388,7 +383,6 @@ class Owner:
         """Start running `batch` (`max_running` lets it)."""
         if type(batch) is Batch and batch.settings.concurrency == 1:
             self._running += 1
-            batch._why = self._why_now
             self._next(batch)
         else:  # held, or run `concurrency` at a time: the general path, on one task
             batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
