@@ -112,9 +112,7 @@ class Batch:
     backend: Backend  # set by the owner that admits it
 
     __slots__ = (
-        "_done",
         "_tasks",
-        "_waits",
         "backend",
         "limiter",
         "owner",
@@ -135,8 +133,6 @@ class Batch:
         self.limiter: anyio.CapacityLimiter | None = None
         self.owner: Owner | None = None
         self.runner: object = None  # the event-loop task running it now, if it has its own
-        self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
-        self._done: anyio.Event | None = None  # for those who wait for its end
         _registry.unfinished[self] = None  # (`_registry.add`, without the call)
 
     @property
@@ -190,14 +186,6 @@ class Batch:
         finally:
             self._ended()
 
-    async def wait(self) -> None:
-        """Wait until every task of the batch has ended."""
-        owner = self.owner
-        if self in _registry.unfinished or (owner is not None and self in owner._batches):
-            if self._done is None:
-                self._done = anyio.Event()
-            await self._done.wait()
-
     def close(self) -> None:
         """The batch is over: its request accepts no more tasks."""
         self.request.close()
@@ -205,8 +193,6 @@ class Batch:
 
     def _ended(self) -> None:
         _registry.discard(self)
-        if self._done is not None:
-            self._done.set()
 
     def abandon(self, state: TaskState, reason: str) -> None:
         """End every task that has not started in `state`, logging each with `reason`."""
@@ -337,9 +323,7 @@ class Batch:
 
     async def _again(self, task: TaskHandle) -> None:
         """Run a task whose attempt failed once more, after its backoff, here."""
-        waits = self._waits
-        if waits is not None:
-            await anyio.sleep(waits.pop(task, 0.0))
+        await anyio.sleep(task._planned().pause)
         await self._run(task)
 
     def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
@@ -367,9 +351,7 @@ class Batch:
         if owner is not None:
             owner.retry_later(task, wait, self)
             return False
-        if self._waits is None:
-            self._waits = {}
-        self._waits[task] = wait
+        plan.pause = wait
         return True
 
     def _interrupted(self, task: TaskHandle) -> None:

@@ -231,6 +231,9 @@ class Owner:
         batches.pop(batch, None)
         if not batches:
             _registry.discard(self)
+        if self._finished is not None:  # wake those who join
+            self._finished.set()
+            self._finished = None
 
     def batches(self) -> list[Batch]:
         """The batches accepted and not finished (for the registry's reports)."""
@@ -358,9 +361,6 @@ class Owner:
         finally:
             self._running -= 1
             self._drop(batch)
-            if self._finished is not None:
-                self._finished.set()
-                self._finished = None
 
     # asyncio: a task of the event loop per post_response task, no workers.
 
@@ -459,9 +459,6 @@ class Owner:
             batch.abandon(_ABANDONED, abandoned)
         self._running -= 1
         self._drop(batch)
-        if self._finished is not None:
-            self._finished.set()
-            self._finished = None
         if self._waiting:
             self._wake()
 
@@ -555,9 +552,6 @@ class Owner:
         """A held batch whose task will not run (it ended while it waited)."""
         batch.close()
         self._drop(batch)
-        if self._finished is not None:
-            self._finished.set()
-            self._finished = None
 
     def _due(self, held: HeldBatch, *, retry: bool) -> None:
         """`held`'s delay or backoff is over."""

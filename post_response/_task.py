@@ -458,7 +458,7 @@ class TaskHandle:
 class Plan:
     """A task's key, delay and retries, and the state they need while it runs."""
 
-    __slots__ = ("backoff", "cleared", "delay", "key", "retries", "retry_on", "tries")
+    __slots__ = ("backoff", "cleared", "delay", "key", "pause", "retries", "retry_on", "tries")
 
     def __init__(self) -> None:
         self.key: str | None = None
@@ -468,6 +468,7 @@ class Plan:
         self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
         self.tries = 0  # attempts that failed and were retried
         self.cleared = False  # the owner let it run: its delay is over, its key its own
+        self.pause = 0.0  # seconds before the next attempt, slept by its batch (no owner)
 
 
 _NO_PLAN = Plan()  # what a task without a plan reads; never changed
