@@ -127,7 +127,8 @@ class Batch:
     ) -> None:
         request.drain()  # add_task() from a task now joins this batch
         self.request = request
-        self._tasks = request.tasks  # kept for reports once the request lets go of it
+        # Kept for reports once the request lets go of it.
+        self._tasks: Sequence[TaskHandle] = request.tasks
         self.settings = settings
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None

@@ -89,7 +89,7 @@ class RequestTasks:
     ) -> None:
         # Empty until the first task, then a list made for it: `[task]` holds one slot
         # (32 B less than appending to `[]`), and a request without tasks makes no list.
-        self.tasks: Sequence[TaskHandle] = ()
+        self.tasks: list[TaskHandle] | tuple[()] = ()
         self.next = 0  # the index of the next task to run
         self.limit = limit
         self.phase = Phase.COLLECTING
@@ -125,7 +125,7 @@ class RequestTasks:
                 )
                 raise TaskLimitError(msg)
             tasks = self.tasks
-            if isinstance(tasks, list):
+            if tasks:
                 tasks.append(task)
             else:
                 self.tasks = [task]
