@@ -173,6 +173,8 @@ class Owner:
                 batch.abandon(_ABANDONED, f"{self._cause()} before it started")
                 self._drop(batch)  # after: the registry says "done" once it is logged
             self._abandon_held()
+            if not self._batches:  # else the last `_drop` does it
+                _registry.discard(self)
             self._closed.set()
 
     async def _finish_before_the_loop_closes(self) -> None:
@@ -219,18 +221,23 @@ class Owner:
             self._wake()
 
     def _hold(self, batch: Batch) -> None:
-        """Take `batch` on: the process's registry of unfinished work holds the owner
-        now, not the batch (one entry per batch, not two)."""
-        self._batches[batch] = None
+        """Take `batch` on: the process's registry of unfinished work reaches it through
+        the owner from now on (one entry per batch, not two)."""
+        batches = self._batches
+        if not batches:
+            _registry.unfinished[self] = None  # until the owner closes (see `_drop`)
+        batches[batch] = None
         _registry.unfinished.pop(batch, None)
-        _registry.unfinished[self] = None
 
     def _drop(self, batch: Batch) -> None:
-        """`batch` is over; once no batch is left, the registry lets go of the owner."""
+        """`batch` is over: let go of it, and wake those who wait for batches to end."""
         batches = self._batches
         batches.pop(batch, None)
         if not batches:
-            _registry.discard(self)
+            if self.life is Life.CLOSED:
+                _registry.discard(self)
+            elif _registry.waiters:
+                _registry.notify_if_idle()
         if self._finished is not None:  # wake those who join
             self._finished.set()
             self._finished = None
@@ -453,9 +460,8 @@ class Owner:
     def _end_batch(self, batch: Batch, abandoned: str | None) -> None:
         """`batch` is over (its tasks not started abandoned, for the reason given)."""
         batch.runner = None
-        if abandoned is None:
-            batch._ended()
-        else:
+        # The registry reaches an owner's batch through it (see `_hold`): `_drop` is enough.
+        if abandoned is not None:
             batch.abandon(_ABANDONED, abandoned)
         self._running -= 1
         self._drop(batch)
