@@ -207,7 +207,11 @@ class Owner:
             batch.abandon(_ABANDONED, "the server had already shut down")
             return
         if self._admit(batch):
-            self._hold(batch)
+            batches, unfinished = self._batches, _registry.unfinished  # (`_hold`, inline)
+            if not batches:
+                unfinished[self] = None
+            batches[batch] = None
+            unfinished.pop(batch, None)
             limit = self._max_running
             if (
                 self._alone
