@@ -107,8 +107,9 @@ class Owner:
         self.life = Life.NEW
         self._workers: Workers | None = None
         # Accepted and not finished. A dict used as a set: at thousands of waiting batches
-        # its table costs a third of a set's per entry (~30 B instead of ~105). While it has
-        # any, the process's registry holds the owner instead of each of them (`_hold`).
+        # its table costs a third of a set's per entry (~30 B instead of ~105). From its
+        # first batch until it closes, the process's registry holds the owner instead of
+        # each of them (`_hold`).
         self._batches: dict[Batch, None] = {}
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
         self._parked: list[Any] = []  # where idle workers wait (see Backend.spot)
