@@ -23,7 +23,7 @@ from ._task import UNSET, TaskState
 from ._threads import THREADS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from ._backend import Backend
     from ._call import TaskEnvironment
@@ -98,10 +98,6 @@ def finished(request: RequestTasks, settings: Settings, skip_reason: str | None)
     return Batch(request, settings, skip_reason)
 
 
-def _no_reason() -> str:
-    return "the runtime cancelled it"
-
-
 class Batch:
     """One request's tasks, ready to run once its response is complete.
 
@@ -116,10 +112,7 @@ class Batch:
     backend: Backend  # set by the owner that admits it
 
     __slots__ = (
-        "_done",
         "_tasks",
-        "_waits",
-        "_why",
         "backend",
         "limiter",
         "owner",
@@ -134,15 +127,13 @@ class Batch:
     ) -> None:
         request.drain()  # add_task() from a task now joins this batch
         self.request = request
-        self._tasks = request.tasks  # kept for reports once the request lets go of it
+        # Kept for reports once the request lets go of it.
+        self._tasks: Sequence[TaskHandle] = request.tasks
         self.settings = settings
         self.skip_reason = skip_reason
         self.limiter: anyio.CapacityLimiter | None = None
         self.owner: Owner | None = None
         self.runner: object = None  # the event-loop task running it now, if it has its own
-        self._waits: dict[TaskHandle, float] | None = None  # backoffs slept here (no owner)
-        self._why: Callable[[], str] = _no_reason
-        self._done: anyio.Event | None = None  # for those who wait for its end
         _registry.unfinished[self] = None  # (`_registry.add`, without the call)
 
     @property
@@ -154,7 +145,11 @@ class Batch:
         """The request whose tasks these are."""
         return self.request
 
-    def tasks(self) -> list[TaskHandle]:
+    def batches(self) -> list[Batch]:
+        """Itself, as the registry asks of what it holds (`_registry.Holder`)."""
+        return [self]
+
+    def tasks(self) -> Sequence[TaskHandle]:
         """Every task of the batch so far, in the order they were added."""
         return self._tasks
 
@@ -164,35 +159,33 @@ class Batch:
             return [t for t in self._tasks if t.state is _PENDING]
         return [t for t in self._tasks if t.state is _PENDING and t.always]
 
+    def _why(self) -> str:
+        """Why the runtime cancelled the batch, for the logs: its owner says (it shuts
+        down); run inline (no owner), the request was cancelled."""
+        owner = self.owner
+        return "the request was cancelled" if owner is None else owner._cause()
+
     def runs(self, task: TaskHandle) -> bool:
         """Whether the request's outcome lets `task` run."""
         return self.skip_reason is None or task.always
 
-    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED) -> None:
         """Run every pending task, including those added while this runs, then end.
 
         If the runtime cancels this (shutdown, the server cancelling the request), each
-        task not started yet ends in `cancelled`, each logged with the reason `why()`
+        task not started yet ends in `cancelled`, each logged with the reason `_why()`
         gives then, and the cancellation propagates.
         """
-        self._why = why
         try:
             if self.settings.concurrency == 1:
                 await self._work(close=True)
             else:
                 await self._work_concurrently()
         except BaseException:
-            self.abandon(cancelled, f"{why()} before it started")
+            self.abandon(cancelled, f"{self._why()} before it started")
             raise
         finally:
             self._ended()
-
-    async def wait(self) -> None:
-        """Wait until every task of the batch has ended."""
-        if self in _registry.unfinished:
-            if self._done is None:
-                self._done = anyio.Event()
-            await self._done.wait()
 
     def close(self) -> None:
         """The batch is over: its request accepts no more tasks."""
@@ -201,8 +194,6 @@ class Batch:
 
     def _ended(self) -> None:
         _registry.discard(self)
-        if self._done is not None:
-            self._done.set()
 
     def abandon(self, state: TaskState, reason: str) -> None:
         """End every task that has not started in `state`, logging each with `reason`."""
@@ -333,9 +324,7 @@ class Batch:
 
     async def _again(self, task: TaskHandle) -> None:
         """Run a task whose attempt failed once more, after its backoff, here."""
-        waits = self._waits
-        if waits is not None:
-            await anyio.sleep(waits.pop(task, 0.0))
+        await anyio.sleep(task._planned().pause)
         await self._run(task)
 
     def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
@@ -363,9 +352,7 @@ class Batch:
         if owner is not None:
             owner.retry_later(task, wait, self)
             return False
-        if self._waits is None:
-            self._waits = {}
-        self._waits[task] = wait
+        plan.pause = wait
         return True
 
     def _interrupted(self, task: TaskHandle) -> None:
@@ -446,7 +433,7 @@ class HeldBatch(Batch):
         request = _context.RequestTasks(
             1, origin.method, origin.path, origin.stats, origin.dispatchers
         )
-        request.tasks.append(task)
+        request.tasks = [task]
         batch = cls(request, settings)
         batch.owner = owner
         return batch
@@ -459,9 +446,9 @@ class HeldBatch(Batch):
     def origin(self) -> RequestTasks:
         return self._tasks[0].request_tasks
 
-    async def run(self, *, cancelled: TaskState = _CANCELLED, why: Callable[[], str]) -> None:
+    async def run(self, *, cancelled: TaskState = _CANCELLED) -> None:
         try:
-            await super().run(cancelled=cancelled, why=why)
+            await super().run(cancelled=cancelled)
         finally:
             task, owner = self._tasks[0], self.owner
             plan = task._planned()

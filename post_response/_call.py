@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from asgiref.sync import iscoroutinefunction
 
 from ._checks import GENERATORS, returned_generator
+from ._task import NO_KWARGS
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -62,13 +63,13 @@ async def call(
         return
     if is_async(func):
         started()
-        coroutine: Awaitable[Any] = context.run(func, *task.args, **task.kwargs)  # type: ignore[arg-type]
+        coroutine: Awaitable[Any] = context.run(func, *task.args, **(task._kwargs or NO_KWARGS))  # type: ignore[arg-type]
         if environment is not None:
             coroutine = context.run(environment.run_async, coroutine)
         await _InContext(context, coroutine, backend)
         return
     call: Callable[[], tuple[Awaitable[Any]] | None]
-    call = functools.partial(_call_sync, context, func, task.args, task.kwargs)
+    call = functools.partial(_call_sync, context, func, task.args, task._kwargs or NO_KWARGS)
     if environment is not None:
         call = functools.partial(environment.run_sync, call)
     returned = await backend.run_in_thread(call, started)

@@ -352,7 +352,7 @@ class Recorder:
             return
         journal, func = self.journal, task.func
         path = journal.path_of(func)
-        payload = journal.encode(func, task.args, task.kwargs)
+        payload = journal.encode(func, task.args, task._kwargs or {})
         key = self.writer.new_key()
         self.entries[task] = key
         request = task.request_tasks
@@ -377,7 +377,7 @@ class Recorder:
         key = self.entries.get(task)
         if key is not None and key[0] == self.writer.origin:
             path = self.journal.path_of(task.func)
-            payload = self.journal.encode(task.func, task.args, task.kwargs)
+            payload = self.journal.encode(task.func, task.args, task._kwargs or {})
             self.last = self.writer.insert(key, task, path, payload, task.request_tasks)
 
     def ended(self, task: TaskHandle) -> None:
@@ -897,7 +897,7 @@ def replay(
         recorder = request.journal
         if recorder is not None:
             recorder.adopt(task, entry.key)
-        request.tasks.append(task)
+        request.tasks = [task]
         logger.info(
             "Task %r of %s replayed from the journal (replay %d)",
             task.name,

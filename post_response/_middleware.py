@@ -200,8 +200,8 @@ class PostResponseMiddleware:
             return
         owner.submit(batch)
         if _registry.held_requests:  # a test asked that the client see the tasks' effects
-            await batch.wait()
-            await owner.join_request(tasks)  # and those delayed, or waiting for a key or a retry
+            # Its batch, and its tasks that wait for a delay, a key or a retry.
+            await owner.join_request(tasks)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""

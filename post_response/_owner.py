@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _backend, _context
+from . import _backend, _context, _registry
 from ._batch import Batch, HeldBatch
 from ._pressure import pressure
-from ._task import UNSET, TaskState, note_lost
+from ._task import NO_KWARGS, UNSET, TaskState, note_lost
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -46,10 +46,6 @@ _ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskSta
 _COMPLETED, _RUNNING = TaskState.COMPLETED, TaskState.RUNNING
 _DEBUG = logging.DEBUG
 _SHUT_DOWN = "the server shut down"
-
-
-def _request_cancelled() -> str:
-    return "the request was cancelled"
 
 
 class Life(enum.Enum):
@@ -111,7 +107,9 @@ class Owner:
         self.life = Life.NEW
         self._workers: Workers | None = None
         # Accepted and not finished. A dict used as a set: at thousands of waiting batches
-        # its table costs a third of a set's per entry (~30 B instead of ~105).
+        # its table costs a third of a set's per entry (~30 B instead of ~105). From its
+        # first batch until it closes, the process's registry holds the owner instead of
+        # each of them (`_hold`).
         self._batches: dict[Batch, None] = {}
         self._waiting: collections.deque[Batch] = collections.deque()  # not started yet
         self._parked: list[Any] = []  # where idle workers wait (see Backend.spot)
@@ -134,7 +132,6 @@ class Owner:
         self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
         self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
         self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
-        self._why_now = self._cause  # one bound method, not one per batch
 
     @classmethod
     def spawn(
@@ -174,9 +171,11 @@ class Owner:
             self.life = Life.CLOSED
             while self._waiting:
                 batch = self._waiting.popleft()
-                self._batches.pop(batch, None)
                 batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+                self._drop(batch)  # after: the registry says "done" once it is logged
             self._abandon_held()
+            if not self._batches:  # else the last `_drop` does it
+                _registry.discard(self)
             self._closed.set()
 
     async def _finish_before_the_loop_closes(self) -> None:
@@ -209,7 +208,11 @@ class Owner:
             batch.abandon(_ABANDONED, "the server had already shut down")
             return
         if self._admit(batch):
-            self._batches[batch] = None
+            batches, unfinished = self._batches, _registry.unfinished  # (`_hold`, inline)
+            if not batches:
+                unfinished[self] = None
+            batches[batch] = None
+            unfinished.pop(batch, None)
             limit = self._max_running
             if (
                 self._alone
@@ -222,12 +225,38 @@ class Owner:
             self._waiting.append(batch)
             self._wake()
 
+    def _hold(self, batch: Batch) -> None:
+        """Take `batch` on: the process's registry of unfinished work reaches it through
+        the owner from now on (one entry per batch, not two)."""
+        batches = self._batches
+        if not batches:
+            _registry.unfinished[self] = None  # until the owner closes (see `_drop`)
+        batches[batch] = None
+        _registry.unfinished.pop(batch, None)
+
+    def _drop(self, batch: Batch) -> None:
+        """`batch` is over: let go of it, and wake those who wait for batches to end."""
+        batches = self._batches
+        batches.pop(batch, None)
+        if not batches:
+            if self.life is Life.CLOSED:
+                _registry.discard(self)
+            elif _registry.waiters:
+                _registry.notify_if_idle()
+        if self._finished is not None:  # wake those who join
+            self._finished.set()
+            self._finished = None
+
+    def batches(self) -> list[Batch]:
+        """The batches accepted and not finished (for the registry's reports)."""
+        return list(self._batches)
+
     async def run_here(self, batch: Batch) -> None:
         """Run `batch` in the caller's task (the middleware's `detach=False`)."""
         if self._admit(batch, inline=True):
             self._running += 1
             try:
-                await batch.run(why=_request_cancelled)
+                await batch.run()
             finally:
                 self._running -= 1
 
@@ -335,7 +364,7 @@ class Owner:
     async def _run(self, batch: Batch) -> None:
         self._running += 1
         try:
-            await batch.run(cancelled=_ABANDONED, why=self._cause)
+            await batch.run(cancelled=_ABANDONED)
         except self._backend.cancelled:
             raise
         except BaseException:
@@ -343,10 +372,7 @@ class Owner:
             batch.abandon(_ABANDONED, "post_response failed running them (see the error above)")
         finally:
             self._running -= 1
-            self._batches.pop(batch, None)
-            if self._finished is not None:
-                self._finished.set()
-                self._finished = None
+            self._drop(batch)
 
     # asyncio: a task of the event loop per post_response task, no workers.
 
@@ -369,7 +395,6 @@ class Owner:
         """Start running `batch` (`max_running` lets it)."""
         if type(batch) is Batch and batch.settings.concurrency == 1:
             self._running += 1
-            batch._why = self._why_now
             self._next(batch)
         else:  # held, or run `concurrency` at a time: the general path, on one task
             batch.runner = self._backend.start(self._run_alone(batch), _EMPTY_CONTEXT())
@@ -412,7 +437,7 @@ class Owner:
             if plain:
                 task._start()
                 try:
-                    await task.func(*task.args, **task.kwargs)  # type: ignore[misc]
+                    await task.func(*task.args, **(task._kwargs or NO_KWARGS))  # type: ignore[misc]
                 except self._backend.cancelled as exc:
                     if self._stopping_tasks:  # the owner's, not the task's own
                         raise
@@ -440,15 +465,11 @@ class Owner:
     def _end_batch(self, batch: Batch, abandoned: str | None) -> None:
         """`batch` is over (its tasks not started abandoned, for the reason given)."""
         batch.runner = None
-        if abandoned is None:
-            batch._ended()
-        else:
+        # The registry reaches an owner's batch through it (see `_hold`): `_drop` is enough.
+        if abandoned is not None:
             batch.abandon(_ABANDONED, abandoned)
         self._running -= 1
-        self._batches.pop(batch, None)
-        if self._finished is not None:
-            self._finished.set()
-            self._finished = None
+        self._drop(batch)
         if self._waiting:
             self._wake()
 
@@ -512,7 +533,7 @@ class Owner:
     def _held(self, task: TaskHandle, batch: Batch) -> HeldBatch:
         task._unqueue()
         held = HeldBatch.of(task, batch.settings, self)
-        self._batches[held] = None  # joined and drained like any batch
+        self._hold(held)  # joined and drained like any batch
         return held
 
     def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
@@ -541,10 +562,7 @@ class Owner:
     def _forget(self, batch: Batch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""
         batch.close()
-        self._batches.pop(batch, None)
-        if self._finished is not None:
-            self._finished.set()
-            self._finished = None
+        self._drop(batch)
 
     def _due(self, held: HeldBatch, *, retry: bool) -> None:
         """`held`'s delay or backoff is over."""
@@ -571,8 +589,8 @@ class Owner:
 
     def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
         if self.life is Life.CLOSED:  # no timer will ever serve it
-            self._batches.pop(held, None)
             held.abandon(_ABANDONED, "the server had already shut down")
+            self._drop(held)
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
@@ -639,8 +657,8 @@ class Owner:
         held += [state.next for state in self._keys.values() if state.next is not None]
         self._timers, self._keys = [], {}
         for batch in held:
-            self._batches.pop(batch, None)
             batch.abandon(_ABANDONED, f"{self._cause()} before it started")
+            self._drop(batch)
 
     async def shutdown(self, deadline: float | None) -> None:
         """Wait for every batch at most `deadline` seconds (None: no limit); cancel the rest.

@@ -10,27 +10,38 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ._task import TaskState
 
 if TYPE_CHECKING:
     from ._batch import Batch
 
-__all__ = ["add", "discard", "unfinished", "wait_idle"]
+__all__ = ["Holder", "add", "discard", "unfinished", "wait_idle"]
 
+
+class Holder(Protocol):
+    """What the registry holds: a batch on its own, or an owner holding batches."""
+
+    def batches(self) -> list[Batch]:
+        """The unfinished batches held."""
+
+
+# Every batch not finished yet that no owner holds, and every owner that took batches on
+# (`Owner._hold`), until it closes: one entry per waiting batch, not one here and one in
+# its owner, and no change here per batch an owner takes on and lets go of.
 # A dict used as a set: at thousands of waiting batches its table costs a third of a set's
 # per entry (~30 B instead of ~105).
-unfinished: dict[Batch, None] = {}
+unfinished: dict[Holder, None] = {}
 _unfinished = unfinished
 _idle = threading.Condition()  # notified when the last unfinished batch ends...
-_waiters = 0  # ...if anybody waits for that
+waiters = 0  # ...if anybody waits for that
 
 _UNFINISHED = (TaskState.PENDING, TaskState.RUNNING)
 
 
-def add(batch: Batch) -> None:
-    _unfinished[batch] = None
+def add(holder: Holder) -> None:
+    _unfinished[holder] = None
 
 
 # While above 0 (`post_response.testing.tasks_before_returning()`), a request's call into
@@ -38,28 +49,39 @@ def add(batch: Batch) -> None:
 held_requests = 0
 
 
-def discard(batch: Batch) -> None:
-    _unfinished.pop(batch, None)
-    if _waiters and not _unfinished:  # the lock only when someone waits
+def discard(holder: Holder) -> None:
+    _unfinished.pop(holder, None)
+    if waiters:  # the lock only when someone waits
+        notify_if_idle()
+
+
+def notify_if_idle() -> None:
+    """Wake those who wait for every batch to end, if none is left."""
+    if _is_idle():
         with _idle:
             _idle.notify_all()
+
+
+def _is_idle() -> bool:
+    return not any(holder.batches() for holder in list(_unfinished))
 
 
 def wait_idle(timeout: float | None) -> list[str]:
     """Block until no batch is unfinished, at most `timeout` seconds; return the names of
     the tasks still waiting or running then (empty: all done)."""
-    global _waiters  # noqa: PLW0603
+    global waiters  # noqa: PLW0603
     with _idle:
-        _waiters += 1
+        waiters += 1
         try:
-            done = _idle.wait_for(lambda: not _unfinished, timeout)
+            done = _idle.wait_for(_is_idle, timeout)
         finally:
-            _waiters -= 1
+            waiters -= 1
         if done:
             return []
         return [
             f"{task.name!r} of {batch.label}"
-            for batch in list(_unfinished)
+            for holder in list(_unfinished)
+            for batch in holder.batches()
             for task in batch.tasks()
             if task.state in _UNFINISHED
         ]
@@ -67,7 +89,7 @@ def wait_idle(timeout: float | None) -> list[str]:
 
 @atexit.register
 def _abandon_at_exit() -> None:
-    for batch in list(_unfinished):
+    for batch in [batch for holder in list(_unfinished) for batch in holder.batches()]:
         for task in batch.tasks():
             if task.state in _UNFINISHED:
                 was = task.state.value

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINAL_STATES",
+    "NO_KWARGS",
     "UNSET",
     "Metrics",
     "Plan",
@@ -109,6 +110,7 @@ class _Unset(enum.Enum):
 
 
 UNSET = _Unset.UNSET  # "not given": for a task's timeout, "the middleware's default"
+NO_KWARGS: dict[str, Any] = {}  # a task's keyword arguments when it has none: never changed
 _PENDING = TaskState.PENDING
 
 
@@ -122,6 +124,7 @@ class TaskHandle:
     """
 
     __slots__ = (
+        "_kwargs",
         "_name",
         "_plan",
         "_queued",
@@ -132,7 +135,6 @@ class TaskHandle:
         "dispatch",
         "duration",
         "func",
-        "kwargs",
         "request_tasks",
         "state",
         "timeout",
@@ -147,7 +149,8 @@ class TaskHandle:
     ) -> None:
         self.func = func
         self.args = args
-        self.kwargs = kwargs
+        # None when there are none: a waiting task does not keep an empty dict (64 B).
+        self._kwargs = kwargs or None
         self.request_tasks = request_tasks  # the list of the request that added it
         self.context: Context = _context.snapshot()
         self.state = _PENDING
@@ -163,6 +166,15 @@ class TaskHandle:
         # A key, a delay, retries: None unless one was set (or the task was retried), so
         # tasks without them cost one attribute here and one test where they run.
         self._plan: Plan | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the task is called with (an empty dict made on first use
+        when there are none)."""
+        kwargs = self._kwargs
+        if kwargs is None:
+            kwargs = self._kwargs = {}
+        return kwargs
 
     @property
     def key(self) -> str | None:
@@ -446,7 +458,7 @@ class TaskHandle:
 class Plan:
     """A task's key, delay and retries, and the state they need while it runs."""
 
-    __slots__ = ("backoff", "cleared", "delay", "key", "retries", "retry_on", "tries")
+    __slots__ = ("backoff", "cleared", "delay", "key", "pause", "retries", "retry_on", "tries")
 
     def __init__(self) -> None:
         self.key: str | None = None
@@ -456,6 +468,7 @@ class Plan:
         self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
         self.tries = 0  # attempts that failed and were retried
         self.cleared = False  # the owner let it run: its delay is over, its key its own
+        self.pause = 0.0  # seconds before the next attempt, slept by its batch (no owner)
 
 
 _NO_PLAN = Plan()  # what a task without a plan reads; never changed

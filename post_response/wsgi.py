@@ -264,8 +264,7 @@ class _TaskLoop:
         asyncio.run_coroutine_threadsafe(self._wait(batch), self.loop).result()
 
     async def _wait(self, batch: _batch.Batch) -> None:
-        await batch.wait()
-        await self.owner.join_request(batch.request)
+        await self.owner.join_request(batch.request)  # the batch, and what it left to the owner
 
     def join(self, timeout: float | None) -> bool:
         """Wait until the owner has no batch left; False if `timeout` passed first."""

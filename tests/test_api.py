@@ -264,6 +264,21 @@ class TestHandle:
         assert handle.name == "opt"
         assert handle.timeout == 9.0
 
+    async def test_a_task_without_kwargs_has_its_own_empty_dict(self) -> None:
+        """`kwargs` is `{}` without keyword arguments (kept as None until asked for), one
+        dict per task: changing one task's leaves the others' alone."""
+        seen: list[tuple[object, ...]] = []
+
+        async def task(*args: object) -> None:
+            seen.append(args)
+
+        first, second = await self.handles(lambda: add_task(task, 1), lambda: add_task(task))
+        assert seen == [(1,), ()]
+        assert first.kwargs == second.kwargs == {}
+        first.kwargs["changed"] = True
+        assert first.kwargs == {"changed": True}
+        assert second.kwargs == {}
+
     async def test_the_default_name_is_the_callables_qualified_name(self) -> None:
         """Functions, partials and callable objects get a readable `module.qualname`."""
 
