@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from ._context import RequestTasks
     from ._task import TaskHandle
-    from ._types import Message, Send
 
 __all__ = ["Journal", "Recorder", "Serializer", "is_replay", "replaying"]
 
@@ -382,19 +381,9 @@ class Recorder:
             self.writer.wait_sync(self.last, None)
 
 
-def guard(send: Send, recorder: Recorder) -> Send:
-    """`send`, which first waits until the request's tasks are committed to the journal
-    before forwarding a message that may end the response (the client then knows)."""
-
-    async def send_when_journaled(message: Message) -> None:
-        if recorder.last > recorder.writer.done and message["type"] in _ENDING:
-            await recorder.flushed()
-        await send(message)
-
-    return send_when_journaled
-
-
-_ENDING = frozenset(
+# Messages that may end a response: the middleware holds each until the request's writes
+# so far are committed (the client then knows its tasks are on disk).
+ENDING = frozenset(
     {
         "http.response.body",
         "http.response.pathsend",
