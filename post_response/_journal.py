@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import sqlite3
 import sys
@@ -437,7 +438,9 @@ class _Writer(threading.Thread):
         self._numbers = itertools.count(1)
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        # A token per wake-up (a C queue: a threading.Event costs several Python calls on
+        # each side); `_signalled` keeps it to one until the writer takes the writes.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
         self._waiters: list[
@@ -461,7 +464,7 @@ class _Writer(threading.Thread):
             if wake:
                 self._signalled = True
         if wake:
-            self._wake.set()
+            self._wake.put(None)
         return number
 
     def insert(
@@ -515,7 +518,7 @@ class _Writer(threading.Thread):
         if kick is None:
             wake()
         elif kick:
-            self._wake.set()
+            self._wake.put(None)
 
     def _wake_waiters(self) -> None:
         with self._lock:
@@ -588,9 +591,9 @@ class _Writer(threading.Thread):
             until = next_beat - time.monotonic()
             if self._ops or self._deletes:  # writes no one waits for: commit them soon anyway
                 until = min(until, LINGER)
-            self._wake.wait(max(until, 0.0))
+            with contextlib.suppress(queue.Empty):
+                self._wake.get(timeout=max(until, 0.0))
             with self._lock:
-                self._wake.clear()
                 self._signalled = False
                 ops, self._ops = self._ops, collections.deque()
                 last = self._queued
