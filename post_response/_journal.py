@@ -50,8 +50,12 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Coroutine, Iterable
 
+    import trio
+
     from ._context import RequestTasks
     from ._task import TaskHandle
+
+    _WakeAll = Callable[[list[Any]], None]  # wakes the waiters of one event loop (or thread)
 
 __all__ = ["Journal", "Recorder", "Serializer", "is_replay", "replaying"]
 
@@ -238,7 +242,7 @@ class Journal:
         """What one request uses to journal its tasks; the first in this process opens
         the journal, with the sink `opener()` makes."""
         writer = self._writer
-        if writer is None or writer.pid != os.getpid():
+        if writer is None or writer.pid != _pid:
             self.open(None if opener is None else opener())
             writer = self.writer()
         return Recorder(self, writer)
@@ -418,6 +422,17 @@ def _not_durable(func: object, why: str) -> TaskNotDurableError:
 
 # The writer thread.
 
+_pid = os.getpid()  # this process's, for the check per request (os.getpid() is a system call)
+
+
+def _forked() -> None:
+    global _pid  # noqa: PLW0603
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 _INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
 _COLLECTING = Phase.COLLECTING
 STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
@@ -443,9 +458,7 @@ class _Writer(threading.Thread):
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
-        self._waiters: list[
-            tuple[int, Callable[[Callable[[], None]], None] | None, Callable[[], None]]
-        ] = []
+        self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[Key] = []  # deletions taken by the writer, not yet written
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
@@ -490,33 +503,37 @@ class _Writer(threading.Thread):
         loop = _backend.asyncio_loop()
         if loop is not None:
             future: asyncio.Future[None] = loop.create_future()
-            self._wait(number, loop.call_soon_threadsafe, functools.partial(_resolve, future))
+            self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
             await future
             return
         import trio  # noqa: PLC0415  (the only other backend anyio runs)
 
         event = trio.Event()
         token = trio.lowlevel.current_trio_token()
-        self._wait(number, token.run_sync_soon, event.set)
+        self._wait(number, token.run_sync_soon, _set_all, event)
         await event.wait()
 
     def wait_sync(self, number: int, timeout: float | None) -> bool:
         if number <= self.done:
             return True
         event = threading.Event()
-        self._wait(number, None, event.set)
+        self._wait(number, None, _set_all, event)
         return event.wait(timeout)
 
-    def _wait(self, number: int, via: Callable[..., Any] | None, wake: Callable[[], None]) -> None:
+    def _wait(
+        self, number: int, via: Callable[..., Any] | None, wake: _WakeAll, waiter: Any
+    ) -> None:
+        """Have `via(wake, [waiter, ...])` called once `number` is committed (`via` None:
+        `wake([waiter])` from the writer thread): one call per event loop and commit."""
         with self._lock:
             if number > self.done:
-                self._waiters.append((number, via, wake))
+                self._waiters.append((number, via, wake, waiter))
                 kick = not self._signalled
                 self._signalled = True
             else:
                 kick = None
         if kick is None:
-            wake()
+            wake([waiter])
         elif kick:
             self._wake.put(None)
 
@@ -525,15 +542,15 @@ class _Writer(threading.Thread):
             done = self.done
             ready = [w for w in self._waiters if w[0] <= done]
             self._waiters = [w for w in self._waiters if w[0] > done]
-        by_loop: dict[Any, list[Callable[[], None]]] = {}
-        for _, via, wake in ready:
+        groups: dict[tuple[Any, _WakeAll], list[Any]] = {}
+        for _, via, wake, waiter in ready:
+            groups.setdefault((via, wake), []).append(waiter)
+        for (via, wake), waiters in groups.items():
             if via is None:
-                wake()
-            else:
-                by_loop.setdefault(via, []).append(wake)
-        for via, wakes in by_loop.items():
+                wake(waiters)
+                continue
             with contextlib.suppress(RuntimeError):  # that loop closed: no one waits there
-                via(_call_all, wakes)
+                via(wake, waiters)
 
     # The thread.
 
@@ -789,14 +806,15 @@ class _transaction:
             self.db.execute("ROLLBACK")
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # cancelled
+            future.set_result(None)
 
 
-def _call_all(wakes: list[Callable[[], None]]) -> None:
-    for wake in wakes:
-        wake()
+def _set_all(events: list[trio.Event] | list[threading.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 def _alive(pid: int) -> bool:
