@@ -21,6 +21,7 @@ claim the same entry, and the entries of a live owner are never taken.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import contextvars
@@ -40,14 +41,12 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import _backend
 from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
 from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable, Coroutine, Iterable
 
     import trio
@@ -337,13 +336,11 @@ class Recorder:
         """
         if volatile or task.dispatch is not None:  # opted out; or enqueued to a queue
             return
-        journal, func = self.journal, task.func
+        journal, func, writer = self.journal, task.func, self.writer
         path = journal.path_of(func)
         payload = journal.encode(func, task.args, task.kwargs)
-        key = self.writer.new_key()
-        self.entries[task] = key
-        request = task.request_tasks
-        self.last = self.writer.insert(key, task, path, payload, request)
+        key = self.entries[task] = writer.new_key()
+        self.last = writer.insert(key, task, path, payload, task.request_tasks)
 
     def add(self, task: TaskHandle, *, volatile: bool) -> None:
         """Journal the task, then add it to its request; if the request refuses it (closed,
@@ -466,7 +463,7 @@ class _Writer(threading.Thread):
     def new_key(self) -> Key:
         return (self.origin, next(self._numbers))
 
-    def _queue(self, op: tuple[Any, ...], *, urgent: bool) -> int:
+    def _queue(self, op: tuple[Any, ...], urgent: bool) -> int:
         """Queue a write; wake the writer only if `urgent` and it is not woken already.
         Other writes wait for the next commit someone waits for, or `LINGER` seconds."""
         with self._lock:
@@ -485,22 +482,26 @@ class _Writer(threading.Thread):
     ) -> int:
         # Added while the request runs: committed when its response is about to end (the
         # guard waits for it), with the others of that moment. Added later: at once.
-        urgent = request.phase is not _COLLECTING
         op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
-        return self._queue(op, urgent=urgent)
+        return self._queue(op, request.phase is not _COLLECTING)
 
-    def delete(self, key: Key) -> int:
-        return self._queue((_DELETE_OP, key), urgent=False)  # a replay too many at worst
+    def delete(self, key: Key) -> None:
+        with self._lock:  # no one waits for it (a replay too many at worst): no wake-up
+            self._queued += 1
+            self._ops.append((_DELETE_OP, key))
 
     def stop(self) -> int:
-        return self._queue((_STOP_OP,), urgent=True)
+        return self._queue((_STOP_OP,), True)
 
     # Waiting for a commit: from an event loop, or from a thread.
 
     async def committed(self, number: int) -> None:
         if number <= self.done:
             return
-        loop = _backend.asyncio_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            loop = None
         if loop is not None:
             future: asyncio.Future[None] = loop.create_future()
             self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
