@@ -119,9 +119,9 @@ _INSERT_INTO = (
 )
 # SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
 _PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_INSERT_CHUNK = _PARAMETERS // 9  # an entry's row has 9 parameters
+_INSERT_WIDTH = 9  # parameters of an entry's row
 _DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
-_DELETE_CHUNK = _PARAMETERS // 2
+_DELETE_WIDTH = 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,14 +137,13 @@ def _deleting(count: int) -> str:
 
 
 def _write_many(
-    db: sqlite3.Connection,
-    statement: Callable[[int], str],
-    rows: list[tuple[Any, ...]],
-    chunk: int,
+    db: sqlite3.Connection, statement: Callable[[int], str], values: list[Any], width: int
 ) -> None:
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        db.execute(statement(len(part)), [value for row in part for value in row])
+    """Write rows of `width` values each, given one after another in `values`."""
+    chunk = _PARAMETERS // width * width
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
+        db.execute(statement(len(part) // width), part)
 
 
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
@@ -457,7 +456,7 @@ class _Writer(threading.Thread):
         self.done = 0  # number of the last write committed (or given up on)
         self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
         self._signalled = False  # the writer was woken and has not taken the writes yet
-        self._deletes: list[Key] = []  # deletions taken by the writer, not yet written
+        self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
     def new_key(self) -> Key:
@@ -632,18 +631,20 @@ class _Writer(threading.Thread):
         waits for a deletion.
         """
         inserts: dict[Key, tuple[Any, ...]] = {}
-        deletes = self._deletes
+        deletes = self._deletes  # keys, flat: origin, seq, origin, seq...
         stop = False
         for op in ops:
             if op[0] == _INSERT_OP:
                 inserts[op[1]] = op
             elif op[0] == _DELETE_OP:
                 inserts.pop(op[1], None)  # ended before its entry was written
-                deletes.append(op[1])  # (or written again: the first write stays)
+                deletes += op[1]  # (or written again: the first write stays)
             else:
                 stop = True
-        now = time.time()
-        rows = [self._row(op, now) for op in inserts.values()]
+        rows: list[Any] = []  # the entries' rows, flat, built in one go
+        now, owner = time.time(), self.origin
+        for _, (origin, seq), task, path, payload, method, request_path in inserts.values():
+            rows += (origin, seq, owner, path, payload, _options(task), method, request_path, now)
         due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
         if not due:
             deletes = []
@@ -653,9 +654,9 @@ class _Writer(threading.Thread):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
                 # and BEGIN and COMMIT would be two more steps (see _write_many).
-                _write_many(db, _inserting, rows, _INSERT_CHUNK)
+                _write_many(db, _inserting, rows, _INSERT_WIDTH)
                 rows = []  # committed: not written again if what follows fails
-                _write_many(db, _deleting, deletes, _DELETE_CHUNK)
+                _write_many(db, _deleting, deletes, _DELETE_WIDTH)
                 deletes = []
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
@@ -664,22 +665,18 @@ class _Writer(threading.Thread):
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
                     escape(self.journal.path),
-                    len(rows) + len(deletes),
+                    len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
                     attempt,
                 )
                 if attempt >= 5:
                     logger.error(
                         "Journal %s: %d writes were not journaled",
                         escape(self.journal.path),
-                        len(rows) + len(deletes),
+                        len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
                     )
                     break
                 time.sleep(0.1 * attempt)
         return stop
-
-    def _row(self, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
-        _, (origin, seq), task, path, payload, method, request_path = op
-        return (origin, seq, self.origin, path, payload, _options(task), method, request_path, now)
 
     def _beat(self, db: sqlite3.Connection) -> None:
         """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
@@ -834,6 +831,8 @@ def _alive(pid: int) -> bool:
 
 def _options(task: TaskHandle) -> str | None:
     """The task's `set()` options, read when its entry is written, as JSON."""
+    if task._name is None and task._plan is None and task.timeout is _UNSET and not task.always:
+        return None  # most tasks: no dict to build
     options: dict[str, Any] = {}
     if task._name is not None:
         options["name"] = task._name
