@@ -47,7 +47,7 @@ from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
 
     import trio
 
@@ -327,26 +327,22 @@ class Recorder:
         self.entries: dict[TaskHandle, Key] = {}
         self.last = 0  # the number of this request's last write
 
-    def record(self, task: TaskHandle, *, volatile: bool) -> None:
-        """Journal a task `add_task()` just made; refuse one that cannot be journaled.
+    def add(self, task: TaskHandle, *, volatile: bool) -> None:
+        """Journal a task `add_task()` just made, then add it to its request; if the request
+        refuses it (closed, at its limit), its entry goes too.
 
         Raises:
             TaskNotDurableError: The task's callable or arguments cannot be journaled.
         """
-        if volatile or task.dispatch is not None:  # opted out; or enqueued to a queue
-            return
-        journal, func, writer = self.journal, task.func, self.writer
-        path = journal.path_of(func)
-        payload = journal.encode(func, task.args, task.kwargs)
-        key = self.entries[task] = writer.new_key()
-        self.last = writer.insert(key, task, path, payload, task.request_tasks)
-
-    def add(self, task: TaskHandle, *, volatile: bool) -> None:
-        """Journal the task, then add it to its request; if the request refuses it (closed,
-        at its limit), its entry goes too."""
-        self.record(task, volatile=volatile)
+        request = task.request_tasks
+        if not volatile and task.dispatch is None:  # not opted out, nor enqueued to a queue
+            journal, func, writer = self.journal, task.func, self.writer
+            path = journal.path_of(func)
+            payload = journal.encode(func, task.args, task.kwargs)
+            key = self.entries[task] = writer.new_key()
+            self.last = writer.insert(key, task, path, payload, request)
         try:
-            task.request_tasks.add(task)
+            request.add(task)
         except BaseException:
             self.ended(task)
             raise
@@ -495,17 +491,21 @@ class _Writer(threading.Thread):
     # Waiting for a commit: from an event loop, or from a thread.
 
     async def committed(self, number: int) -> None:
-        if number <= self.done:
-            return
+        if number > self.done:
+            await self.until(number)
+
+    def until(self, number: int) -> Awaitable[None]:
+        """What to await until write `number` is committed: on asyncio, a future (no
+        coroutine to make, and none to resume on the way back)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # trio
-            loop = None
-        if loop is not None:
-            future: asyncio.Future[None] = loop.create_future()
-            self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
-            await future
-            return
+            return self._until_trio(number)
+        future = loop.create_future()
+        self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
+        return future
+
+    async def _until_trio(self, number: int) -> None:
         import trio  # noqa: PLC0415  (the only other backend anyio runs)
 
         event = trio.Event()
@@ -617,6 +617,7 @@ class _Writer(threading.Thread):
             if not ops and not self._deletes:
                 continue
             stop = self._write(db, ops)
+            del ops  # and the tasks they hold: not kept alive until the next commit
             with self._lock:
                 self.done = last
             self._wake_waiters()

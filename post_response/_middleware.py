@@ -137,7 +137,7 @@ class PostResponseMiddleware:
                     and journal.last > journal.writer.done
                     and message["type"] in _journal.ENDING
                 ):  # the client gets the end of the response once its tasks are on disk
-                    await journal.writer.committed(journal.last)
+                    await journal.writer.until(journal.last)
                 try:
                     await send(message)  # the one place a response message is forwarded
                 except OSError:  # ASGI 2.4: send() after the client went away
