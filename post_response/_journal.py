@@ -137,13 +137,28 @@ def _deleting(count: int) -> str:
 
 
 def _write_many(
-    db: sqlite3.Connection, statement: Callable[[int], str], values: list[Any], width: int
+    db: sqlite3.Connection,
+    statement: Callable[[int], str],
+    values: list[Any],
+    width: int,
+    *,
+    pad: bool = False,
 ) -> None:
-    """Write rows of `width` values each, given one after another in `values`."""
-    chunk = _PARAMETERS // width * width
-    for start in range(0, len(values), chunk):
-        part = values[start : start + chunk]
-        db.execute(statement(len(part) // width), part)
+    """Write rows of `width` values each, given one after another in `values`.
+
+    With `pad`, for a statement where a row may come twice (a deletion), the count of rows
+    is rounded up to a power of two by repeating the last one: a few statements, which
+    the connection's statement cache keeps, instead of one to parse per count.
+    """
+    most = _PARAMETERS // width
+    for start in range(0, len(values), most * width):
+        part = values[start : start + most * width]
+        rows = len(part) // width
+        if pad and rows & (rows - 1):
+            more = min(1 << rows.bit_length(), most) - rows
+            part += part[-width:] * more
+            rows += more
+        db.execute(statement(rows), part)
 
 
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
@@ -657,7 +672,7 @@ class _Writer(threading.Thread):
                 # and BEGIN and COMMIT would be two more steps (see _write_many).
                 _write_many(db, _inserting, rows, _INSERT_WIDTH)
                 rows = []  # committed: not written again if what follows fails
-                _write_many(db, _deleting, deletes, _DELETE_WIDTH)
+                _write_many(db, _deleting, deletes, _DELETE_WIDTH, pad=True)
                 deletes = []
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
