@@ -491,7 +491,7 @@ class _Writer(threading.Thread):
         self, key: Key, task: TaskHandle, path: str, payload: bytes | str, request: RequestTasks
     ) -> int:
         # Added while the request runs: committed when its response is about to end (the
-        # guard waits for it), with the others of that moment. Added later: at once.
+        # middleware waits for it), with the others of that moment. Added later: at once.
         op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
         return self._queue(op, request.phase is not _COLLECTING)
 
