@@ -21,6 +21,7 @@ claim the same entry, and the entries of a live owner are never taken.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import contextvars
@@ -30,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import sqlite3
 import sys
@@ -39,19 +41,20 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import _backend
 from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
 from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
-    import asyncio
-    from collections.abc import Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+
+    import trio
 
     from ._context import RequestTasks
     from ._task import TaskHandle
-    from ._types import Message, Send
+
+    _WakeAll = Callable[[list[Any]], None]  # wakes the waiters of one event loop (or thread)
 
 __all__ = ["Journal", "Recorder", "Serializer", "is_replay", "replaying"]
 
@@ -116,9 +119,9 @@ _INSERT_INTO = (
 )
 # SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
 _PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_INSERT_CHUNK = _PARAMETERS // 9  # an entry's row has 9 parameters
+_INSERT_WIDTH = 9  # parameters of an entry's row
 _DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
-_DELETE_CHUNK = _PARAMETERS // 2
+_DELETE_WIDTH = 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,12 +139,26 @@ def _deleting(count: int) -> str:
 def _write_many(
     db: sqlite3.Connection,
     statement: Callable[[int], str],
-    rows: list[tuple[Any, ...]],
-    chunk: int,
+    values: list[Any],
+    width: int,
+    *,
+    pad: bool = False,
 ) -> None:
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        db.execute(statement(len(part)), [value for row in part for value in row])
+    """Write rows of `width` values each, given one after another in `values`.
+
+    With `pad`, for a statement where a row may come twice (a deletion), the count of rows
+    is rounded up to a power of two by repeating the last one: a few statements, which
+    the connection's statement cache keeps, instead of one to parse per count.
+    """
+    most = _PARAMETERS // width
+    for start in range(0, len(values), most * width):
+        part = values[start : start + most * width]
+        rows = len(part) // width
+        if pad and rows & (rows - 1):
+            more = min(1 << rows.bit_length(), most) - rows
+            part += part[-width:] * more
+            rows += more
+        db.execute(statement(rows), part)
 
 
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
@@ -255,7 +272,7 @@ class Journal:
         """What one request uses to journal its tasks; the first in this process opens
         the journal, with the sink `opener()` makes."""
         writer = self._writer
-        if writer is None or writer.pid != os.getpid():
+        if writer is None or writer.pid != _pid:
             self.open(None if opener is None else opener())
             writer = self.writer()
         return Recorder(self, writer)
@@ -342,28 +359,22 @@ class Recorder:
         self.entries: dict[TaskHandle, Key] = {}
         self.last = 0  # the number of this request's last write
 
-    def record(self, task: TaskHandle, *, volatile: bool) -> None:
-        """Journal a task `add_task()` just made; refuse one that cannot be journaled.
+    def add(self, task: TaskHandle, *, volatile: bool) -> None:
+        """Journal a task `add_task()` just made, then add it to its request; if the request
+        refuses it (closed, at its limit), its entry goes too.
 
         Raises:
             TaskNotDurableError: The task's callable or arguments cannot be journaled.
         """
-        if volatile or task.dispatch is not None:  # opted out; or enqueued to a queue
-            return
-        journal, func = self.journal, task.func
-        path = journal.path_of(func)
-        payload = journal.encode(func, task.args, task._kwargs or {})
-        key = self.writer.new_key()
-        self.entries[task] = key
         request = task.request_tasks
-        self.last = self.writer.insert(key, task, path, payload, request)
-
-    def add(self, task: TaskHandle, *, volatile: bool) -> None:
-        """Journal the task, then add it to its request; if the request refuses it (closed,
-        at its limit), its entry goes too."""
-        self.record(task, volatile=volatile)
+        if not volatile and task.dispatch is None:  # not opted out, nor enqueued to a queue
+            journal, func, writer = self.journal, task.func, self.writer
+            path = journal.path_of(func)
+            payload = journal.encode(func, task.args, task._kwargs or {})
+            key = self.entries[task] = writer.new_key()
+            self.last = writer.insert(key, task, path, payload, request)
         try:
-            task.request_tasks.add(task)
+            request.add(task)
         except BaseException:
             self.ended(task)
             raise
@@ -399,19 +410,9 @@ class Recorder:
             self.writer.wait_sync(self.last, None)
 
 
-def guard(send: Send, recorder: Recorder) -> Send:
-    """`send`, which first waits until the request's tasks are committed to the journal
-    before forwarding a message that may end the response (the client then knows)."""
-
-    async def send_when_journaled(message: Message) -> None:
-        if recorder.last > recorder.writer.done and message["type"] in _ENDING:
-            await recorder.flushed()
-        await send(message)
-
-    return send_when_journaled
-
-
-_ENDING = frozenset(
+# Messages that may end a response: the middleware holds each until the request's writes
+# so far are committed (the client then knows its tasks are on disk).
+ENDING = frozenset(
     {
         "http.response.body",
         "http.response.pathsend",
@@ -445,6 +446,17 @@ def _not_durable(func: object, why: str) -> TaskNotDurableError:
 
 # The writer thread.
 
+_pid = os.getpid()  # this process's, for the check per request (os.getpid() is a system call)
+
+
+def _forked() -> None:
+    global _pid  # noqa: PLW0603
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 _INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
 _COLLECTING = Phase.COLLECTING
 STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
@@ -465,20 +477,20 @@ class _Writer(threading.Thread):
         self._numbers = itertools.count(1)
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        # A token per wake-up (a C queue: a threading.Event costs several Python calls on
+        # each side); `_signalled` keeps it to one until the writer takes the writes.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
-        self._waiters: list[
-            tuple[int, Callable[[Callable[[], None]], None] | None, Callable[[], None]]
-        ] = []
+        self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
         self._signalled = False  # the writer was woken and has not taken the writes yet
-        self._deletes: list[Key] = []  # deletions taken by the writer, not yet written
+        self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
     def new_key(self) -> Key:
         return (self.origin, next(self._numbers))
 
-    def _queue(self, op: tuple[Any, ...], *, urgent: bool) -> int:
+    def _queue(self, op: tuple[Any, ...], urgent: bool) -> int:
         """Queue a write; wake the writer only if `urgent` and it is not woken already.
         Other writes wait for the next commit someone waits for, or `LINGER` seconds."""
         with self._lock:
@@ -489,76 +501,88 @@ class _Writer(threading.Thread):
             if wake:
                 self._signalled = True
         if wake:
-            self._wake.set()
+            self._wake.put(None)
         return number
 
     def insert(
         self, key: Key, task: TaskHandle, path: str, payload: bytes | str, request: RequestTasks
     ) -> int:
         # Added while the request runs: committed when its response is about to end (the
-        # guard waits for it), with the others of that moment. Added later: at once.
-        urgent = request.phase is not _COLLECTING
+        # middleware waits for it), with the others of that moment. Added later: at once.
         op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
-        return self._queue(op, urgent=urgent)
+        return self._queue(op, request.phase is not _COLLECTING)
 
-    def delete(self, key: Key) -> int:
-        return self._queue((_DELETE_OP, key), urgent=False)  # a replay too many at worst
+    def delete(self, key: Key) -> None:
+        with self._lock:  # no one waits for it (a replay too many at worst): no wake-up
+            self._queued += 1
+            self._ops.append((_DELETE_OP, key))
 
     def stop(self) -> int:
-        return self._queue((_STOP_OP,), urgent=True)
+        return self._queue((_STOP_OP,), True)
 
     # Waiting for a commit: from an event loop, or from a thread.
 
     async def committed(self, number: int) -> None:
-        if number <= self.done:
-            return
-        loop = _backend.asyncio_loop()
-        if loop is not None:
-            future: asyncio.Future[None] = loop.create_future()
-            self._wait(number, loop.call_soon_threadsafe, functools.partial(_resolve, future))
-            await future
-            return
+        if number > self.done:
+            await self.until(number)
+
+    def until(self, number: int) -> Awaitable[None]:
+        """What to await until write `number` is committed: on asyncio, a future (no
+        coroutine to make, and none to resume on the way back)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            return self._until_trio(number)
+        future = loop.create_future()
+        self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
+        return future
+
+    async def _until_trio(self, number: int) -> None:
         import trio  # noqa: PLC0415  (the only other backend anyio runs)
 
         event = trio.Event()
         token = trio.lowlevel.current_trio_token()
-        self._wait(number, token.run_sync_soon, event.set)
+        self._wait(number, token.run_sync_soon, _set_all, event)
         await event.wait()
 
     def wait_sync(self, number: int, timeout: float | None) -> bool:
         if number <= self.done:
             return True
         event = threading.Event()
-        self._wait(number, None, event.set)
+        self._wait(number, None, _set_all, event)
         return event.wait(timeout)
 
-    def _wait(self, number: int, via: Callable[..., Any] | None, wake: Callable[[], None]) -> None:
+    def _wait(
+        self, number: int, via: Callable[..., Any] | None, wake: _WakeAll, waiter: Any
+    ) -> None:
+        """Have `via(wake, [waiter, ...])` called once `number` is committed (`via` None:
+        `wake([waiter])` from the writer thread): one call per event loop and commit."""
         with self._lock:
             if number > self.done:
-                self._waiters.append((number, via, wake))
+                self._waiters.append((number, via, wake, waiter))
                 kick = not self._signalled
                 self._signalled = True
             else:
                 kick = None
         if kick is None:
-            wake()
+            wake([waiter])
         elif kick:
-            self._wake.set()
+            self._wake.put(None)
 
     def _wake_waiters(self) -> None:
         with self._lock:
             done = self.done
             ready = [w for w in self._waiters if w[0] <= done]
             self._waiters = [w for w in self._waiters if w[0] > done]
-        by_loop: dict[Any, list[Callable[[], None]]] = {}
-        for _, via, wake in ready:
+        groups: dict[tuple[Any, _WakeAll], list[Any]] = {}
+        for _, via, wake, waiter in ready:
+            groups.setdefault((via, wake), []).append(waiter)
+        for (via, wake), waiters in groups.items():
             if via is None:
-                wake()
-            else:
-                by_loop.setdefault(via, []).append(wake)
-        for via, wakes in by_loop.items():
+                wake(waiters)
+                continue
             with contextlib.suppress(RuntimeError):  # that loop closed: no one waits there
-                via(_call_all, wakes)
+                via(wake, waiters)
 
     # The thread.
 
@@ -616,15 +640,16 @@ class _Writer(threading.Thread):
             until = next_beat - time.monotonic()
             if self._ops or self._deletes:  # writes no one waits for: commit them soon anyway
                 until = min(until, LINGER)
-            self._wake.wait(max(until, 0.0))
+            with contextlib.suppress(queue.Empty):
+                self._wake.get(timeout=max(until, 0.0))
             with self._lock:
-                self._wake.clear()
                 self._signalled = False
                 ops, self._ops = self._ops, collections.deque()
                 last = self._queued
             if not ops and not self._deletes:
                 continue
             stop = self._write(db, ops)
+            del ops  # and the tasks they hold: not kept alive until the next commit
             with self._lock:
                 self.done = last
             self._wake_waiters()
@@ -639,18 +664,20 @@ class _Writer(threading.Thread):
         waits for a deletion.
         """
         inserts: dict[Key, tuple[Any, ...]] = {}
-        deletes = self._deletes
+        deletes = self._deletes  # keys, flat: origin, seq, origin, seq...
         stop = False
         for op in ops:
             if op[0] == _INSERT_OP:
                 inserts[op[1]] = op
             elif op[0] == _DELETE_OP:
                 inserts.pop(op[1], None)  # ended before its entry was written
-                deletes.append(op[1])  # (or written again: the first write stays)
+                deletes += op[1]  # (or written again: the first write stays)
             else:
                 stop = True
-        now = time.time()
-        rows = [self._row(op, now) for op in inserts.values()]
+        rows: list[Any] = []  # the entries' rows, flat, built in one go
+        now, owner = time.time(), self.origin
+        for _, (origin, seq), task, path, payload, method, request_path in inserts.values():
+            rows += (origin, seq, owner, path, payload, _options(task), method, request_path, now)
         due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
         if not due:
             deletes = []
@@ -660,9 +687,9 @@ class _Writer(threading.Thread):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
                 # and BEGIN and COMMIT would be two more steps (see _write_many).
-                _write_many(db, _inserting, rows, _INSERT_CHUNK)
+                _write_many(db, _inserting, rows, _INSERT_WIDTH)
                 rows = []  # committed: not written again if what follows fails
-                _write_many(db, _deleting, deletes, _DELETE_CHUNK)
+                _write_many(db, _deleting, deletes, _DELETE_WIDTH, pad=True)
                 deletes = []
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
@@ -671,22 +698,18 @@ class _Writer(threading.Thread):
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
                     escape(self.journal.path),
-                    len(rows) + len(deletes),
+                    len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
                     attempt,
                 )
                 if attempt >= 5:
                     logger.error(
                         "Journal %s: %d writes were not journaled",
                         escape(self.journal.path),
-                        len(rows) + len(deletes),
+                        len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
                     )
                     break
                 time.sleep(0.1 * attempt)
         return stop
-
-    def _row(self, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
-        _, (origin, seq), task, path, payload, method, request_path = op
-        return (origin, seq, self.origin, path, payload, _options(task), method, request_path, now)
 
     def _beat(self, db: sqlite3.Connection) -> None:
         """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
@@ -828,14 +851,15 @@ class _transaction:
             self.db.execute("ROLLBACK")
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # cancelled
+            future.set_result(None)
 
 
-def _call_all(wakes: list[Callable[[], None]]) -> None:
-    for wake in wakes:
-        wake()
+def _set_all(events: list[trio.Event] | list[threading.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 def _alive(pid: int) -> bool:
@@ -854,6 +878,8 @@ def _alive(pid: int) -> bool:
 
 def _options(task: TaskHandle) -> str | None:
     """The task's `set()` options, read when its entry is written, as JSON."""
+    if task._name is None and task._plan is None and task.timeout is _UNSET and not task.always:
+        return None  # most tasks: no dict to build
     options: dict[str, Any] = {}
     if task._name is not None:
         options["name"] = task._name

@@ -121,8 +121,7 @@ class PostResponseMiddleware:
             # response, then judge its outcome.
             status = 0
             trailers = complete = client_gone = False
-            if tasks.journal is not None:  # the client gets the body once its tasks are on disk
-                send = _journal.guard(send, tasks.journal)
+            journal = tasks.journal
 
             async def watch_receive() -> Message:
                 nonlocal client_gone
@@ -133,6 +132,12 @@ class PostResponseMiddleware:
 
             async def watch_send(message: Message) -> None:
                 nonlocal status, trailers, complete, client_gone
+                if (
+                    journal is not None
+                    and journal.last > journal.writer.done
+                    and message["type"] in _journal.ENDING
+                ):  # the client gets the end of the response once its tasks are on disk
+                    await journal.writer.until(journal.last)
                 try:
                     await send(message)  # the one place a response message is forwarded
                 except OSError:  # ASGI 2.4: send() after the client went away
