@@ -397,14 +397,6 @@ class Recorder:
         if key is not None:
             self.writer.delete(key)
 
-    def pending(self) -> bool:
-        return self.last > self.writer.done
-
-    async def flushed(self) -> None:
-        """Wait until every write of this request so far is committed."""
-        if self.last > self.writer.done:
-            await self.writer.committed(self.last)
-
     def flush_sync(self) -> None:
         if self.last > self.writer.done:
             self.writer.wait_sync(self.last, None)
