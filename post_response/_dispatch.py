@@ -44,7 +44,7 @@ class Dispatchers:
         self._chain: tuple[Dispatcher, ...] | None = None
 
     def route(self, task: TaskHandle) -> None:
-        """Set `task.dispatch` when a dispatcher takes the task."""
+        """Set the task's `dispatch` when a dispatcher takes the task."""
         chain = self._chain
         if chain is None:
             if "celery" not in sys.modules:  # the usual case: nothing to ask
@@ -53,7 +53,7 @@ class Dispatchers:
         for dispatcher in chain:
             dispatch = dispatcher(task)
             if dispatch is not None:
-                task.dispatch = dispatch
+                task._planned().dispatch = dispatch
                 return
 
     def _celery(self) -> Dispatcher:

@@ -870,24 +870,21 @@ def _alive(pid: int) -> bool:
 
 def _options(task: TaskHandle) -> str | None:
     """The task's `set()` options, read when its entry is written, as JSON."""
-    if task._name is None and task._plan is None and task.timeout is _UNSET and not task.always:
+    plan = task._plan
+    if plan is None:
         return None  # most tasks: no dict to build
     options: dict[str, Any] = {}
-    if task._name is not None:
-        options["name"] = task._name
-    if task.timeout is not _UNSET:
-        options["timeout"] = task.timeout
-    if task.always:
+    for name in ("name", "key", "delay", "retries", "backoff"):
+        value = getattr(plan, name)
+        if value is not None:
+            options[name] = value
+    if plan.timeout is not _UNSET:
+        options["timeout"] = plan.timeout
+    if plan.always:
         options["always"] = True
-    plan = task._plan
-    if plan is not None:
-        for name in ("key", "delay", "retries", "backoff"):
-            value = getattr(plan, name)
-            if value is not None:
-                options[name] = value
-        if plan.retry_on is not Exception:
-            kinds = plan.retry_on if isinstance(plan.retry_on, tuple) else (plan.retry_on,)
-            options["retry_on"] = [f"{k.__module__}:{k.__qualname__}" for k in kinds]
+    if plan.retry_on is not Exception:
+        kinds = plan.retry_on if isinstance(plan.retry_on, tuple) else (plan.retry_on,)
+        options["retry_on"] = [f"{k.__module__}:{k.__qualname__}" for k in kinds]
     return json.dumps(options) if options else None
 
 

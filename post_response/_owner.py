@@ -30,7 +30,7 @@ import anyio
 from . import _backend, _context, _registry
 from ._batch import Batch, HeldBatch
 from ._pressure import pressure
-from ._task import NO_KWARGS, UNSET, TaskState, note_lost
+from ._task import NO_KWARGS, TaskState, note_lost
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -416,14 +416,12 @@ class Owner:
         if task is None:
             self._end_batch(batch, None)
             return
-        timeout, code = task.timeout, getattr(task.func, "__code__", None)
+        code = getattr(task.func, "__code__", None)
         plain = (
             task.state is _PENDING
-            and task._plan is None
-            and task.dispatch is None
+            and task._plan is None  # no options of its own (timeout, key...), no queue
             and batch.skip_reason is None
             and batch.settings.plain
-            and (timeout is UNSET or timeout is None)
             and code is not None
             and code.co_flags & _CO_COROUTINE  # an `async def`
         )

@@ -72,8 +72,9 @@ class CeleryDispatcher:
             return None
         task, args, kwargs = target
         _check_serializable(task, args, kwargs)
-        if handle._name is None:
-            handle._name = task.name
+        plan = handle._planned()
+        if plan.name is None:
+            plan.name = task.name
         return functools.partial(_enqueue, handle.func, task, args, kwargs)
 
     def _target(self, handle: TaskHandle) -> tuple[Task, tuple[Any, ...], dict[str, Any]] | None:
