@@ -18,21 +18,34 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["THREADS", "Job", "pool"]
+__all__ = ["THREADS", "Call", "Job", "pool"]
 
 THREADS = 40  # threads for sync tasks, per process
 
 
 class Job:
-    """One call for a worker thread; `report(started, result, error)` is how it tells its
-    caller, from the thread, that it started (`started` True) or ended."""
+    """One call for a worker thread: the pool runs `run()` there. `waited` is set when no
+    thread was free at `submit()`: the job then tells its caller when a thread takes it."""
 
-    __slots__ = ("call", "report", "waited")
+    __slots__ = ("waited",)
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Call(Job):
+    """A job calling `call()`; `report(started, result, error)` is how it tells its caller,
+    from the thread, that it started (`started` True) or ended."""
+
+    __slots__ = ("call", "report")
 
     def __init__(self, call: Callable[[], Any], report: Callable[..., None]) -> None:
         self.call = call
         self.report = report
-        self.waited = False  # no thread was free when it was submitted
+        self.waited = False
 
     def run(self) -> None:
         if self.waited:
