@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from ._call import OwnCancellation
 from ._pressure import pressure
 from ._threads import THREADS, Call, pool
 
@@ -155,6 +156,8 @@ class AsyncioBackend:
                 loop_call(begin)
             elif error is None:
                 loop_call(_set_result, future, result)
+            elif isinstance(error, asyncio.CancelledError):  # raised by the call: its own,
+                loop_call(_set_exception, future, OwnCancellation(error))  # not the runtime's
             else:
                 loop_call(_set_exception, future, error)
 
