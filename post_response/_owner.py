@@ -432,7 +432,11 @@ class Owner:
                 step = self._step(batch, task, plain=True)
                 batch.runner = self._backend.start(step, task.context)
                 return
-            if not is_async(func):
+            try:
+                sync = not is_async(func)
+            except BaseException:  # a hostile callable: the general path fails it, logged
+                sync = False
+            if sync:
                 self._to_thread(batch, task)
                 return
         batch.runner = self._backend.start(self._step(batch, task, plain=False), _EMPTY_CONTEXT())

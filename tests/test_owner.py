@@ -403,7 +403,7 @@ async def test_shutdown_leaves_sync_tasks_to_their_threads(
         gate.set()
     if anyio_backend == "asyncio":  # the threads' reports reach the loop, and change nothing
         with anyio.fail_after(10):
-            await until(lambda: pool._idle == pool._threads)
+            await until(lambda: pool.busy() == 0)
             await anyio.sleep(0)
     assert len(entered) == THREADS
     counts = app.stats.snapshot()

@@ -311,6 +311,26 @@ class TestFailures:
         [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert record.getMessage().endswith("failed: it raised a cancellation of its own")
 
+    async def test_a_callable_that_breaks_the_async_check_fails_alone(self) -> None:
+        """A callable object whose attributes raise where `is_async()` looks fails as a
+        task, logged; it reaches neither the server nor the tasks after it."""
+        handles: list[TaskHandle] = []
+
+        class Hostile:
+            def __getattribute__(self, name: str) -> Any:
+                if name in ("_is_coroutine_marker", "_is_coroutine"):
+                    raise RuntimeError(name)
+                return object.__getattribute__(self, name)
+
+            def __call__(self) -> None:
+                pass
+
+        def after() -> None:
+            pass
+
+        await serve(endpoint(lambda: handles.extend([add_task(Hostile()), add_task(after)])))
+        assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
+
     async def test_an_async_error_hook_is_awaited_and_a_failing_hook_is_logged(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
