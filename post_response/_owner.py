@@ -93,8 +93,10 @@ class Owner:
     and each of its tasks gets an asyncio task of its own (`_step`), started when the one
     before it has ended (tasks of a request run one after another). A task without options
     runs there as it is, in its own context snapshot, with nothing around it but its state
-    changes; the others (and batches run `concurrency` at a time, or held for a delay, key
-    or retry) take the general path of `Batch`. Trio keeps parked workers.
+    changes; a sync one without options gets no asyncio task: it goes to a worker thread,
+    which has the loop end it and start the next (`_to_thread`). The others (and batches
+    run `concurrency` at a time, or held for a delay, key or retry) take the general path
+    of `Batch`. Trio keeps parked workers.
     """
 
     SPARE_WORKERS = 64
