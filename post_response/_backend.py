@@ -18,8 +18,9 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from ._call import OwnCancellation
 from ._pressure import pressure
-from ._threads import THREADS, Job, pool
+from ._threads import THREADS, Call, pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine
@@ -84,6 +85,10 @@ class Backend(Protocol):
     def forgive_self_cancel(self) -> None:
         """Forget a cancellation the current task asked for itself, once it is handled."""
 
+    def call_from_thread(self, callback: Callable[..., object], *args: Any) -> object:
+        """Have the loop call `callback(*args)` soon, from any thread; raises RuntimeError
+        once the loop is closed. Asyncio only (`runs_tasks_alone`)."""
+
     @property
     def runs_tasks_alone(self) -> bool:
         """Whether each post_response task can get an event-loop task of its own
@@ -115,6 +120,7 @@ class AsyncioBackend:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.call_from_thread = loop.call_soon_threadsafe
 
     @contextlib.asynccontextmanager
     async def workers(self) -> AsyncIterator[Workers]:
@@ -150,6 +156,8 @@ class AsyncioBackend:
                 loop_call(begin)
             elif error is None:
                 loop_call(_set_result, future, result)
+            elif isinstance(error, asyncio.CancelledError):  # raised by the call: its own,
+                loop_call(_set_exception, future, OwnCancellation(error))  # not the runtime's
             else:
                 loop_call(_set_exception, future, error)
 
@@ -157,7 +165,7 @@ class AsyncioBackend:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(callback, *args)
 
-        job = Job(call, settle)
+        job = Call(call, settle)
         if pool.submit(job):
             begin()
         else:
@@ -234,6 +242,10 @@ class TrioBackend:
 
     def forgive_self_cancel(self) -> None:
         pass
+
+    def call_from_thread(self, callback: Callable[..., object], *args: Any) -> object:
+        msg = "trio runs sync tasks with anyio.to_thread"
+        raise NotImplementedError(msg)
 
     def start(self, coroutine: Coroutine[Any, Any, None], context: Context) -> Any:
         coroutine.close()

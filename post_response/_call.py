@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from asgiref.sync import iscoroutinefunction
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from ._backend import Backend
     from ._task import TaskHandle
 
-__all__ = ["OwnCancellation", "TaskEnvironment", "call", "is_async"]
+__all__ = ["OwnCancellation", "TaskEnvironment", "call", "call_sync", "in_context", "is_async"]
 
 _T = TypeVar("_T")
 
@@ -69,7 +70,7 @@ async def call(
         await _InContext(context, coroutine, backend)
         return
     call: Callable[[], tuple[Awaitable[Any]] | None]
-    call = functools.partial(_call_sync, context, func, task.args, task._kwargs or NO_KWARGS)
+    call = functools.partial(call_sync, context, func, task.args, task._kwargs or NO_KWARGS)
     if environment is not None:
         call = functools.partial(environment.run_sync, call)
     returned = await backend.run_in_thread(call, started)
@@ -77,7 +78,7 @@ async def call(
         await _InContext(context, returned[0], backend)
 
 
-def _call_sync(
+def call_sync(
     context: Context, func: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Awaitable[Any]] | None:
     """Call `func` in `context` (in a worker thread); box what must still be awaited.
@@ -86,6 +87,8 @@ def _call_sync(
         InvalidTaskError: `func` returned a generator, whose body nobody would run.
     """
     result = context.run(func, *args, **kwargs)
+    if result is None:  # the usual case: no ABC check
+        return None
     if inspect.isawaitable(result):
         return (result,)
     if isinstance(result, GENERATORS):
@@ -97,11 +100,19 @@ def is_async(func: object) -> bool:
     """Whether calling `func` returns something to await (`async def`, or a callable
     object whose class defines `async def __call__`)."""
     code = getattr(func, "__code__", None)
-    if code is not None and code.co_flags & inspect.CO_COROUTINE:  # `async def`: the usual case
-        return True
+    if code is not None:
+        if code.co_flags & inspect.CO_COROUTINE:  # `async def`: the usual case
+            return True
+        if type(func) is FunctionType and not func.__dict__:
+            return False  # a plain `def`: only an attribute could mark it as async
     while isinstance(func, functools.partial):
         func = func.func
     return iscoroutinefunction(func) or iscoroutinefunction(type(func).__call__)
+
+
+def in_context(context: Context, awaitable: Awaitable[_T], backend: Backend) -> Awaitable[_T]:
+    """`awaitable`, each of its steps run inside `context` (see `_InContext`)."""
+    return _InContext(context, awaitable, backend)
 
 
 class _InContext:

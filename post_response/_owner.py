@@ -29,8 +29,10 @@ import anyio
 
 from . import _backend, _context, _registry
 from ._batch import Batch, HeldBatch
+from ._call import OwnCancellation, call_sync, in_context, is_async
 from ._pressure import pressure
 from ._task import NO_KWARGS, TaskState, note_lost
+from ._threads import THREADS, Job, pool
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -91,8 +93,10 @@ class Owner:
     and each of its tasks gets an asyncio task of its own (`_step`), started when the one
     before it has ended (tasks of a request run one after another). A task without options
     runs there as it is, in its own context snapshot, with nothing around it but its state
-    changes; the others (and batches run `concurrency` at a time, or held for a delay, key
-    or retry) take the general path of `Batch`. Trio keeps parked workers.
+    changes; a sync one without options gets no asyncio task: it goes to a worker thread,
+    which has the loop end it and start the next (`_to_thread`). The others (and batches
+    run `concurrency` at a time, or held for a delay, key or retry) take the general path
+    of `Batch`. Trio keeps parked workers.
     """
 
     SPARE_WORKERS = 64
@@ -416,17 +420,26 @@ class Owner:
         if task is None:
             self._end_batch(batch, None)
             return
-        code = getattr(task.func, "__code__", None)
-        plain = (
+        func = task.func
+        if (
             task.state is _PENDING
             and task._plan is None  # no options of its own (timeout, key...), no queue
             and batch.skip_reason is None
             and batch.settings.plain
-            and code is not None
-            and code.co_flags & _CO_COROUTINE  # an `async def`
-        )
-        context = task.context if plain else _EMPTY_CONTEXT()
-        batch.runner = self._backend.start(self._step(batch, task, plain=plain), context)
+        ):  # nothing to do around the task: it runs as it is
+            code = getattr(func, "__code__", None)
+            if code is not None and code.co_flags & _CO_COROUTINE:  # an `async def`
+                step = self._step(batch, task, plain=True)
+                batch.runner = self._backend.start(step, task.context)
+                return
+            try:
+                sync = not is_async(func)
+            except BaseException:  # a hostile callable: the general path fails it, logged
+                sync = False
+            if sync:
+                self._to_thread(batch, task)
+                return
+        batch.runner = self._backend.start(self._step(batch, task, plain=False), _EMPTY_CONTEXT())
 
     async def _step(self, batch: Batch, task: TaskHandle, *, plain: bool) -> None:
         """Run one task of `batch`, then start the next. A plain task (see `_next`) runs here
@@ -440,7 +453,7 @@ class Owner:
                     if self._stopping_tasks:  # the owner's, not the task's own
                         raise
                     self._backend.forgive_self_cancel()
-                    await batch._fail(task, exc, "failed: it raised a cancellation of its own")
+                    await batch._fail(task, exc, _OWN_CANCEL)
                 except BaseException as exc:  # SystemExit too: the task failed, not the loop
                     await batch._fail(task, exc, "failed")
                 else:
@@ -460,6 +473,101 @@ class Owner:
             return
         self._next(batch)
 
+    # A plain sync task (see `_next`) goes to a worker thread straight from `_next`, with no
+    # loop task, coroutine or future of its own: the thread has the loop call `_thread_ended`,
+    # which ends the task and starts the next one. Only a failure, or a returned awaitable,
+    # takes a loop task (`_after_thread`). While it is in the thread, the batch's `runner`
+    # is its `_ThreadJob`, which `_stop_tasks` leaves to its thread at shutdown.
+
+    def _to_thread(self, batch: Batch, task: TaskHandle) -> None:
+        job = _ThreadJob(self, batch, task)
+        batch.runner = job
+        try:
+            taken = pool.submit(job)
+        except BaseException:  # no thread could be started: the batch ends, the owner goes on
+            pool.withdraw(job)
+            logger.exception("post_response failed running the tasks of %s", batch.label)
+            self._end_batch(batch, "post_response failed running them (see the error above)")
+            return
+        if taken:
+            task._start()
+        else:  # it is queued until a thread takes it (`_thread_started`)
+            pressure.note("threads", THREADS, pool.waiting())
+
+    def _thread_started(self, job: _ThreadJob) -> None:
+        """A thread took `job`, which had to wait for one (called on the loop)."""
+        task = job.task
+        if job.batch.runner is job and task.state is _PENDING:
+            task._start()
+
+    def _thread_ended(
+        self, job: _ThreadJob, returned: tuple[Any] | None, error: BaseException | None
+    ) -> None:
+        """`job`'s call returned or raised (called on the loop): end its task, start the next."""
+        batch, task = job.batch, job.task
+        if batch.runner is not job:  # left to its thread at shutdown, and logged then
+            return
+        if returned is not None or error is not None:
+            after = self._after_thread(batch, task, returned, error)
+            batch.runner = self._backend.start(after, _EMPTY_CONTEXT())
+            return
+        try:
+            task._end(_COMPLETED)
+            if logger.isEnabledFor(_DEBUG):
+                task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+            self._next(batch)
+        except BaseException:  # a loop callback: nobody above would end the batch
+            logger.exception("post_response failed running the tasks of %s", batch.label)
+            self._end_batch(batch, "post_response failed running them (see the error above)")
+
+    async def _after_thread(
+        self,
+        batch: Batch,
+        task: TaskHandle,
+        returned: tuple[Any] | None,
+        error: BaseException | None,
+    ) -> None:
+        """End a plain sync task that raised, or await what it returned (as `call` does),
+        then start the next one; on a loop task, as `_step`."""
+        backend = self._backend
+        try:
+            if error is None and returned is not None:  # e.g. `add_task(lambda: notify(user))`
+                try:
+                    await in_context(task.context, returned[0], backend)
+                except OwnCancellation as own:
+                    await batch._fail(task, own.error, _OWN_CANCEL)
+                except backend.cancelled:
+                    raise
+                except BaseException as exc:
+                    await batch._fail(task, exc, "failed")
+                else:
+                    task._end(_COMPLETED)
+                    if logger.isEnabledFor(_DEBUG):
+                        task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+            elif error is not None:  # raised in its thread: whatever it is, the task's own
+                its_own = isinstance(error, backend.cancelled)
+                await batch._fail(task, error, _OWN_CANCEL if its_own else "failed")
+        except backend.cancelled:
+            if task.state is _RUNNING or task.state is _PENDING:
+                batch._interrupted(task)
+            self._end_batch(batch, f"{self._cause()} before it started")
+            raise
+        except BaseException:
+            logger.exception("post_response failed running the tasks of %s", batch.label)
+            self._end_batch(batch, "post_response failed running them (see the error above)")
+            return
+        self._next(batch)
+
+    def _leave(self, job: _ThreadJob) -> None:
+        """Shutdown: the owner stops waiting for `job`; its task ends as `_step` ends one
+        cancelled in `call`: abandoned before it started if no thread has taken it yet
+        (it never runs), else abandoned while its thread runs on."""
+        batch, task = job.batch, job.task
+        if not pool.withdraw(job) and task.state is _PENDING:
+            task._start()  # a thread has it: it runs, whatever the loop has heard
+        batch._interrupted(task)
+        self._end_batch(batch, f"{self._cause()} before it started")
+
     def _end_batch(self, batch: Batch, abandoned: str | None) -> None:
         """`batch` is over (its tasks not started abandoned, for the reason given)."""
         batch.runner = None
@@ -472,8 +580,15 @@ class Owner:
             self._wake()
 
     async def _stop_tasks(self) -> None:
-        """Cancel the loop tasks running batches (asyncio) and wait for them."""
-        tasks = [batch.runner for batch in self._batches if batch.runner is not None]
+        """Cancel the loop tasks running batches (asyncio) and wait for them; leave sync
+        tasks to their threads."""
+        tasks = []
+        for batch in list(self._batches):  # `_leave` drops batches
+            runner = batch.runner
+            if type(runner) is _ThreadJob:
+                self._leave(runner)
+            elif runner is not None:
+                tasks.append(runner)
         if tasks:
             self._stopping_tasks = True
             await self._backend.stop(tasks)
@@ -722,6 +837,38 @@ class Owner:
 
 _EMPTY_CONTEXT = contextvars.Context  # where the general path runs: each task gets its own
 _CO_COROUTINE = inspect.CO_COROUTINE
+_OWN_CANCEL = "failed: it raised a cancellation of its own"
+
+
+class _ThreadJob(Job):
+    """A plain sync task of `batch`, for a worker thread (see `Owner._to_thread`)."""
+
+    __slots__ = ("batch", "owner", "task")
+
+    def __init__(self, owner: Owner, batch: Batch, task: TaskHandle) -> None:
+        self.owner = owner
+        self.batch = batch
+        self.task = task
+        self.waited = False
+
+    def run(self) -> None:
+        """In the worker thread: call the task in its context snapshot, then tell the loop."""
+        owner, task = self.owner, self.task
+        tell = owner._backend.call_from_thread
+        try:
+            if self.waited:
+                tell(owner._thread_started, self)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+        try:
+            try:
+                returned = call_sync(task.context, task.func, task.args, task._kwargs or NO_KWARGS)
+            except BaseException as exc:  # SystemExit too: the task failed, not the thread
+                tell(owner._thread_ended, self, None, exc)
+            else:
+                tell(owner._thread_ended, self, returned, None)
+        except RuntimeError:  # the loop is closed
+            return
 
 
 def run_to_the_end(batch: Batch, max_running: int | None, max_queued: int | None) -> None:

@@ -18,21 +18,34 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["THREADS", "Job", "pool"]
+__all__ = ["THREADS", "Call", "Job", "pool"]
 
 THREADS = 40  # threads for sync tasks, per process
 
 
 class Job:
-    """One call for a worker thread; `report(started, result, error)` is how it tells its
-    caller, from the thread, that it started (`started` True) or ended."""
+    """One call for a worker thread: the pool runs `run()` there. `waited` is set when no
+    thread was free at `submit()`: the job then tells its caller when a thread takes it."""
 
-    __slots__ = ("call", "report", "waited")
+    __slots__ = ("waited",)
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Call(Job):
+    """A job calling `call()`; `report(started, result, error)` is how it tells its caller,
+    from the thread, that it started (`started` True) or ended."""
+
+    __slots__ = ("call", "report")
 
     def __init__(self, call: Callable[[], Any], report: Callable[..., None]) -> None:
         self.call = call
         self.report = report
-        self.waited = False  # no thread was free when it was submitted
+        self.waited = False
 
     def run(self) -> None:
         if self.waited:
@@ -45,24 +58,42 @@ class Job:
             self.report(False, result, None)
 
 
+class _Parked:
+    """An idle thread, waiting on its own lock (held, released to wake it) for a job."""
+
+    __slots__ = ("gate", "job")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.job: Job | None = None
+
+
 class _Pool:
-    """Up to `size` daemon threads, started on demand and then kept, taking jobs in order."""
+    """Up to `size` daemon threads, started on demand and then kept, taking jobs in order.
+
+    A job submitted while a thread is idle is handed to that thread directly (the last one
+    to park: its cache is warm), which a release of its own lock wakes: a plain lock's C
+    methods instead of `threading.Condition`'s Python code, on the event loop's thread too.
+    Jobs wait in the queue only when no thread is idle.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._ready = threading.Condition(threading.Lock())
-        self._jobs: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._jobs: collections.deque[Job] = collections.deque()  # waiting for a thread
+        self._parked: list[_Parked] = []  # idle threads, the last parked last
         self._threads = 0
-        self._idle = 0
 
     def submit(self, job: Job) -> bool:
         """Queue `job`; True if a thread takes it at once, False if it waits for one."""
-        with self._ready:
-            self._jobs.append(job)
-            if self._idle:
-                self._idle -= 1
-                self._ready.notify()
+        with self._lock:
+            if self._parked:
+                parked = self._parked.pop()
+                parked.job = job
+                parked.gate.release()
                 return True
+            self._jobs.append(job)
             if self._threads < self._size:
                 self._threads += 1
                 threading.Thread(target=self._work, name="post_response", daemon=True).start()
@@ -74,9 +105,13 @@ class _Pool:
         """How many jobs wait for a thread now."""
         return len(self._jobs)
 
+    def busy(self) -> int:
+        """How many threads are not parked (running a job, or about to park)."""
+        return self._threads - len(self._parked)
+
     def withdraw(self, job: Job) -> bool:
         """Take back a job no thread has started; False if one already has."""
-        with self._ready:
+        with self._lock:
             try:
                 self._jobs.remove(job)
             except ValueError:
@@ -84,20 +119,26 @@ class _Pool:
             return True
 
     def _work(self) -> None:
+        parked = _Parked()
+        lock, jobs = self._lock, self._jobs
         while True:
-            with self._ready:
-                while not self._jobs:
-                    self._idle += 1
-                    self._ready.wait()  # whoever wakes us has counted us as busy again
-                job = self._jobs.popleft()
-            job.run()
+            with lock:
+                job = jobs.popleft() if jobs else None
+                if job is None:
+                    self._parked.append(parked)
+            if job is None:
+                parked.gate.acquire()  # `submit` handed us a job, then released it
+                job, parked.job = parked.job, None
+            if job is not None:
+                job.run()
             del job  # a parked thread keeps nothing of the task alive
 
     def _reset_after_fork(self) -> None:
         """A forked child has none of its parent's threads: start from nothing."""
-        self._ready = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._jobs.clear()
-        self._threads = self._idle = 0
+        self._parked.clear()
+        self._threads = 0
 
 
 pool = _Pool(THREADS)

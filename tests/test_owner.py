@@ -13,7 +13,7 @@ import pytest
 
 from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
 from post_response._pressure import pressure
-from post_response._threads import THREADS
+from post_response._threads import THREADS, pool
 from post_response._types import Message, Receive, Scope, Send
 
 from .harness import Exchange, http_scope
@@ -111,6 +111,35 @@ async def test_max_running_bounds_tasks_across_requests() -> None:
         await until(lambda: app.stats.running == 3)
         assert (app.stats.running, app.stats.queued) == (3, 7)
         release.set()
+        await app.join()
+    assert peak == 3
+    assert app.stats.snapshot()["completed"] == 10
+
+
+async def test_max_running_bounds_sync_tasks_across_requests() -> None:
+    """The same with sync tasks, which hold their `max_running` slot while in their thread."""
+    lock, release = threading.Lock(), threading.Event()
+    running = peak = 0
+
+    def work() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+
+    app = PostResponseMiddleware(adding(work), max_running=3)
+    try:
+        with anyio.fail_after(10):
+            for _ in range(10):
+                await request(app)
+            await until(lambda: app.stats.running == 3 and running == 3)
+            assert (app.stats.running, app.stats.queued) == (3, 7)
+    finally:
+        release.set()
+    with anyio.fail_after(10):
         await app.join()
     assert peak == 3
     assert app.stats.snapshot()["completed"] == 10
@@ -300,3 +329,88 @@ async def test_busy_threads_are_warned_about_once(caplog: pytest.LogCaptureFixtu
     [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
     assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
     assert app.stats.snapshot()["completed"] == THREADS + 3
+
+
+def holding(gates: list[threading.Event], entered: list[int]) -> Any:
+    """An app whose request number i adds one sync task that waits for `gates[i]`."""
+    lock = threading.Lock()
+
+    def hold(gate: threading.Event) -> None:
+        with lock:
+            entered.append(1)
+        gate.wait(10)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await adding()(scope, receive, send)
+            return
+        handles.append(add_task(hold, gates[len(handles)]))
+        for message in OK:
+            await send(message)
+
+    handles: list[TaskHandle] = []
+    app.handles = handles  # type: ignore[attr-defined]
+    return app
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+async def test_sync_tasks_beyond_the_threads_wait_queued_then_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With every thread held by a request's sync task, the next requests' sync tasks are
+    queued, not running, and warned about once; they start when threads free up."""
+    first, late = threading.Event(), threading.Event()
+    entered: list[int] = []
+    app = PostResponseMiddleware(holding([first] * THREADS + [late] * 3, entered))
+    try:
+        with anyio.fail_after(10):
+            for _ in range(THREADS + 3):
+                await request(app)
+            await until(lambda: len(entered) == THREADS and app.stats.running == THREADS)
+            assert app.stats.queued == 3
+            first.set()  # the three late tasks get threads and start
+            await until(lambda: app.stats.running == 3 and len(entered) == THREADS + 3)
+            assert app.stats.queued == 0
+            assert [h.state for h in app_handles(app)[THREADS:]] == [TaskState.RUNNING] * 3
+    finally:
+        first.set()
+        late.set()
+    with anyio.fail_after(10):
+        await app.join()
+    assert app.stats.snapshot()["completed"] == THREADS + 3
+    [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+    assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
+
+
+async def test_shutdown_leaves_sync_tasks_to_their_threads(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past `shutdown_timeout`, a sync task in its thread is abandoned while running (its
+    thread runs on) and one still waiting for a thread is abandoned before it started; it
+    never runs, and threads that end later change no state or counter."""
+    gate = threading.Event()
+    entered: list[int] = []
+    app = PostResponseMiddleware(holding([gate] * (THREADS + 1), entered), shutdown_timeout=0.05)
+    try:
+        with anyio.fail_after(10):
+            async with lifespan(app):
+                for _ in range(THREADS + 1):
+                    await request(app)
+                await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+            states = [h.state for h in app_handles(app)]
+            assert states == [TaskState.ABANDONED] * (THREADS + 1)
+    finally:
+        gate.set()
+    if anyio_backend == "asyncio":  # the threads' reports reach the loop, and change nothing
+        with anyio.fail_after(10):
+            await until(lambda: pool.busy() == 0)
+            await anyio.sleep(0)
+    assert len(entered) == THREADS
+    counts = app.stats.snapshot()
+    assert (counts["running"], counts["queued"], counts["completed"]) == (0, 0, 0)
+    assert counts["abandoned"] == THREADS + 1
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    running = [m for m in messages if "abandoned while running: the server shut down" in m]
+    waiting = [m for m in messages if f"all {THREADS} worker threads were busy" in m]
+    assert (len(running), len(waiting)) == (THREADS, 1)
+    assert all("thread keeps running" in m for m in running)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
@@ -65,6 +66,35 @@ async def test_tasks_run_in_order_one_at_a_time() -> None:
 
     await serve(endpoint(adds))
     assert log == ["a start", "a end", "b start", "b end", "c start", "c end"]
+
+
+async def test_a_sync_task_starts_once_the_sync_task_before_it_returned() -> None:
+    """Two sync tasks of one request, threads to spare: the second waits in the queue
+    (counted there) until the first has returned."""
+    log: list[str] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        log.append("first start")
+        first_in.set()
+        release.wait(10)
+        log.append("first end")
+
+    def second() -> None:
+        log.append("second")
+
+    app = endpoint(lambda: (add_task(first), add_task(second)))
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(serve, app)
+            await anyio.to_thread.run_sync(first_in.wait, 10)
+            try:
+                assert (app.stats.running, app.stats.queued) == (1, 1)
+                assert log == ["first start"]
+            finally:
+                release.set()
+    assert log == ["first start", "first end", "second"]
+    assert app.stats.snapshot()["completed"] == 2
 
 
 @pytest.mark.parametrize("limit", [2, 3])
@@ -260,6 +290,46 @@ class TestFailures:
         assert "GET /signup" in record.getMessage()
         assert record.exc_info is not None
         assert record.exc_info[1] is exc
+
+    async def test_a_sync_task_raising_cancelled_error_fails_alone(
+        self, anyio_backend: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A CancelledError raised in a sync task's thread is that task's failure, not the
+        runtime cancelling the tasks: the next task runs."""
+        if anyio_backend != "asyncio":
+            pytest.skip("asyncio's own cancellation")
+        handles: list[TaskHandle] = []
+
+        def cancelled() -> None:
+            raise asyncio.CancelledError
+
+        def after() -> None:
+            pass
+
+        await serve(endpoint(lambda: handles.extend([add_task(cancelled), add_task(after)])))
+        assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
+        [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert record.getMessage().endswith("failed: it raised a cancellation of its own")
+
+    async def test_a_callable_that_breaks_the_async_check_fails_alone(self) -> None:
+        """A callable object whose attributes raise where `is_async()` looks fails as a
+        task, logged; it reaches neither the server nor the tasks after it."""
+        handles: list[TaskHandle] = []
+
+        class Hostile:
+            def __getattribute__(self, name: str) -> Any:
+                if name in ("_is_coroutine_marker", "_is_coroutine"):
+                    raise RuntimeError(name)
+                return object.__getattribute__(self, name)
+
+            def __call__(self) -> None:
+                pass
+
+        def after() -> None:
+            pass
+
+        await serve(endpoint(lambda: handles.extend([add_task(Hostile()), add_task(after)])))
+        assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
 
     async def test_an_async_error_hook_is_awaited_and_a_failing_hook_is_logged(
         self, caplog: pytest.LogCaptureFixture

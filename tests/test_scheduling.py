@@ -185,8 +185,9 @@ async def test_retries_run_a_flaky_task_until_it_completes(
     assert (app.stats.queued, app.stats.running) == (0, 0)
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_the_last_failed_attempt_fails_the_task_once(
-    caplog: pytest.LogCaptureFixture, detach: bool
+    caplog: pytest.LogCaptureFixture, detach: bool, kind: str
 ) -> None:
     """After its last retry the task is `failed`, logged with its traceback, and `on_error`
     gets the last exception, once; a middleware default `retries` applies."""
@@ -196,8 +197,11 @@ async def test_the_last_failed_attempt_fails_the_task_once(
     async def broken() -> None:
         raise ValueError(f"attempt {handles[0].attempt}")
 
+    def broken_sync() -> None:
+        raise ValueError(f"attempt {handles[0].attempt}")
+
     app = PostResponseMiddleware(
-        app_adding(lambda: add_task(broken), handles),
+        app_adding(lambda: add_task(broken if kind == "async" else broken_sync), handles),
         detach=detach,
         retries=2,
         backoff=0,
@@ -209,7 +213,8 @@ async def test_the_last_failed_attempt_fails_the_task_once(
     [handle] = handles
     assert (handle.state, handle.attempt, errors) == (TaskState.FAILED, 3, ["attempt 3"])
     [final] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert final.getMessage().endswith("broken' of GET / failed after 3 attempts")
+    name = "broken" if kind == "async" else "broken_sync"
+    assert final.getMessage().endswith(f"{name}' of GET / failed after 3 attempts")
     assert final.exc_info is not None
     assert app.stats.snapshot()["failed"] == 1
 
