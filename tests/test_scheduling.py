@@ -428,13 +428,14 @@ def test_wsgi_keys_delays_and_retries(wsgi_detach: bool) -> None:
 
 def test_wsgi_single_flight_across_requests() -> None:
     """Under WSGI, while a sync rebuild runs, fifty more requests for it end in one more run."""
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
     runs: list[int] = []
     count = iter(range(100))
 
     def rebuild(n: int) -> None:
         runs.append(n)
         if n == 0:
+            started.set()
             gate.wait(10)
 
     app = PostResponseWSGIMiddleware(
@@ -442,6 +443,8 @@ def test_wsgi_single_flight_across_requests() -> None:
     )
     for _ in range(51):
         wsgi_request(app)
+    # The first rebuild's thread may not have begun when the others are superseded.
+    assert started.wait(10)
     deadline = time.monotonic() + 10
     while app.stats.snapshot()["superseded"] < 49 and time.monotonic() < deadline:
         time.sleep(0.01)
