@@ -475,6 +475,7 @@ class _Writer(threading.Thread):
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
         self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
+        self._shared: _Commit | None = None  # the future the last asyncio waiters share
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
@@ -515,19 +516,39 @@ class _Writer(threading.Thread):
     # Waiting for a commit: from an event loop, or from a thread.
 
     async def committed(self, number: int) -> None:
-        if number > self.done:
+        while number > self.done:
             await self.until(number)
 
     def until(self, number: int) -> Awaitable[None]:
-        """What to await until write `number` is committed: on asyncio, a future (no
-        coroutine to make, and none to resume on the way back)."""
+        """What to await until write `number` may be committed: look again at `done`
+        once it is over, and wait anew if need be (an asyncio waiter may be woken early).
+
+        On asyncio, a future that the waiters of this event loop share, so that one
+        commit costs one wake-up call per loop, not one future per request, and the
+        requests waiting at once keep fewer objects alive. It is registered with the
+        writer at the loop's next turn, for the last write its waiters wait for: the
+        requests of one turn (the answers to one read of the sockets) share it.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # trio
             return self._until_trio(number)
-        future = loop.create_future()
-        self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
+        future = self._shared
+        if future is not None and not future.done() and future.get_loop() is loop:
+            if number <= future.number:
+                return future
+            if not future.registered:
+                future.number = number
+                return future
+        future = self._shared = _Commit(loop, number)
+        loop.call_soon(self._register, future)
         return future
+
+    def _register(self, future: _Commit) -> None:
+        if future.done():  # woken early: its waiters wait anew (on another)
+            return
+        future.registered = True  # joined from now on only by waiters of writes before
+        self._wait(future.number, future.get_loop().call_soon_threadsafe, _resolve_all, future)
 
     async def _until_trio(self, number: int) -> None:
         import trio  # noqa: PLC0415  (the only other backend anyio runs)
@@ -841,6 +862,29 @@ class _transaction:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+class _Commit(asyncio.Future[None]):
+    """A commit that the waiters of one asyncio event loop await together.
+
+    A waiting request's task may be cancelled; `Task.cancel()` then cancels the future
+    the task awaits, which would cancel every waiter. This one refuses: it wakes every
+    waiter now, and asyncio, refused, marks the task to be cancelled as it wakes (its
+    CancelledError comes at once). The others look again whether their writes are
+    committed, and wait anew.
+    """
+
+    __slots__ = ("number", "registered")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, number: int) -> None:
+        super().__init__(loop=loop)
+        self.number = number  # the last write its waiters wait for
+        self.registered = False  # with the writer: `number` is fixed
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not self.done():
+            self.set_result(None)
+        return False
 
 
 def _resolve_all(futures: list[asyncio.Future[None]]) -> None:

@@ -286,12 +286,10 @@ class _Watch:
 
     async def send(self, message: Message) -> None:
         journal = self.journal
-        if (
-            journal is not None
-            and journal.last > journal.writer.done
-            and message["type"] in _journal.ENDING
-        ):  # the client gets the end of the response once its tasks are on disk
-            await journal.writer.until(journal.last)
+        if journal is not None and message["type"] in _journal.ENDING:
+            # The client gets the end of the response once its tasks are on disk.
+            while journal.last > journal.writer.done:
+                await journal.writer.until(journal.last)
         try:
             await self._send(message)  # the one place a response message is forwarded
         except OSError:  # ASGI 2.4: send() after the client went away
