@@ -474,7 +474,8 @@ class _Writer(threading.Thread):
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
-        self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
+        # [number, via, wake, waiter]: a list, so that a shared future's number can grow.
+        self._waiters: list[list[Any]] = []
         self._shared: _Commit | None = None  # the future the last asyncio waiters share
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
@@ -525,9 +526,8 @@ class _Writer(threading.Thread):
 
         On asyncio, a future that the waiters of this event loop share, so that one
         commit costs one wake-up call per loop, not one future per request, and the
-        requests waiting at once keep fewer objects alive. It is registered with the
-        writer at the loop's next turn, for the last write its waiters wait for: the
-        requests of one turn (the answers to one read of the sockets) share it.
+        requests waiting at once keep fewer objects alive. Waiters join it until the
+        writer takes the queued writes for its next commit, which then has theirs too.
         """
         try:
             loop = asyncio.get_running_loop()
@@ -537,18 +537,30 @@ class _Writer(threading.Thread):
         if future is not None and not future.done() and future.get_loop() is loop:
             if number <= future.number:
                 return future
-            if not future.registered:
-                future.number = number
+            # The writer takes the queued writes by swapping `_ops` for a new deque
+            # (`_serve`): the same deque, and no take since the future was registered.
+            # Write `number` is queued already, so a take after this test has it too:
+            # no lock needed.
+            entry = future.entry
+            if entry is not None and future.ops is self._ops:
+                future.number = entry[0] = number
                 return future
-        future = self._shared = _Commit(loop, number)
-        loop.call_soon(self._register, future)
+        future = self._shared = _Commit(loop=loop)
+        future.number = number
+        entry = [number, loop.call_soon_threadsafe, _resolve_all, future]
+        with self._lock:
+            future.ops = self._ops
+            if number <= self.done:  # committed meanwhile
+                future.entry = None
+                future.set_result(None)
+                return future
+            future.entry = entry
+            self._waiters.append(entry)
+            kick = not self._signalled
+            self._signalled = True
+        if kick:
+            self._wake.put(None)
         return future
-
-    def _register(self, future: _Commit) -> None:
-        if future.done():  # woken early: its waiters wait anew (on another)
-            return
-        future.registered = True  # joined from now on only by waiters of writes before
-        self._wait(future.number, future.get_loop().call_soon_threadsafe, _resolve_all, future)
 
     async def _until_trio(self, number: int) -> None:
         import trio  # noqa: PLC0415  (the only other backend anyio runs)
@@ -572,7 +584,7 @@ class _Writer(threading.Thread):
         `wake([waiter])` from the writer thread): one call per event loop and commit."""
         with self._lock:
             if number > self.done:
-                self._waiters.append((number, via, wake, waiter))
+                self._waiters.append([number, via, wake, waiter])
                 kick = not self._signalled
                 self._signalled = True
             else:
@@ -874,12 +886,14 @@ class _Commit(asyncio.Future[None]):
     committed, and wait anew.
     """
 
-    __slots__ = ("number", "registered")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, number: int) -> None:
-        super().__init__(loop=loop)
-        self.number = number  # the last write its waiters wait for
-        self.registered = False  # with the writer: `number` is fixed
+    # Set by `_Writer.until()` (no __init__ in Python: one such future per commit round):
+    # the last write its waiters wait for; its entry in the writer's waiters, whose number
+    # grows with it (a cycle until _resolve_all() breaks it); the writer's queue of
+    # writes when it was registered.
+    __slots__ = ("entry", "number", "ops")
+    number: int
+    entry: list[Any] | None
+    ops: object
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not self.done():
@@ -887,9 +901,10 @@ class _Commit(asyncio.Future[None]):
         return False
 
 
-def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+def _resolve_all(futures: list[_Commit]) -> None:
     for future in futures:
-        if not future.done():  # cancelled
+        future.entry = None  # no cycle left for the garbage collector
+        if not future.done():  # woken early (a waiter was cancelled)
             future.set_result(None)
 
 
