@@ -540,7 +540,7 @@ class _Writer(threading.Thread):
             # The writer takes the queued writes by swapping `_ops` for a new deque
             # (`_serve`): the same deque, and no take since the future was registered.
             # Write `number` is queued already, so a take after this test has it too:
-            # no lock needed.
+            # no lock needed (and `_wake_waiters` may see either number: it only grows).
             entry = future.entry
             if entry is not None and future.ops is self._ops:
                 future.number = entry[0] = number
