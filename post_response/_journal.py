@@ -474,7 +474,9 @@ class _Writer(threading.Thread):
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._queued = 0  # number of the last write queued
         self.done = 0  # number of the last write committed (or given up on)
-        self._waiters: list[tuple[int, Callable[..., Any] | None, _WakeAll, Any]] = []
+        # [number, via, wake, waiter]: a list, so that a shared future's number can grow.
+        self._waiters: list[list[Any]] = []
+        self._shared: _Commit | None = None  # the future the last asyncio waiters share
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
@@ -515,18 +517,49 @@ class _Writer(threading.Thread):
     # Waiting for a commit: from an event loop, or from a thread.
 
     async def committed(self, number: int) -> None:
-        if number > self.done:
+        while number > self.done:
             await self.until(number)
 
     def until(self, number: int) -> Awaitable[None]:
-        """What to await until write `number` is committed: on asyncio, a future (no
-        coroutine to make, and none to resume on the way back)."""
+        """What to await until write `number` may be committed: look again at `done`
+        once it is over, and wait anew if need be (an asyncio waiter may be woken early).
+
+        On asyncio, a future that the waiters of this event loop share, so that one
+        commit costs one wake-up call per loop, not one future per request, and the
+        requests waiting at once keep fewer objects alive. Waiters join it until the
+        writer takes the queued writes for its next commit, which then has theirs too.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # trio
             return self._until_trio(number)
-        future = loop.create_future()
-        self._wait(number, loop.call_soon_threadsafe, _resolve_all, future)
+        future = self._shared
+        if future is not None and not future.done() and future.get_loop() is loop:
+            if number <= future.number:
+                return future
+            # The writer takes the queued writes by swapping `_ops` for a new deque
+            # (`_serve`): the same deque, and no take since the future was registered.
+            # Write `number` is queued already, so a take after this test has it too:
+            # no lock needed (and `_wake_waiters` may see either number: it only grows).
+            entry = future.entry
+            if entry is not None and future.ops is self._ops:
+                future.number = entry[0] = number
+                return future
+        future = self._shared = _Commit(loop=loop)
+        future.number = number
+        entry = [number, loop.call_soon_threadsafe, _resolve_all, future]
+        with self._lock:
+            future.ops = self._ops
+            if number <= self.done:  # committed meanwhile
+                future.entry = None
+                future.set_result(None)
+                return future
+            future.entry = entry
+            self._waiters.append(entry)
+            kick = not self._signalled
+            self._signalled = True
+        if kick:
+            self._wake.put(None)
         return future
 
     async def _until_trio(self, number: int) -> None:
@@ -551,7 +584,7 @@ class _Writer(threading.Thread):
         `wake([waiter])` from the writer thread): one call per event loop and commit."""
         with self._lock:
             if number > self.done:
-                self._waiters.append((number, via, wake, waiter))
+                self._waiters.append([number, via, wake, waiter])
                 kick = not self._signalled
                 self._signalled = True
             else:
@@ -843,9 +876,35 @@ class _transaction:
             self.db.execute("ROLLBACK")
 
 
-def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+class _Commit(asyncio.Future[None]):
+    """A commit that the waiters of one asyncio event loop await together.
+
+    A waiting request's task may be cancelled; `Task.cancel()` then cancels the future
+    the task awaits, which would cancel every waiter. This one refuses: it wakes every
+    waiter now, and asyncio, refused, marks the task to be cancelled as it wakes (its
+    CancelledError comes at once). The others look again whether their writes are
+    committed, and wait anew.
+    """
+
+    # Set by `_Writer.until()` (no __init__ in Python: one such future per commit round):
+    # the last write its waiters wait for; its entry in the writer's waiters, whose number
+    # grows with it (a cycle until _resolve_all() breaks it); the writer's queue of
+    # writes when it was registered.
+    __slots__ = ("entry", "number", "ops")
+    number: int
+    entry: list[Any] | None
+    ops: object
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not self.done():
+            self.set_result(None)
+        return False
+
+
+def _resolve_all(futures: list[_Commit]) -> None:
     for future in futures:
-        if not future.done():  # cancelled
+        future.entry = None  # no cycle left for the garbage collector
+        if not future.done():  # woken early (a waiter was cancelled)
             future.set_result(None)
 
 

@@ -94,7 +94,7 @@ class PostResponseMiddleware:
         self._last: tuple[object, Owner] | None = None  # (asyncio loop, its owner): a fast path
         self._journal = self.config.journal  # None unless `journal=` was given
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0915
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan" and self.config.detach:
             await self._lifespan(scope, receive, send)
@@ -119,45 +119,13 @@ class PostResponseMiddleware:
                 return
             # HTTP, inline (one coroutine less per request): watch for the end of the
             # response, then judge its outcome.
-            status = 0
-            trailers = complete = client_gone = False
-            journal = tasks.journal
-
-            async def watch_receive() -> Message:
-                nonlocal client_gone
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    client_gone = True
-                return message
-
-            async def watch_send(message: Message) -> None:
-                nonlocal status, trailers, complete, client_gone
-                if (
-                    journal is not None
-                    and journal.last > journal.writer.done
-                    and message["type"] in _journal.ENDING
-                ):  # the client gets the end of the response once its tasks are on disk
-                    await journal.writer.until(journal.last)
-                try:
-                    await send(message)  # the one place a response message is forwarded
-                except OSError:  # ASGI 2.4: send() after the client went away
-                    client_gone = True
-                    raise
-                sent = message["type"]
-                if sent == "http.response.start":
-                    status = message["status"]
-                    trailers = message.get("trailers", False)
-                elif sent in _BODY:
-                    complete = not trailers and not message.get("more_body", False)
-                elif sent == "http.response.pathsend":
-                    complete = not trailers
-                elif sent == "http.response.trailers":
-                    complete = not message.get("more_trailers", False)
-
+            watch = _Watch(receive, send, tasks.journal)
             try:
-                await self.app(scope, watch_receive, watch_send)
+                await self.app(scope, watch.receive, watch.send)
             except Exception:
-                reason = skip_reason(config.policy, status, complete, client_gone, raised=True)
+                reason = skip_reason(
+                    config.policy, watch.status, watch.complete, watch.client_gone, raised=True
+                )
                 await self._finish(tasks, reason)
                 raise
             except BaseException:
@@ -165,9 +133,10 @@ class PostResponseMiddleware:
                 raise
             if not tasks.tasks and tasks.close_if_done():  # no task: the usual request, done
                 return
-            await self._finish(
-                tasks, skip_reason(config.policy, status, complete, client_gone, raised=False)
+            reason = skip_reason(
+                config.policy, watch.status, watch.complete, watch.client_gone, raised=False
             )
+            await self._finish(tasks, reason)
         finally:
             _context.deactivate(token)
 
@@ -288,6 +257,54 @@ class PostResponseMiddleware:
         if loop is not None:
             self._last = (loop, owner)
         return owner
+
+
+class _Watch:
+    """One HTTP request's view of its response, as the app sends it: what `receive` and
+    `send` it is handed, and what the outcome is judged on.
+
+    One object with slots rather than two closures over `__call__`'s variables: a
+    request whose end waits for the journal's commit keeps it alive meanwhile, and 32
+    requests waiting at once with 7 closure cells and 2 functions each would cross the
+    garbage collector's first threshold at every wave of them.
+    """
+
+    __slots__ = ("_receive", "_send", "client_gone", "complete", "journal", "status", "trailers")
+
+    def __init__(self, receive: Receive, send: Send, journal: _journal.Recorder | None) -> None:
+        self._receive = receive
+        self._send = send
+        self.journal = journal
+        self.status = 0
+        self.trailers = self.complete = self.client_gone = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.client_gone = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        journal = self.journal
+        if journal is not None and message["type"] in _journal.ENDING:
+            # The client gets the end of the response once its tasks are on disk.
+            while journal.last > journal.writer.done:
+                await journal.writer.until(journal.last)
+        try:
+            await self._send(message)  # the one place a response message is forwarded
+        except OSError:  # ASGI 2.4: send() after the client went away
+            self.client_gone = True
+            raise
+        sent = message["type"]
+        if sent == "http.response.start":
+            self.status = message["status"]
+            self.trailers = message.get("trailers", False)
+        elif sent in _BODY:
+            self.complete = not self.trailers and not message.get("more_body", False)
+        elif sent == "http.response.pathsend":
+            self.complete = not self.trailers
+        elif sent == "http.response.trailers":
+            self.complete = not message.get("more_trailers", False)
 
 
 def _abandon(tasks: _context.RequestTasks, reason: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -521,3 +522,55 @@ async def test_a_task_the_request_refuses_leaves_no_entry(tmp_path: Path) -> Non
     assert [row[1] for row in exchange.at_body] == ['[["first"],{}]']
     await middleware.config.journal.close()  # type: ignore[union-attr]
     assert rows(journal) == []
+
+
+async def test_a_request_cancelled_while_it_waits_for_the_commit_leaves_the_others_waiting(
+    tmp_path: Path,
+) -> None:
+    """On asyncio the requests of one event loop await one future for their commit: a
+    request cancelled while it waits ends at once, and cancels no other; those still get
+    the end of their response only once their entries are committed."""
+    journal = tmp_path / "j.db"
+    ready = {name: anyio.Event() for name in "abc"}
+    ended = {name: anyio.Event() for name in "abc"}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path"].strip("/")
+        add_task(remember, name)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        ready[name].set()  # what follows does not yield before it waits for the commit
+        await send({"type": "http.response.body", "body": name.encode()})
+
+    middleware = PostResponseMiddleware(app, journal=journal)
+    await Exchange().run(middleware, path="/a")  # the writer is up, its file made
+    exchanges = {name: DiskAtBody(journal) for name in "bc"}
+    scopes = {name: anyio.CancelScope() for name in "bc"}
+
+    async def request(name: str) -> None:
+        with scopes[name]:
+            await exchanges[name].run(middleware, path=f"/{name}")
+        ended[name].set()
+
+    blocker = sqlite3.connect(journal, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # no commit until it lets go
+        async with anyio.create_task_group() as group:
+            for name in "bc":
+                group.start_soon(request, name)
+            with anyio.fail_after(DEADLINE):
+                await ready["b"].wait()
+                await ready["c"].wait()
+                scopes["b"].cancel()
+                await ended["b"].wait()  # at once: nothing was committed meanwhile
+            assert scopes["b"].cancelled_caught
+            assert [m["type"] for m in exchanges["b"].sent] == ["http.response.start"]
+            assert [m["type"] for m in exchanges["c"].sent] == ["http.response.start"]
+            blocker.execute("ROLLBACK")
+            with anyio.fail_after(DEADLINE):
+                await ended["c"].wait()
+    finally:
+        blocker.close()
+    assert not scopes["c"].cancelled_caught
+    assert [m["type"] for m in exchanges["c"].sent][-1] == "http.response.body"
+    assert "tests.test_journal:remember" in [func for func, *_ in exchanges["c"].at_body]
+    await middleware.config.journal.close()  # type: ignore[union-attr]
