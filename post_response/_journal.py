@@ -120,8 +120,10 @@ _INSERT_INTO = (
 # SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
 _PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _INSERT_WIDTH = 9  # parameters of an entry's row
-_DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
-_DELETE_WIDTH = 2
+# One origin per statement: `(origin, seq) IN (VALUES ...)` would scan the whole table
+# (every waiting task's entry) per statement; `origin = ? AND seq IN (...)` searches the
+# primary key for each row.
+_DELETE_FROM = "DELETE FROM entries WHERE origin = ? AND seq IN ("
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,8 +134,7 @@ def _inserting(count: int) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _deleting(count: int) -> str:
-    values = ", ".join(["(?, ?)"] * count)
-    return _DELETE_FROM + values + ")"
+    return _DELETE_FROM + ", ".join(["?"] * count) + ")"
 
 
 def _write_many(
@@ -142,23 +143,26 @@ def _write_many(
     values: list[Any],
     width: int,
     *,
+    head: int = 0,
     pad: bool = False,
 ) -> None:
-    """Write rows of `width` values each, given one after another in `values`.
+    """Write rows of `width` values each, given one after another in `values` after
+    `head` values that every statement takes first.
 
     With `pad`, for a statement where a row may come twice (a deletion), the count of rows
     is rounded up to a power of two by repeating the last one: a few statements, which
     the connection's statement cache keeps, instead of one to parse per count.
     """
-    most = _PARAMETERS // width
-    for start in range(0, len(values), most * width):
+    most = (_PARAMETERS - head) // width
+    first = values[:head]
+    for start in range(head, len(values), most * width):
         part = values[start : start + most * width]
         rows = len(part) // width
         if pad and rows & (rows - 1):
             more = min(1 << rows.bit_length(), most) - rows
             part += part[-width:] * more
             rows += more
-        db.execute(statement(rows), part)
+        db.execute(statement(rows), first + part)
 
 
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
@@ -675,14 +679,16 @@ class _Writer(threading.Thread):
             deletes = []
         else:
             self._deletes, self._deleted_at = [], time.monotonic()
+        by_origin = _by_origin(deletes)
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
                 # and BEGIN and COMMIT would be two more steps (see _write_many).
                 _write_many(db, _inserting, rows, _INSERT_WIDTH)
                 rows = []  # committed: not written again if what follows fails
-                _write_many(db, _deleting, deletes, _DELETE_WIDTH, pad=True)
-                deletes = []
+                while by_origin:
+                    _write_many(db, _deleting, by_origin[-1], 1, head=1, pad=True)
+                    by_origin.pop()  # committed: not written again
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
                 break
@@ -690,14 +696,14 @@ class _Writer(threading.Thread):
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
                     escape(self.journal.path),
-                    len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
+                    len(rows) // _INSERT_WIDTH + _count(by_origin),
                     attempt,
                 )
                 if attempt >= 5:
                     logger.error(
                         "Journal %s: %d writes were not journaled",
                         escape(self.journal.path),
-                        len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
+                        len(rows) // _INSERT_WIDTH + _count(by_origin),
                     )
                     break
                 time.sleep(0.1 * attempt)
@@ -841,6 +847,23 @@ class _transaction:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+def _by_origin(keys: list[int]) -> list[list[int]]:
+    """Flat keys (origin, seq, origin, seq...) as one list per origin: [origin, seq, ...]."""
+    if not keys:
+        return []
+    origins = keys[0::2]
+    if origins.count(origins[0]) == len(origins):  # all of one origin, as usual: in C
+        return [[origins[0], *keys[1::2]]]
+    groups: dict[int, list[int]] = {}
+    for origin, seq in zip(origins, keys[1::2], strict=True):
+        groups.setdefault(origin, [origin]).append(seq)
+    return list(groups.values())
+
+
+def _count(by_origin: list[list[int]]) -> int:
+    return sum(len(seqs) - 1 for seqs in by_origin)  # each list starts with its origin
 
 
 def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
