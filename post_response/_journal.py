@@ -119,21 +119,24 @@ _INSERT_INTO = (
 )
 # SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
 _PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_INSERT_WIDTH = 9  # parameters of an entry's row
-_DELETE_FROM = "DELETE FROM entries WHERE (origin, seq) IN (VALUES "
-_DELETE_WIDTH = 2
+_INSERT_WIDTH = 7  # parameters of an entry's row
+# One origin per statement: `(origin, seq) IN (VALUES ...)` would scan the whole table
+# (every waiting task's entry) per statement; `origin = ? AND seq IN (...)` searches the
+# primary key for each row.
+_DELETE_FROM = "DELETE FROM entries WHERE origin = ? AND seq IN ("
 
 
 @functools.lru_cache(maxsize=64)
-def _inserting(count: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"] * count)  # placeholders only
+def _inserting(count: int, origin: int) -> str:
+    # This process writes only its own entries: their origin and owner are its id, a
+    # constant of the statement (an int: nothing to escape), not two values per row.
+    values = ", ".join([f"({origin:d}, ?, {origin:d}, ?, ?, ?, ?, ?, 0, ?)"] * count)
     return _INSERT_INTO + values
 
 
 @functools.lru_cache(maxsize=64)
 def _deleting(count: int) -> str:
-    values = ", ".join(["(?, ?)"] * count)
-    return _DELETE_FROM + values + ")"
+    return _DELETE_FROM + ", ".join(["?"] * count) + ")"
 
 
 def _write_many(
@@ -142,23 +145,26 @@ def _write_many(
     values: list[Any],
     width: int,
     *,
+    head: int = 0,
     pad: bool = False,
 ) -> None:
-    """Write rows of `width` values each, given one after another in `values`.
+    """Write rows of `width` values each, given one after another in `values` after
+    `head` values that every statement takes first.
 
     With `pad`, for a statement where a row may come twice (a deletion), the count of rows
     is rounded up to a power of two by repeating the last one: a few statements, which
     the connection's statement cache keeps, instead of one to parse per count.
     """
-    most = _PARAMETERS // width
-    for start in range(0, len(values), most * width):
+    most = (_PARAMETERS - head) // width
+    first = values[:head]
+    for start in range(head, len(values), most * width):
         part = values[start : start + most * width]
         rows = len(part) // width
         if pad and rows & (rows - 1):
             more = min(1 << rows.bit_length(), most) - rows
             part += part[-width:] * more
             rows += more
-        db.execute(statement(rows), part)
+        db.execute(statement(rows), first + part)
 
 
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
@@ -366,12 +372,19 @@ class Recorder:
         Raises:
             TaskNotDurableError: The task's callable or arguments cannot be journaled.
         """
-        request = task.request_tasks
-        if not volatile and task.dispatch is None:  # not opted out, nor enqueued to a queue
+        request, plan = task.request_tasks, task._plan
+        # Not opted out, nor enqueued to a queue (a Celery task's `dispatch`, in its plan).
+        if not volatile and (plan is None or plan.dispatch is None):
             journal, func, writer = self.journal, task.func, self.writer
-            path = journal.path_of(func)
-            payload = journal.encode(func, task.args, task._kwargs or {})
-            key = self.entries[task] = writer.new_key()
+            try:
+                path = journal._paths[func]  # path_of()'s cache: one call less per task
+            except (KeyError, TypeError):  # new, or not journalable: path_of() tells
+                path = journal.path_of(func)
+            if task.args or task._kwargs or journal.serializer is not _JSON:
+                payload = journal.encode(func, task.args, task._kwargs or {})
+            else:  # the usual task, no arguments: no call (this runs once per task)
+                payload = _NO_ARGUMENTS
+            key = self.entries[task] = (writer.origin, next(writer._numbers))  # a new key
             self.last = writer.insert(key, task, path, payload, request)
         try:
             request.add(task)
@@ -467,6 +480,7 @@ class _Writer(threading.Thread):
         # `owner` would cost every write; claims scan the table, a few times a minute).
         self.origin = uuid.uuid4().int >> 65
         self._numbers = itertools.count(1)
+        self._inserting = functools.partial(_inserting, origin=self.origin)
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         # A token per wake-up (a C queue: a threading.Event costs several Python calls on
@@ -480,9 +494,6 @@ class _Writer(threading.Thread):
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
-
-    def new_key(self) -> Key:
-        return (self.origin, next(self._numbers))
 
     def _queue(self, op: tuple[Any, ...], urgent: bool) -> int:
         """Queue a write; wake the writer only if `urgent` and it is not woken already.
@@ -503,8 +514,18 @@ class _Writer(threading.Thread):
     ) -> int:
         # Added while the request runs: committed when its response is about to end (the
         # middleware waits for it), with the others of that moment. Added later: at once.
+        # (`_queue`'s body, written out: one call less per task.)
         op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
-        return self._queue(op, request.phase is not _COLLECTING)
+        with self._lock:
+            self._queued += 1
+            self._ops.append(op)
+            number = self._queued
+            wake = request.phase is not _COLLECTING and not self._signalled
+            if wake:
+                self._signalled = True
+        if wake:
+            self._wake.put(None)
+        return number
 
     def delete(self, key: Key) -> None:
         with self._lock:  # no one waits for it (a replay too many at worst): no wake-up
@@ -700,22 +721,24 @@ class _Writer(threading.Thread):
             else:
                 stop = True
         rows: list[Any] = []  # the entries' rows, flat, built in one go
-        now, owner = time.time(), self.origin
-        for _, (origin, seq), task, path, payload, method, request_path in inserts.values():
-            rows += (origin, seq, owner, path, payload, _options(task), method, request_path, now)
+        now = time.time()
+        for _, (_, seq), task, path, payload, method, request_path in inserts.values():
+            rows += (seq, path, payload, _options(task), method, request_path, now)
         due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
         if not due:
             deletes = []
         else:
             self._deletes, self._deleted_at = [], time.monotonic()
+        by_origin = _by_origin(deletes)
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
                 # and BEGIN and COMMIT would be two more steps (see _write_many).
-                _write_many(db, _inserting, rows, _INSERT_WIDTH)
+                _write_many(db, self._inserting, rows, _INSERT_WIDTH)
                 rows = []  # committed: not written again if what follows fails
-                _write_many(db, _deleting, deletes, _DELETE_WIDTH, pad=True)
-                deletes = []
+                while by_origin:
+                    _write_many(db, _deleting, by_origin[-1], 1, head=1, pad=True)
+                    by_origin.pop()  # committed: not written again
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
                 break
@@ -723,14 +746,14 @@ class _Writer(threading.Thread):
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
                     escape(self.journal.path),
-                    len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
+                    len(rows) // _INSERT_WIDTH + _count(by_origin),
                     attempt,
                 )
                 if attempt >= 5:
                     logger.error(
                         "Journal %s: %d writes were not journaled",
                         escape(self.journal.path),
-                        len(rows) // _INSERT_WIDTH + len(deletes) // _DELETE_WIDTH,
+                        len(rows) // _INSERT_WIDTH + _count(by_origin),
                     )
                     break
                 time.sleep(0.1 * attempt)
@@ -899,6 +922,23 @@ class _Commit(asyncio.Future[None]):
         if not self.done():
             self.set_result(None)
         return False
+
+
+def _by_origin(keys: list[int]) -> list[list[int]]:
+    """Flat keys (origin, seq, origin, seq...) as one list per origin: [origin, seq, ...]."""
+    if not keys:
+        return []
+    origins = keys[0::2]
+    if origins.count(origins[0]) == len(origins):  # all of one origin, as usual: in C
+        return [[origins[0], *keys[1::2]]]
+    groups: dict[int, list[int]] = {}
+    for origin, seq in zip(origins, keys[1::2], strict=True):
+        groups.setdefault(origin, [origin]).append(seq)
+    return list(groups.values())
+
+
+def _count(by_origin: list[list[int]]) -> int:
+    return sum(len(seqs) - 1 for seqs in by_origin)  # each list starts with its origin
 
 
 def _resolve_all(futures: list[_Commit]) -> None:
