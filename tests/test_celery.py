@@ -25,8 +25,12 @@ import redis
 from .load import hammer
 from .servers import Process, Server, background, free_port, run
 
-RECORDS = "post_response:records"
-DB = 13  # a database of the machine's Redis of our own, flushed by these tests
+DB = 13  # a database of the machine's Redis for these tests
+# This run's own queue and list of records: two runs at once on one machine (two Pythons,
+# a test run beside another) neither take each other's tasks nor wipe each other's records.
+RUN = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+QUEUE, RECORDS = f"post_response_tests:{RUN}", f"post_response:records:{RUN}"
+NAMES = {"CELERY_QUEUE": QUEUE, "CELERY_RECORDS_KEY": RECORDS}
 
 
 def redis_url(port: int = 6379, db: int = DB) -> str:
@@ -34,7 +38,7 @@ def redis_url(port: int = 6379, db: int = DB) -> str:
 
 
 @pytest.fixture(scope="module")
-def broker() -> str:
+def broker() -> Iterator[str]:
     """The machine's Redis (database 13, emptied), or a skip that says how to get one."""
     try:
         with socket.create_connection(("127.0.0.1", 6379), timeout=2):
@@ -47,8 +51,12 @@ def broker() -> str:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    redis.Redis.from_url(redis_url()).flushdb()
-    return redis_url()
+    store = redis.Redis.from_url(redis_url())
+    # Also Kombu's note of the queue's exchange bindings: nothing of the run is left behind.
+    keys = (QUEUE, RECORDS, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
+    store.delete(*keys)
+    yield redis_url()
+    store.delete(*keys)
 
 
 def worker(url: str, records: str | None = None) -> contextlib.AbstractContextManager[Process]:
@@ -57,7 +65,7 @@ def worker(url: str, records: str | None = None) -> contextlib.AbstractContextMa
          "--pool=solo", "--concurrency=1", "--without-mingle", "--without-gossip",
          "--without-heartbeat", "--loglevel=INFO"],
         ready="ready.",
-        env={"CELERY_BROKER": url, "CELERY_RECORDS": records or url},
+        env={"CELERY_BROKER": url, "CELERY_RECORDS": records or url, **NAMES},
     )  # fmt: skip
 
 
@@ -69,7 +77,7 @@ def celery_worker(broker: str) -> Iterator[Process]:
 
 @pytest.fixture(scope="module")
 def web(broker: str, celery_worker: Process) -> Iterator[Server]:
-    with run("uvicorn-h11", "celery_web:app", env={"CELERY_BROKER": broker}) as server:
+    with run("uvicorn-h11", "celery_web:app", env={"CELERY_BROKER": broker, **NAMES}) as server:
         yield server
 
 
@@ -103,7 +111,7 @@ def test_a_task_is_enqueued_after_the_response_and_runs_on_the_worker(
     web.control("until", event=f"{gate}:start")
     store = redis.Redis.from_url(broker)
     assert task_id.encode() not in store.lrange(RECORDS, 0, -1)
-    assert store.llen("post_response_tests") == 0  # not even enqueued
+    assert store.llen(QUEUE) == 0  # not even enqueued
     web.control("open", id=gate)
     assert task_id in records_once(broker, task_id)
 
@@ -181,7 +189,8 @@ def test_stopping_redis_during_a_burst_loses_nothing_the_logs_do_not_name(
     port, directory = own_redis
     url, prefix = redis_url(port, 0), new_id()
     ids = [f"{prefix}-{n}" for n in range(200)]
-    environ = {"CELERY_BROKER": url, "CELERY_RECORDS": broker}  # records outlive the broker
+    # The records outlive the broker.
+    environ = {"CELERY_BROKER": url, "CELERY_RECORDS": broker, **NAMES}
     with (
         redis_server(port, directory) as first_redis,
         worker(url, records=broker),

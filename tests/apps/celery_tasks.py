@@ -15,12 +15,13 @@ BROKER = os.environ.get("CELERY_BROKER", "redis://127.0.0.1:6379/13")
 # Where the worker notes what it ran (a Redis list, in order); not the broker when a test
 # stops the broker.
 RECORDS_AT = os.environ.get("CELERY_RECORDS", BROKER)
-RECORDS = "post_response:records"
+# A test run's own list and queue (tests/test_celery.py sets them): runs at once stay apart.
+RECORDS = os.environ.get("CELERY_RECORDS_KEY", "post_response:records")
 
 app = Celery("tests", broker=BROKER)
 app.conf.update(
     broker_connection_retry_on_startup=True,
-    task_default_queue="post_response_tests",
+    task_default_queue=os.environ.get("CELERY_QUEUE", "post_response_tests"),
     worker_hijack_root_logger=False,
 )
 store = redis.Redis.from_url(RECORDS_AT)

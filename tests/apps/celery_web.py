@@ -26,7 +26,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         # never logs the arguments themselves.
         add_task(record, params["id"]).set(name=f"record {params['id']}")
     elif path == "/signature":
-        add_task(record.s(params["id"]).set(queue="post_response_tests"))
+        add_task(record.s(params["id"]).set(queue=celery_app.conf.task_default_queue))
     elif path == "/plain":
         add_task(record_plain, params["id"])
     elif path == "/failed":
