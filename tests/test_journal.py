@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -352,9 +353,9 @@ async def test_entries_are_deleted_by_primary_key_one_origin_at_a_time() -> None
     row-value form `(origin, seq) IN (VALUES ...)` scans every waiting task's entry."""
     from post_response import _journal
 
-    db = sqlite3.connect(":memory:")
-    db.executescript(_journal._SCHEMA)
-    plan = db.execute("EXPLAIN QUERY PLAN " + _journal._deleting(4), [1] * 5).fetchall()
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:  # 3.13 warns if left open
+        db.executescript(_journal._SCHEMA)
+        plan = db.execute("EXPLAIN QUERY PLAN " + _journal._deleting(4), [1] * 5).fetchall()
     assert [row[3] for row in plan] == ["SEARCH entries USING PRIMARY KEY (origin=? AND seq=?)"]
     assert _journal._by_origin([7, 1, 7, 2, 9, 5, 7, 3]) == [[7, 1, 2, 3], [9, 5]]
     assert _journal._by_origin([7, 1, 7, 2]) == [[7, 1, 2]]
