@@ -655,7 +655,17 @@ class _Writer(threading.Thread):
             journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
         try:
-            self._prepare(db)
+            for attempt in itertools.count(1):
+                try:
+                    self._prepare(db)
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Processes opening a new file at once (`--workers 2`): switching it to
+                    # WAL takes an exclusive lock, and SQLite refuses one of them at once
+                    # (waiting could deadlock), busy_timeout or not. Seen in ~5% of opens.
+                    if attempt >= 20 or "locked" not in str(exc):
+                        raise
+                    time.sleep(0.05 * attempt)
         except BaseException:
             db.close()
             raise
