@@ -660,12 +660,20 @@ class _Writer(threading.Thread):
                     self._prepare(db)
                     break
                 except sqlite3.OperationalError as exc:
-                    # Processes opening a new file at once (`--workers 2`): switching it to
-                    # WAL takes an exclusive lock, and SQLite refuses one of them at once
-                    # (waiting could deadlock), busy_timeout or not. Seen in ~5% of opens.
+                    # Processes opening a new file at once (`--workers 2`) both switch it to
+                    # WAL, which rewrites its header: one that holds the read lock and finds
+                    # the other holding the write lock is refused at once, busy_timeout or
+                    # not (waiting for it could deadlock). Seen in ~5% of opens.
                     if attempt >= 20 or "locked" not in str(exc):
                         raise
-                    time.sleep(0.05 * attempt)
+                    pause = 0.05 * attempt
+                    logger.debug(
+                        "Journal %s is locked by a connection switching it to WAL; "
+                        "opening it again in %.2fs",
+                        escape(journal.path),
+                        pause,
+                    )
+                    time.sleep(pause)
         except BaseException:
             db.close()
             raise

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,22 @@ class DiskAtBody(Exchange):
         if message["type"] == self.at:
             self.at_body = rows(self.path)
         await super().send(message)
+
+
+class EndsWhenLogged(logging.Handler):
+    """Calls `end()` once, in the thread that logs it, on the first record saying one of
+    `what`."""
+
+    def __init__(self, what: tuple[str, ...], end: Callable[[], object]) -> None:
+        super().__init__(logging.DEBUG)
+        self.what = what
+        self.end: Callable[[], object] | None = end
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.end is not None and any(what in message for what in self.what):
+            end, self.end = self.end, None
+            end()
 
 
 def dead_pid() -> int:
@@ -320,6 +337,37 @@ async def test_a_response_that_ends_with_a_file_waits_for_the_commit_too(
     assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
     await middleware.join()
     assert RAN == [("file", False, 0)]
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
+
+
+async def test_a_new_journal_another_process_is_switching_to_wal_is_opened_once_it_is_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two processes opening a new journal at once both switch it to WAL: SQLite refuses
+    the one that finds the other holding the write lock at once, whatever busy_timeout
+    says. The writer tries again, and journals its tasks once the other is done."""
+    caplog.set_level(logging.DEBUG, "post_response")
+    journal = tmp_path / "j.db"
+    middleware = PostResponseMiddleware(app_adding((remember, "a")), journal=journal)
+    exchange = DiskAtBody(journal)
+    other = sqlite3.connect(journal, isolation_level=None, check_same_thread=False)
+    # The other process's state while it switches: the write lock (RESERVED) taken, waiting
+    # for the read locks to go. It lets go once the writer was refused (in the writer's
+    # thread, as it logs: then, with or without a retry, nothing else waits for the lock).
+    done = EndsWhenLogged(("opening it again", "could not be opened"), other.rollback)
+    logger = logging.getLogger("post_response")
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        logger.addHandler(done)
+        await exchange.run(middleware)
+    finally:
+        logger.removeHandler(done)
+        other.close()
+    assert "could not be opened" not in caplog.text
+    assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
+    assert RAN == [("a", False, 0)]
+    assert "opening it again" in caplog.text  # it was refused first, and said so
     await middleware.config.journal.close()  # type: ignore[union-attr]
     assert rows(journal) == []
 
