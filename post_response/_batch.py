@@ -314,8 +314,7 @@ class Batch:
             error = exc
             again = await self._fail(task, exc, "failed")
         else:
-            task._end(TaskState.COMPLETED)
-            task._log(logging.DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+            task._end(TaskState.COMPLETED)  # and logged there
         finally:
             if spans is not None and span is not None:
                 spans.end(span, task, error)

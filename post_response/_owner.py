@@ -46,7 +46,6 @@ logger = logging.getLogger("post_response")
 
 _ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskState.PENDING
 _COMPLETED, _RUNNING = TaskState.COMPLETED, TaskState.RUNNING
-_DEBUG = logging.DEBUG
 _SHUT_DOWN = "the server shut down"
 
 
@@ -457,21 +456,33 @@ class Owner:
                 except BaseException as exc:  # SystemExit too: the task failed, not the loop
                     await batch._fail(task, exc, "failed")
                 else:
-                    task._end(_COMPLETED)
-                    if logger.isEnabledFor(_DEBUG):
-                        task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
+                    task._end(_COMPLETED)  # logged at DEBUG level there
             else:
                 await batch._one(task)
         except self._backend.cancelled:
-            if task.state is _RUNNING or task.state is _PENDING:
-                batch._interrupted(task)
-            self._end_batch(batch, f"{self._cause()} before it started")
+            self._stopped(batch, task)
             raise
         except BaseException:
-            logger.exception("post_response failed running the tasks of %s", batch.label)
-            self._end_batch(batch, "post_response failed running them (see the error above)")
+            self._give_up(batch)
             return
         self._next(batch)
+
+    # The ends of a loop task that runs a batch (`_step`, `_after_thread`). Their `except`
+    # clauses call these rather than both coroutines being one with a parameter more: that
+    # costs every plain async task (a keyword default is a dict lookup, the coroutine grows).
+
+    def _stopped(self, batch: Batch, task: TaskHandle) -> None:
+        """The loop task running `task` was cancelled by the owner: the task is interrupted
+        if it had not ended, the batch's tasks not started are abandoned."""
+        if task.state is _RUNNING or task.state is _PENDING:
+            batch._interrupted(task)
+        self._end_batch(batch, f"{self._cause()} before it started")
+
+    def _give_up(self, batch: Batch) -> None:
+        """post_response itself failed running `batch` (called in an `except` clause, whose
+        error is logged): end the batch, so that the owner goes on with the others."""
+        logger.exception("post_response failed running the tasks of %s", batch.label)
+        self._end_batch(batch, "post_response failed running them (see the error above)")
 
     # A plain sync task (see `_next`) goes to a worker thread straight from `_next`, with no
     # loop task, coroutine or future of its own: the thread has the loop call `_thread_ended`,
@@ -486,8 +497,7 @@ class Owner:
             taken = pool.submit(job)
         except BaseException:  # no thread could be started: the batch ends, the owner goes on
             pool.withdraw(job)
-            logger.exception("post_response failed running the tasks of %s", batch.label)
-            self._end_batch(batch, "post_response failed running them (see the error above)")
+            self._give_up(batch)
             return
         if taken:
             task._start()
@@ -513,12 +523,9 @@ class Owner:
             return
         try:
             task._end(_COMPLETED)
-            if logger.isEnabledFor(_DEBUG):
-                task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
             self._next(batch)
         except BaseException:  # a loop callback: nobody above would end the batch
-            logger.exception("post_response failed running the tasks of %s", batch.label)
-            self._end_batch(batch, "post_response failed running them (see the error above)")
+            self._give_up(batch)
 
     async def _after_thread(
         self,
@@ -542,19 +549,14 @@ class Owner:
                     await batch._fail(task, exc, "failed")
                 else:
                     task._end(_COMPLETED)
-                    if logger.isEnabledFor(_DEBUG):
-                        task._log(_DEBUG, "completed in %.1f ms", (task.duration or 0) * 1000)
             elif error is not None:  # raised in its thread: whatever it is, the task's own
                 its_own = isinstance(error, backend.cancelled)
                 await batch._fail(task, error, _OWN_CANCEL if its_own else "failed")
         except backend.cancelled:
-            if task.state is _RUNNING or task.state is _PENDING:
-                batch._interrupted(task)
-            self._end_batch(batch, f"{self._cause()} before it started")
+            self._stopped(batch, task)
             raise
         except BaseException:
-            logger.exception("post_response failed running the tasks of %s", batch.label)
-            self._end_batch(batch, "post_response failed running them (see the error above)")
+            self._give_up(batch)
             return
         self._next(batch)
 
