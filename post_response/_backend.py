@@ -150,6 +150,8 @@ class AsyncioBackend:
             if not begun:
                 begun = True
                 started()
+                if job.waited:
+                    pool.note_wait(job)
 
         def settle(start: bool, result: Any, error: BaseException | None) -> None:
             if start:
@@ -169,7 +171,7 @@ class AsyncioBackend:
         if pool.submit(job):
             begin()
         else:
-            pressure.note("threads", THREADS, pool.waiting())
+            pool.note_wait()
         try:
             return await future
         except BaseException:

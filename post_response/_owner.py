@@ -32,7 +32,7 @@ from ._batch import Batch, HeldBatch
 from ._call import OwnCancellation, call_sync, in_context, is_async
 from ._pressure import pressure
 from ._task import NO_KWARGS, TaskState, note_lost
-from ._threads import THREADS, Job, pool
+from ._threads import Job, pool
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -502,13 +502,14 @@ class Owner:
         if taken:
             task._start()
         else:  # it is queued until a thread takes it (`_thread_started`)
-            pressure.note("threads", THREADS, pool.waiting())
+            pool.note_wait()
 
     def _thread_started(self, job: _ThreadJob) -> None:
         """A thread took `job`, which had to wait for one (called on the loop)."""
         task = job.task
         if job.batch.runner is job and task.state is _PENDING:
             task._start()
+        pool.note_wait(job)
 
     def _thread_ended(
         self, job: _ThreadJob, returned: tuple[Any] | None, error: BaseException | None
@@ -851,7 +852,7 @@ class _ThreadJob(Job):
         self.owner = owner
         self.batch = batch
         self.task = task
-        self.waited = False
+        self.waited = 0.0
 
     def run(self) -> None:
         """In the worker thread: call the task in its context snapshot, then tell the loop."""

@@ -6,6 +6,11 @@ returned, whatever `shutdown_timeout` said. These threads are daemons: a process
 exits leaves them behind, as the shutdown report says. The pool also tells its caller
 when a job actually starts, so a task that waits for a free thread is `queued`, not
 `running`, and its timeout counts from its start.
+
+When every thread is busy, jobs wait; the pool warns only once a job has waited `PATIENCE`
+seconds, as a shorter wait is no sign of long tasks: under load (thousands of short sync
+tasks a second), threads that ran their task wait for the GIL, held by the event loop,
+before they can take the next job, and the pool looks full for a few milliseconds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any
+
+from ._pressure import pressure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -21,16 +29,18 @@ if TYPE_CHECKING:
 __all__ = ["THREADS", "Call", "Job", "pool"]
 
 THREADS = 40  # threads for sync tasks, per process
+PATIENCE = 1.0  # seconds a job may wait for a thread before the pool is warned about
 
 
 class Job:
-    """One call for a worker thread: the pool runs `run()` there. `waited` is set when no
-    thread was free at `submit()`: the job then tells its caller when a thread takes it."""
+    """One call for a worker thread: the pool runs `run()` there. `waited` is when it was
+    queued, no thread being free at `submit()` (0.0 if one was): the job then tells its
+    caller when a thread takes it, and the caller calls `pool.note_wait(job)`."""
 
     __slots__ = ("waited",)
 
     def __init__(self) -> None:
-        self.waited = False
+        self.waited = 0.0
 
     def run(self) -> None:
         raise NotImplementedError
@@ -45,7 +55,7 @@ class Call(Job):
     def __init__(self, call: Callable[[], Any], report: Callable[..., None]) -> None:
         self.call = call
         self.report = report
-        self.waited = False
+        self.waited = 0.0
 
     def run(self) -> None:
         if self.waited:
@@ -98,12 +108,23 @@ class _Pool:
                 self._threads += 1
                 threading.Thread(target=self._work, name="post_response", daemon=True).start()
                 return True
-            job.waited = True
+            job.waited = time.monotonic()
             return False
 
     def waiting(self) -> int:
         """How many jobs wait for a thread now."""
         return len(self._jobs)
+
+    def note_wait(self, started: Job | None = None) -> None:
+        """Warn (see `pressure`) if a job has waited `PATIENCE` seconds for a thread:
+        `started`, which one took just now, or else the job waiting the longest."""
+        if started is not None:
+            since = started.waited
+        else:
+            with self._lock:  # threads take jobs meanwhile
+                since = self._jobs[0].waited if self._jobs else 0.0
+        if since and time.monotonic() - since >= PATIENCE:
+            pressure.note("threads", self._size, len(self._jobs))
 
     def busy(self) -> int:
         """How many threads are not parked (running a job, or about to park)."""

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response import PostResponseMiddleware, TaskHandle, TaskState, _threads, add_task
 from post_response._pressure import pressure
 from post_response._threads import THREADS, pool
 from post_response._types import Message, Receive, Scope, Send
@@ -286,6 +286,13 @@ def fresh_warnings() -> None:
     pressure.reset()
 
 
+@pytest.fixture
+def patience(monkeypatch: pytest.MonkeyPatch) -> float:
+    """How long sync tasks wait for a thread before the pool is warned about: shorter."""
+    monkeypatch.setattr(_threads, "PATIENCE", 0.1)
+    return 0.1
+
+
 @pytest.mark.usefixtures("fresh_warnings")
 async def test_a_limit_that_bites_is_warned_about_once_not_per_request(
     caplog: pytest.LogCaptureFixture,
@@ -313,8 +320,11 @@ async def test_a_limit_that_bites_is_warned_about_once_not_per_request(
 
 
 @pytest.mark.usefixtures("fresh_warnings")
-async def test_busy_threads_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
-    """More sync tasks than threads: one WARNING names the pool as the limit that bites."""
+async def test_busy_threads_are_warned_about_once(
+    caplog: pytest.LogCaptureFixture, patience: float
+) -> None:
+    """More sync tasks than threads, holding them: one WARNING names the pool as the limit
+    that bites."""
     release = threading.Event()
     app = PostResponseMiddleware(adding(*[(release.wait, 10)] * (THREADS + 3)), concurrency=64)
     try:
@@ -322,6 +332,7 @@ async def test_busy_threads_are_warned_about_once(caplog: pytest.LogCaptureFixtu
             await request(app)
             await until(lambda: app.stats.running == THREADS)
             assert app.stats.queued == 3  # waiting for a thread: queued, not running
+            await anyio.sleep(patience)
     finally:
         release.set()
     with anyio.fail_after(10):
@@ -355,7 +366,7 @@ def holding(gates: list[threading.Event], entered: list[int]) -> Any:
 
 @pytest.mark.usefixtures("fresh_warnings")
 async def test_sync_tasks_beyond_the_threads_wait_queued_then_run(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, patience: float
 ) -> None:
     """With every thread held by a request's sync task, the next requests' sync tasks are
     queued, not running, and warned about once; they start when threads free up."""
@@ -368,6 +379,7 @@ async def test_sync_tasks_beyond_the_threads_wait_queued_then_run(
                 await request(app)
             await until(lambda: len(entered) == THREADS and app.stats.running == THREADS)
             assert app.stats.queued == 3
+            await anyio.sleep(patience)
             first.set()  # the three late tasks get threads and start
             await until(lambda: app.stats.running == 3 and len(entered) == THREADS + 3)
             assert app.stats.queued == 0
@@ -380,6 +392,54 @@ async def test_sync_tasks_beyond_the_threads_wait_queued_then_run(
     assert app.stats.snapshot()["completed"] == THREADS + 3
     [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
     assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's limiter warns at once
+async def test_threads_busy_for_a_moment_are_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync task that waits for a thread a moment (under load: threads done with their
+    task waiting for the GIL before they take the next) is no sign of long sync tasks: no
+    WARNING."""
+    gate = threading.Event()
+    entered: list[int] = []
+    app = PostResponseMiddleware(holding([gate] * (THREADS + 1), entered))
+    try:
+        with anyio.fail_after(10):
+            for _ in range(THREADS + 1):
+                await request(app)
+            await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+    finally:
+        gate.set()
+    with anyio.fail_after(10):
+        await app.join()
+    assert app.stats.snapshot()["completed"] == THREADS + 1
+    assert [r for r in caplog.records if getattr(r, "limit", None) == "threads"] == []
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+async def test_threads_held_are_warned_about_while_they_are(
+    caplog: pytest.LogCaptureFixture, patience: float
+) -> None:
+    """With every thread held, a sync task that comes once another has waited for a thread
+    `PATIENCE` seconds brings the WARNING, before any thread is free."""
+    gate = threading.Event()
+    entered: list[int] = []
+    app = PostResponseMiddleware(holding([gate] * (THREADS + 2), entered))
+    try:
+        with anyio.fail_after(10):
+            for _ in range(THREADS + 1):
+                await request(app)
+            await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+            await anyio.sleep(patience)
+            await request(app)
+            [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+            assert warning.getMessage().startswith(f"All {THREADS} worker threads")
+    finally:
+        gate.set()
+    with anyio.fail_after(10):
+        await app.join()
 
 
 async def test_shutdown_leaves_sync_tasks_to_their_threads(
