@@ -392,7 +392,8 @@ class Recorder:
                 payload = _NO_ARGUMENTS
             seq = next(writer._numbers)
             self.entries[task] = (writer.origin, seq)  # its key
-            self.last = writer.insert(seq, task, path, payload)
+            options = None if plan is None else _options(task)
+            self.last = writer.insert(seq, path, payload, options, request)
         try:
             request.add(task)
         except BaseException:
@@ -409,7 +410,8 @@ class Recorder:
         if key is not None and key[0] == self.writer.origin:
             path = self.journal.path_of(task.func)
             payload = self.journal.encode(task.func, task.args, task._kwargs or {})
-            self.last = self.writer.insert(key[1], task, path, payload)
+            options = _options(task)
+            self.last = self.writer.insert(key[1], path, payload, options, task.request_tasks)
 
     def ended(self, task: TaskHandle, *, drop: bool = False) -> None:
         """The task reached a final state that takes it out of the journal; with `drop`,
@@ -511,16 +513,22 @@ class _Writer(threading.Thread):
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
-    def insert(self, seq: int, task: TaskHandle, path: str, payload: bytes | str) -> int:
-        """Queue the entry of `task` (new, or its options changed); return its number.
+    def insert(
+        self,
+        seq: int,
+        path: str,
+        payload: bytes | str,
+        options: str | None,
+        request: RequestTasks,
+    ) -> int:
+        """Queue the entry of a task of `request` (new, or its options changed); return
+        its number.
 
         Added while the request runs: committed when its response is about to end (the
         middleware waits for it), with the others of that moment. Added later: at once.
         Its row is made here, so the writer thread, which must take the GIL back from the
         event loop for every piece of Python it runs, only hands lists to SQLite.
         """
-        request = task.request_tasks
-        options = None if task._plan is None else _options(task)
         with self._lock:
             self._queued += 1
             if options is None:
@@ -1001,7 +1009,7 @@ def _alive(pid: int) -> bool:
 
 
 def _options(task: TaskHandle) -> str | None:
-    """The task's `set()` options, read when its entry is written, as JSON."""
+    """The task's `set()` options for its entry, as JSON (None: none set)."""
     plan = task._plan
     if plan is None:
         return None  # most tasks: no dict to build
