@@ -22,7 +22,6 @@ claim the same entry, and the entries of a live owner are never taken.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import functools
@@ -47,7 +46,7 @@ from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     import trio
 
@@ -119,19 +118,26 @@ _INSERT_INTO = (
 )
 # SQLite allows 32,766 parameters per statement since 3.32 (2020), 999 before.
 _PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_INSERT_WIDTH = 7  # parameters of an entry's row
+# Parameters of an entry's row: its seq, func, payload, method and path; options too in
+# the "rich" statement (see `_inserting`).
+_PLAIN_WIDTH, _RICH_WIDTH = 5, 6
+# The time of the commit, in Unix seconds (ms precision): SQLite's clock, read once per
+# statement, not a value bound per row.
+_NOW = "(julianday('now') - 2440587.5) * 86400.0"
 # One origin per statement: `(origin, seq) IN (VALUES ...)` would scan the whole table
 # (every waiting task's entry) per statement; `origin = ? AND seq IN (...)` searches the
 # primary key for each row.
 _DELETE_FROM = "DELETE FROM entries WHERE origin = ? AND seq IN ("
 
 
-@functools.lru_cache(maxsize=64)
-def _inserting(count: int, origin: int) -> str:
+@functools.lru_cache(maxsize=128)
+def _inserting(rich: bool, origin: int, count: int) -> str:
     # This process writes only its own entries: their origin and owner are its id, a
-    # constant of the statement (an int: nothing to escape), not two values per row.
-    values = ", ".join([f"({origin:d}, ?, {origin:d}, ?, ?, ?, ?, ?, 0, ?)"] * count)
-    return _INSERT_INTO + values
+    # constant of the statement (an int: nothing to escape), not two values per row. Most
+    # tasks have no options: NULL in the statement, not a value to bind per row.
+    options = "?" if rich else "NULL"
+    row = f"({origin:d}, ?, {origin:d}, ?, ?, {options}, ?, ?, 0, {_NOW})"
+    return _INSERT_INTO + ", ".join([row] * count)
 
 
 @functools.lru_cache(maxsize=64)
@@ -384,12 +390,14 @@ class Recorder:
                 payload = journal.encode(func, task.args, task._kwargs or {})
             else:  # the usual task, no arguments: no call (this runs once per task)
                 payload = _NO_ARGUMENTS
-            key = self.entries[task] = (writer.origin, next(writer._numbers))  # a new key
-            self.last = writer.insert(key, task, path, payload, request)
+            seq = next(writer._numbers)
+            self.entries[task] = (writer.origin, seq)  # its key
+            options = None if plan is None else _options(task)
+            self.last = writer.insert(seq, path, payload, options, request)
         try:
             request.add(task)
         except BaseException:
-            self.ended(task)
+            self.ended(task, drop=True)
             raise
 
     def adopt(self, task: TaskHandle, key: Key) -> None:
@@ -402,13 +410,16 @@ class Recorder:
         if key is not None and key[0] == self.writer.origin:
             path = self.journal.path_of(task.func)
             payload = self.journal.encode(task.func, task.args, task._kwargs or {})
-            self.last = self.writer.insert(key, task, path, payload, task.request_tasks)
+            options = _options(task)
+            self.last = self.writer.insert(key[1], path, payload, options, task.request_tasks)
 
-    def ended(self, task: TaskHandle) -> None:
-        """The task reached a final state that takes it out of the journal."""
+    def ended(self, task: TaskHandle, *, drop: bool = False) -> None:
+        """The task reached a final state that takes it out of the journal; with `drop`,
+        it is out of it before it ran (`set(durable=False)`, refused by its request): its
+        entry is not written at all if it is not yet."""
         key = self.entries.pop(task, None)
         if key is not None:
-            self.writer.delete(key)
+            self.writer.delete(key, drop)
 
     def flush_sync(self) -> None:
         if self.last > self.writer.done:
@@ -462,7 +473,6 @@ def _forked() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
-_INSERT_OP, _DELETE_OP, _STOP_OP = 0, 1, 2
 _COLLECTING = Phase.COLLECTING
 STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
 LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
@@ -480,8 +490,16 @@ class _Writer(threading.Thread):
         # `owner` would cost every write; claims scan the table, a few times a minute).
         self.origin = uuid.uuid4().int >> 65
         self._numbers = itertools.count(1)
-        self._inserting = functools.partial(_inserting, origin=self.origin)
-        self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
+        # What is queued, flat, as the statements take it: the rows of new entries with no
+        # options and with options (see `_inserting`), and the keys of entries to delete.
+        self._plain: list[Any] = []
+        self._rich: list[Any] = []
+        self._ended: list[int] = []
+        self._plain_sql = functools.partial(_inserting, False, self.origin)
+        self._rich_sql = functools.partial(_inserting, True, self.origin)
+        self._dropped: set[int] = set()  # seqs of entries to delete before they are written
+        self._stopping = False
+        self._takes = 0  # how many times the writer took what was queued
         self._lock = threading.Lock()
         # A token per wake-up (a C queue: a threading.Event costs several Python calls on
         # each side); `_signalled` keeps it to one until the writer takes the writes.
@@ -495,30 +513,28 @@ class _Writer(threading.Thread):
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
-    def _queue(self, op: tuple[Any, ...], urgent: bool) -> int:
-        """Queue a write; wake the writer only if `urgent` and it is not woken already.
-        Other writes wait for the next commit someone waits for, or `LINGER` seconds."""
-        with self._lock:
-            self._queued += 1
-            self._ops.append(op)
-            number = self._queued
-            wake = urgent and not self._signalled
-            if wake:
-                self._signalled = True
-        if wake:
-            self._wake.put(None)
-        return number
-
     def insert(
-        self, key: Key, task: TaskHandle, path: str, payload: bytes | str, request: RequestTasks
+        self,
+        seq: int,
+        path: str,
+        payload: bytes | str,
+        options: str | None,
+        request: RequestTasks,
     ) -> int:
-        # Added while the request runs: committed when its response is about to end (the
-        # middleware waits for it), with the others of that moment. Added later: at once.
-        # (`_queue`'s body, written out: one call less per task.)
-        op = (_INSERT_OP, key, task, path, payload, request.method, request.path)
+        """Queue the entry of a task of `request` (new, or its options changed); return
+        its number.
+
+        Added while the request runs: committed when its response is about to end (the
+        middleware waits for it), with the others of that moment. Added later: at once.
+        Its row is made here, so the writer thread, which must take the GIL back from the
+        event loop for every piece of Python it runs, only hands lists to SQLite.
+        """
         with self._lock:
             self._queued += 1
-            self._ops.append(op)
+            if options is None:
+                self._plain += (seq, path, payload, request.method, request.path)
+            else:
+                self._rich += (seq, path, payload, options, request.method, request.path)
             number = self._queued
             wake = request.phase is not _COLLECTING and not self._signalled
             if wake:
@@ -527,13 +543,22 @@ class _Writer(threading.Thread):
             self._wake.put(None)
         return number
 
-    def delete(self, key: Key) -> None:
+    def delete(self, key: Key, drop: bool = False) -> None:
         with self._lock:  # no one waits for it (a replay too many at worst): no wake-up
-            self._queued += 1
-            self._ops.append((_DELETE_OP, key))
+            self._ended += key
+            if drop and key[0] == self.origin:
+                self._dropped.add(key[1])
 
     def stop(self) -> int:
-        return self._queue((_STOP_OP,), True)
+        with self._lock:
+            self._queued += 1
+            self._stopping = True
+            wake = not self._signalled
+            self._signalled = True
+            number = self._queued
+        if wake:
+            self._wake.put(None)
+        return number
 
     # Waiting for a commit: from an event loop, or from a thread.
 
@@ -558,19 +583,18 @@ class _Writer(threading.Thread):
         if future is not None and not future.done() and future.get_loop() is loop:
             if number <= future.number:
                 return future
-            # The writer takes the queued writes by swapping `_ops` for a new deque
-            # (`_serve`): the same deque, and no take since the future was registered.
-            # Write `number` is queued already, so a take after this test has it too:
-            # no lock needed (and `_wake_waiters` may see either number: it only grows).
+            # No take (`_serve`) since the future was registered: write `number` is
+            # queued already, so a take after this test has it too: no lock needed (and
+            # `_wake_waiters` may see either number: it only grows).
             entry = future.entry
-            if entry is not None and future.ops is self._ops:
+            if entry is not None and future.takes == self._takes:
                 future.number = entry[0] = number
                 return future
         future = self._shared = _Commit(loop=loop)
         future.number = number
         entry = [number, loop.call_soon_threadsafe, _resolve_all, future]
         with self._lock:
-            future.ops = self._ops
+            future.takes = self._takes
             if number <= self.done:  # committed meanwhile
                 future.entry = None
                 future.set_result(None)
@@ -702,58 +726,58 @@ class _Writer(threading.Thread):
                 self._beat(db)
                 next_beat = time.monotonic() + beat_every
             until = next_beat - time.monotonic()
-            if self._ops or self._deletes:  # writes no one waits for: commit them soon anyway
-                until = min(until, LINGER)
+            if self._plain or self._rich or self._ended or self._deletes:
+                until = min(until, LINGER)  # writes no one waits for: commit them soon anyway
             with contextlib.suppress(queue.Empty):
                 self._wake.get(timeout=max(until, 0.0))
             with self._lock:
                 self._signalled = False
-                ops, self._ops = self._ops, collections.deque()
+                plain, rich, ended = self._plain, self._rich, self._ended
+                self._plain, self._rich, self._ended = [], [], []
+                dropped = self._dropped
+                if dropped:
+                    self._dropped = set()
+                self._takes += 1
+                stop = self._stopping
                 last = self._queued
-            if not ops and not self._deletes:
+            self._deletes += ended
+            if dropped:  # not even written (their deletions are harmless)
+                plain = _without(plain, _PLAIN_WIDTH, dropped)
+                rich = _without(rich, _RICH_WIDTH, dropped)
+            if not plain and not rich and not self._deletes and not stop:
                 continue
-            stop = self._write(db, ops)
-            del ops  # and the tasks they hold: not kept alive until the next commit
+            self._write(db, plain, rich, stop)
             with self._lock:
                 self.done = last
             self._wake_waiters()
             if stop:
                 return
 
-    def _write(self, db: sqlite3.Connection, ops: Iterable[tuple[Any, ...]]) -> bool:
-        """Commit the ops; True when a stop was among them.
+    def _write(self, db: sqlite3.Connection, plain: list[Any], rich: list[Any], stop: bool) -> None:
+        """Commit the rows taken, and the deletions if due (all of them on `stop`).
 
         Deletions wait up to `LINGER` seconds, unless nothing else is written: each
         statement costs the thread the GIL once more (see `_write_many`), and no one
         waits for a deletion.
         """
-        inserts: dict[Key, tuple[Any, ...]] = {}
         deletes = self._deletes  # keys, flat: origin, seq, origin, seq...
-        stop = False
-        for op in ops:
-            if op[0] == _INSERT_OP:
-                inserts[op[1]] = op
-            elif op[0] == _DELETE_OP:
-                inserts.pop(op[1], None)  # ended before its entry was written
-                deletes += op[1]  # (or written again: the first write stays)
-            else:
-                stop = True
-        rows: list[Any] = []  # the entries' rows, flat, built in one go
-        now = time.time()
-        for _, (_, seq), task, path, payload, method, request_path in inserts.values():
-            rows += (seq, path, payload, _options(task), method, request_path, now)
-        due = stop or not rows or time.monotonic() - self._deleted_at >= LINGER
-        if not due:
-            deletes = []
-        else:
+        if stop or not (plain or rich) or time.monotonic() - self._deleted_at >= LINGER:
             self._deletes, self._deleted_at = [], time.monotonic()
+        else:
+            deletes = []
         by_origin = _by_origin(deletes)
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
-                # and BEGIN and COMMIT would be two more steps (see _write_many).
-                _write_many(db, self._inserting, rows, _INSERT_WIDTH)
-                rows = []  # committed: not written again if what follows fails
+                # and BEGIN and COMMIT would be two more steps (see _write_many). Rows
+                # without options first: a task's entry written again with options (`set()`
+                # after `add_task()`) replaces its first one, in the same commit or later.
+                if plain:
+                    _write_many(db, self._plain_sql, plain, _PLAIN_WIDTH)
+                    plain = []  # committed: not written again if what follows fails
+                if rich:
+                    _write_many(db, self._rich_sql, rich, _RICH_WIDTH)
+                    rich = []
                 while by_origin:
                     _write_many(db, _deleting, by_origin[-1], 1, head=1, pad=True)
                     by_origin.pop()  # committed: not written again
@@ -761,21 +785,19 @@ class _Writer(threading.Thread):
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
                 break
             except sqlite3.Error:
+                left = len(plain) // _PLAIN_WIDTH + len(rich) // _RICH_WIDTH + _count(by_origin)
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
                     escape(self.journal.path),
-                    len(rows) // _INSERT_WIDTH + _count(by_origin),
+                    left,
                     attempt,
                 )
                 if attempt >= 5:
                     logger.error(
-                        "Journal %s: %d writes were not journaled",
-                        escape(self.journal.path),
-                        len(rows) // _INSERT_WIDTH + _count(by_origin),
+                        "Journal %s: %d writes were not journaled", escape(self.journal.path), left
                     )
                     break
                 time.sleep(0.1 * attempt)
-        return stop
 
     def _beat(self, db: sqlite3.Connection) -> None:
         """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
@@ -929,12 +951,12 @@ class _Commit(asyncio.Future[None]):
 
     # Set by `_Writer.until()` (no __init__ in Python: one such future per commit round):
     # the last write its waiters wait for; its entry in the writer's waiters, whose number
-    # grows with it (a cycle until _resolve_all() breaks it); the writer's queue of
-    # writes when it was registered.
-    __slots__ = ("entry", "number", "ops")
+    # grows with it (a cycle until _resolve_all() breaks it); how many times the writer
+    # had taken the queued writes when it was registered.
+    __slots__ = ("entry", "number", "takes")
     number: int
     entry: list[Any] | None
-    ops: object
+    takes: int
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not self.done():
@@ -953,6 +975,15 @@ def _by_origin(keys: list[int]) -> list[list[int]]:
     for origin, seq in zip(origins, keys[1::2], strict=True):
         groups.setdefault(origin, [origin]).append(seq)
     return list(groups.values())
+
+
+def _without(rows: list[Any], width: int, seqs: set[int]) -> list[Any]:
+    """Flat `rows` of `width` values each, without those whose first value is in `seqs`."""
+    kept: list[Any] = []
+    for start in range(0, len(rows), width):
+        if rows[start] not in seqs:
+            kept += rows[start : start + width]
+    return kept
 
 
 def _count(by_origin: list[list[int]]) -> int:
@@ -986,7 +1017,7 @@ def _alive(pid: int) -> bool:
 
 
 def _options(task: TaskHandle) -> str | None:
-    """The task's `set()` options, read when its entry is written, as JSON."""
+    """The task's `set()` options for its entry, as JSON (None: none set)."""
     plan = task._plan
     if plan is None:
         return None  # most tasks: no dict to build

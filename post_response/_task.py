@@ -318,7 +318,7 @@ class TaskHandle:
         journal = self.request_tasks.journal
         if journal is not None:
             if durable is False:
-                journal.ended(self)
+                journal.ended(self, drop=True)
             else:
                 journal.changed(self)  # a task added after the response may be written already
         return self
