@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, goals, profile, report, server, suite
+from benchmarks import cli, drive, goals, profile, report, server, suite
 from benchmarks.apps import Work
 from benchmarks.client import open_loop
 from benchmarks.results import Metric, Row, Section
@@ -34,6 +34,12 @@ def test_every_system_answers_and_runs_its_tasks_in_process() -> None:
     for row in section.rows:  # measured, or a peer that is not installed
         assert row.missing or (row.median("us") or 0) > 0, row
     assert section.ratio("us", "ours-async", "bare") is not None
+
+
+def test_the_callgrind_driver_drives_the_journal_s_app(capsys: pytest.CaptureFixture[str]) -> None:
+    assert drive.main(["ours-journal", "64", "async:1"]) == 0
+    assert "ours-journal:" in capsys.readouterr().err
+    assert drive.main([]) == 2  # usage
 
 
 def test_memory_and_sync_task_sections_run() -> None:
