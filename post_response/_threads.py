@@ -111,10 +111,6 @@ class _Pool:
             job.waited = time.monotonic()
             return False
 
-    def waiting(self) -> int:
-        """How many jobs wait for a thread now."""
-        return len(self._jobs)
-
     def note_wait(self, started: Job | None = None) -> None:
         """Warn (see `pressure`) if a job has waited `PATIENCE` seconds for a thread:
         `started`, which one took just now, or else the job waiting the longest."""

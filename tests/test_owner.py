@@ -337,7 +337,7 @@ async def test_busy_threads_are_warned_about_once(
         release.set()
     with anyio.fail_after(10):
         await app.join()
-    [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+    [warning] = threads_warnings(caplog)
     assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
     assert app.stats.snapshot()["completed"] == THREADS + 3
 
@@ -362,6 +362,18 @@ def holding(gates: list[threading.Event], entered: list[int]) -> Any:
     handles: list[TaskHandle] = []
     app.handles = handles  # type: ignore[attr-defined]
     return app
+
+
+async def fill_the_threads(app: PostResponseMiddleware, entered: list[int]) -> None:
+    """`THREADS + 1` requests to a `holding` app: every thread held, one task queued."""
+    for _ in range(THREADS + 1):
+        await request(app)
+    await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+
+
+def threads_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The WARNINGs that the thread pool is the limit that bites."""
+    return [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
 
 
 @pytest.mark.usefixtures("fresh_warnings")
@@ -390,7 +402,7 @@ async def test_sync_tasks_beyond_the_threads_wait_queued_then_run(
     with anyio.fail_after(10):
         await app.join()
     assert app.stats.snapshot()["completed"] == THREADS + 3
-    [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+    [warning] = threads_warnings(caplog)
     assert warning.getMessage().startswith(f"All {THREADS} worker threads for sync tasks are busy")
 
 
@@ -407,15 +419,13 @@ async def test_threads_busy_for_a_moment_are_not_warned_about(
     app = PostResponseMiddleware(holding([gate] * (THREADS + 1), entered))
     try:
         with anyio.fail_after(10):
-            for _ in range(THREADS + 1):
-                await request(app)
-            await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+            await fill_the_threads(app, entered)
     finally:
         gate.set()
     with anyio.fail_after(10):
         await app.join()
     assert app.stats.snapshot()["completed"] == THREADS + 1
-    assert [r for r in caplog.records if getattr(r, "limit", None) == "threads"] == []
+    assert threads_warnings(caplog) == []
 
 
 @pytest.mark.usefixtures("fresh_warnings")
@@ -429,12 +439,10 @@ async def test_threads_held_are_warned_about_while_they_are(
     app = PostResponseMiddleware(holding([gate] * (THREADS + 2), entered))
     try:
         with anyio.fail_after(10):
-            for _ in range(THREADS + 1):
-                await request(app)
-            await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+            await fill_the_threads(app, entered)
             await anyio.sleep(patience)
             await request(app)
-            [warning] = [r for r in caplog.records if getattr(r, "limit", None) == "threads"]
+            [warning] = threads_warnings(caplog)
             assert warning.getMessage().startswith(f"All {THREADS} worker threads")
     finally:
         gate.set()
@@ -454,9 +462,7 @@ async def test_shutdown_leaves_sync_tasks_to_their_threads(
     try:
         with anyio.fail_after(10):
             async with lifespan(app):
-                for _ in range(THREADS + 1):
-                    await request(app)
-                await until(lambda: len(entered) == THREADS and app.stats.queued == 1)
+                await fill_the_threads(app, entered)
             states = [h.state for h in app_handles(app)]
             assert states == [TaskState.ABANDONED] * (THREADS + 1)
     finally:
