@@ -173,11 +173,29 @@ def _write_many(
         db.execute(statement(rows), first + part)
 
 
+# Records and entries are read with the types the code expects, whatever a damaged or
+# tampered file holds (SQLite keeps any value in any column): a pid or a time that is not
+# a number reads as 0 (no pid; a heartbeat long ago), and text that is not UTF-8 reads
+# with its bad bytes as lone surrogates (`_text`), so that one bad row is one dead entry,
+# not a claim, or a writer thread, that fails.
+_OWNERS = (
+    "SELECT id, COALESCE(CAST(pid AS INTEGER), 0), COALESCE(CAST(host AS TEXT), ''), "
+    "COALESCE(CAST(beat AS REAL), 0.0) FROM owners "
+    "WHERE id != ?"
+)
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
 _ORPHANS = (
-    "SELECT origin, seq, func, payload, options, method, path, deliveries FROM entries "
+    "SELECT origin, seq, COALESCE(CAST(func AS TEXT), ''), payload, CAST(options AS TEXT), "
+    "COALESCE(CAST(method AS TEXT), ''), COALESCE(CAST(path AS TEXT), ''), "
+    "COALESCE(CAST(deliveries AS INTEGER), 0) FROM entries "
     "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added"
 )
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
 _ADOPT = (
     "UPDATE entries SET owner = ?, deliveries = deliveries + 1 "
     "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL"
@@ -355,9 +373,20 @@ class Journal:
         if not args and not kwargs and self.serializer is _JSON:
             return _NO_ARGUMENTS
         try:
-            return self.serializer.dumps([list(args), kwargs])
+            payload: object = self.serializer.dumps([list(args), kwargs])
         except (TypeError, ValueError, OverflowError) as exc:
             raise _not_durable(func, f"its arguments cannot be encoded ({exc})") from exc
+        if isinstance(payload, bytes) or (isinstance(payload, str) and self.serializer is _JSON):
+            return payload  # JSON's text is ASCII
+        if not isinstance(payload, str):
+            why = f"the serializer's dumps() returned {type(payload).__name__}, not str or bytes"
+            raise _not_durable(func, why)
+        try:
+            payload.encode()
+        except UnicodeEncodeError as exc:
+            why = f"the serializer's dumps() returned text SQLite cannot store ({exc})"
+            raise _not_durable(func, why) from exc
+        return payload
 
 
 class Recorder:
@@ -678,6 +707,7 @@ class _Writer(threading.Thread):
         db = sqlite3.connect(
             journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
+        db.text_factory = _text  # for reads only: claims (see `_OWNERS`)
         try:
             for attempt in itertools.count(1):
                 try:
@@ -766,6 +796,7 @@ class _Writer(threading.Thread):
         else:
             deletes = []
         by_origin = _by_origin(deletes)
+        fixed = False
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
@@ -784,7 +815,19 @@ class _Writer(threading.Thread):
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
                 break
-            except sqlite3.Error:
+            except (sqlite3.Error, ValueError, OverflowError) as exc:
+                if not fixed and not isinstance(exc, sqlite3.OperationalError):
+                    # A value SQLite cannot store (a request path with a lone surrogate,
+                    # from a middleware that decoded bytes with surrogateescape): written as
+                    # printable text, rather than lost with every row of its commit.
+                    plain, rich, fixed = _bindable(plain), _bindable(rich), True
+                    logger.warning(
+                        "Journal %s: a value of an entry cannot be stored as it is (%s); "
+                        "it is written as printable text",
+                        escape(self.journal.path),
+                        escape(str(exc)),
+                    )
+                    continue
                 left = len(plain) // _PLAIN_WIDTH + len(rich) // _RICH_WIDTH + _count(by_origin)
                 logger.exception(
                     "Journal %s: could not commit %d writes (attempt %d)",
@@ -817,20 +860,27 @@ class _Writer(threading.Thread):
                         "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
                         (self.origin, self.pid, self.host, time.time()),
                     )
-                claimed, gone = self._claim(db)
         except sqlite3.Error:
             logger.exception("Journal %s: the heartbeat failed", escape(self.journal.path))
             return
-        if claimed:
-            self._deliver(db, claimed, gone)
+        # A transaction of its own: whatever a claim meets, the heartbeat is committed.
+        try:
+            with _transaction(db, immediate=True):
+                claimed, gone = self._claim(db)
+            if claimed:
+                self._deliver(db, claimed, gone)
+        except Exception:  # the writer goes on: it has this process's writes to commit
+            logger.exception(
+                "Journal %s: taking over the entries of processes that are gone failed; "
+                "what was taken stays in the file, for the next start",
+                escape(self.journal.path),
+            )
 
     def _claim(self, db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], list[int]]:
         """In the caller's transaction: remove owners that are gone, take their entries."""
         now = time.time()
         gone: list[int] = []
-        for owner, pid, host, beat in db.execute(
-            "SELECT id, pid, host, beat FROM owners WHERE id != ?", (self.origin,)
-        ).fetchall():
+        for owner, pid, host, beat in db.execute(_OWNERS, (self.origin,)).fetchall():
             if self._gone(pid, host, now - beat):
                 db.execute("DELETE FROM owners WHERE id = ?", (owner,))
                 gone.append(pid)
@@ -849,7 +899,7 @@ class _Writer(threading.Thread):
         restarted: same host name, same pid 1). Elsewhere, the heartbeat decides.
         """
         lease = self.journal.lease
-        if host != self.host:
+        if host != self.host or pid <= 0:  # elsewhere, or no pid (a damaged record)
             return silent > lease
         return pid == self.pid or not _alive(pid) or silent > lease * STALE_LEASES
 
@@ -873,10 +923,7 @@ class _Writer(threading.Thread):
                 dead.append((f"given up after {deliveries} replays (max_replays)", origin, seq))
                 continue
             try:
-                module, qualname = path.split(":", 1)
-                func = resolve(module, qualname)
-                args, kwargs = journal.serializer.loads(payload)
-                opts = json.loads(options) if options else {}
+                func, args, kwargs, opts = _decoded(journal.serializer, path, payload, options)
             except Exception as exc:
                 logger.error(
                     "Journal %s: a task of %s %s left by a process that is gone cannot be "
@@ -888,13 +935,13 @@ class _Writer(threading.Thread):
                     type(exc).__name__,
                     escape(str(exc)),
                 )
-                dead.append((f"{type(exc).__name__}: {exc}", origin, seq))
+                dead.append((escape(f"{type(exc).__name__}: {exc}"), origin, seq))
                 continue
             entries.append(
                 Entry(
                     (origin, seq),
                     func,
-                    tuple(args),
+                    args,
                     kwargs,
                     opts,
                     method,
@@ -922,6 +969,30 @@ class _Writer(threading.Thread):
         with self._lock:
             self.done = sys.maxsize
         self._wake_waiters()
+
+
+def _decoded(
+    serializer: Serializer, path: str, payload: str | bytes, options: str | None
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """An entry's callable, arguments and options, as written; raises if it cannot be run
+    as written (its callable gone, its arguments or options of the wrong shape)."""
+    module, qualname = path.split(":", 1)
+    func = resolve(module, qualname)
+    if not callable(func):
+        msg = f"{path} is not callable"
+        raise TypeError(msg)
+    args, kwargs = serializer.loads(payload)
+    if not isinstance(args, (list, tuple)):
+        msg = f"arguments are not a list: {type(args).__name__}"
+        raise TypeError(msg)
+    if not isinstance(kwargs, dict) or not all(isinstance(name, str) for name in kwargs):
+        msg = f"keyword arguments are not an object: {type(kwargs).__name__}"
+        raise TypeError(msg)
+    opts = json.loads(options) if options else {}
+    if not isinstance(opts, dict):
+        msg = f"options are not an object: {type(opts).__name__}"
+        raise TypeError(msg)
+    return func, tuple(args), kwargs, opts
 
 
 class _transaction:
@@ -984,6 +1055,26 @@ def _without(rows: list[Any], width: int, seqs: set[int]) -> list[Any]:
         if rows[start] not in seqs:
             kept += rows[start : start + width]
     return kept
+
+
+def _bindable(rows: list[Any]) -> list[Any]:
+    """`rows` with each value SQLite cannot take written as printable text: a text that
+    is not valid UTF-8, an int past 64 bits, a type it does not store."""
+    return [_storable(value) for value in rows]
+
+
+def _storable(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # lone surrogates
+            return escape(value)
+        return value
+    if value is None or isinstance(value, (bytes, float)):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    return escape(repr(value))
 
 
 def _count(by_origin: list[list[int]]) -> int:

@@ -29,7 +29,7 @@ from post_response import (
 )
 from post_response._types import Message, Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, http_scope
 from .journalfile import opened
 
 pytestmark = pytest.mark.anyio
@@ -637,3 +637,166 @@ async def test_a_request_cancelled_while_it_waits_for_the_commit_leaves_the_othe
     assert [m["type"] for m in exchanges["c"].sent][-1] == "http.response.body"
     assert "tests.test_journal:remember" in [func for func, *_ in exchanges["c"].at_body]
     await middleware.config.journal.close()  # type: ignore[union-attr]
+
+
+# What a damaged or tampered file holds: each bad row is a dead entry, never the journal's end.
+
+# Entries a process that is gone left, each wrong in one way (func, payload, method).
+BAD_ENTRIES = [
+    ("tests.test_journal:remember", "[1, {}]", "GET", "arguments are not a list"),
+    ("tests.test_journal:remember", '["ab", {}]', "GET", "arguments are not a list"),
+    ("tests.test_journal:remember", "[[], []]", "GET", "keyword arguments are not an object"),
+    ("tests.test_journal:DEADLINE", "[[], {}]", "GET", "is not callable"),
+    (b"\xff\xfe", "[[], {}]", "GET", "ValueError"),  # not UTF-8: stored as a BLOB
+    ("tests.test_journal:remember", '[["blob method"], {}]', b"\xff", None),  # runs
+]
+
+
+def plant_rows(path: Path, owner_row: tuple[Any, ...], entries: list[tuple[Any, ...]]) -> None:
+    """Write an owner record as given (any types, as a damaged file may hold them) and the
+    entries it owns, in order (seq 1, 2, ...)."""
+    with opened(path) as db:
+        db.executescript(_schema())
+        db.execute("INSERT INTO owners VALUES (?, ?, ?, ?)", owner_row)
+        db.executemany(
+            "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
+            "VALUES (?, ?, ?, ?, ?, ?, '/planted', ?)",
+            [
+                (owner_row[0], seq, owner_row[0], func, payload, method, time.time() + seq)
+                for seq, (func, payload, method) in enumerate(entries, 1)
+            ],
+        )
+
+
+async def test_damaged_entries_are_kept_as_dead_and_the_rest_still_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each entry that cannot be run as written (arguments of the wrong shape, a callable
+    that is not one, text that is not UTF-8) is logged on one line and kept as dead; the
+    good entries of the same claim still run, and the journal goes on journaling."""
+    journal = tmp_path / "j.db"
+    owner = uuid.uuid4().int >> 65
+    entries = [row[:3] for row in BAD_ENTRIES] + [
+        ("tests.test_journal:remember", '[["good"], {}]', "GET")
+    ]
+    plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), entries)
+    the_journal = Journal(journal, lease=0.3)
+    middleware = PostResponseMiddleware(app_adding((remember, "new")), journal=the_journal)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        await Exchange().run(middleware)
+        await wait_for_runs(3)  # "new", and the two good entries
+        await middleware.join()
+        await heartbeats(journal, the_journal, 2)  # the writer went on after the claim
+    assert sorted(what for what, _, _ in RAN) == ["blob method", "good", "new"]
+    assert the_journal.writer().is_alive()
+    assert "stopped" not in caplog.text
+    with opened(journal) as db:  # the last bad one ran: its method is only for logs
+        dead = [reason for (reason,) in db.execute("SELECT dead FROM entries ORDER BY seq")]
+    for (_, _, _, reason), found in zip(BAD_ENTRIES[:-1], dead, strict=True):
+        assert reason is not None
+        assert reason in found
+    cannot = [r for r in caplog.records if "cannot be replayed" in r.getMessage()]
+    assert len(cannot) == len(BAD_ENTRIES) - 1
+    assert all("\n" not in r.getMessage() for r in cannot)
+    await the_journal.close()
+
+
+async def test_an_owner_record_of_the_wrong_types_is_judged_by_its_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An owner record whose pid and heartbeat are not numbers (a damaged file) neither
+    stops the journal nor keeps its entries forever: with no pid to probe and no
+    heartbeat to trust, it is gone, and its entries replay."""
+    journal = tmp_path / "j.db"
+    owner = uuid.uuid4().int >> 65
+    plant_rows(
+        journal,
+        (owner, "not a pid", socket.gethostname(), "not a time"),
+        [("tests.test_journal:remember", '[["odd owner"], {}]', "GET")],
+    )
+    the_journal = Journal(journal, lease=0.3)
+    middleware = PostResponseMiddleware(app_adding(), journal=the_journal)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        await Exchange().run(middleware)
+        await wait_for_runs(1)
+        await middleware.join()
+        await heartbeats(journal, the_journal, 2)
+    assert RAN == [("odd owner", True, 0)]
+    assert the_journal.writer().is_alive()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await the_journal.close()
+
+
+async def test_a_request_path_sqlite_cannot_store_is_journaled_as_printable_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path with a lone surrogate (a middleware that decoded the raw path with
+    surrogateescape) cannot be stored as text: the entry is written with the path as
+    printable text, before the body as always, instead of its commit failing."""
+    journal = tmp_path / "j.db"
+    exchange = DiskAtBody(journal)
+    middleware = PostResponseMiddleware(app_adding((remember, "odd path")), journal=journal)
+    scope = http_scope(raw_path=b"/caf\xe9")
+    scope["path"] = b"/caf\xe9".decode("utf-8", "surrogateescape")
+    with caplog.at_level(logging.WARNING, "post_response"):
+        await exchange.run(middleware, scope)
+    assert [row[1] for row in exchange.at_body] == ['[["odd path"],{}]']
+    with opened(journal) as db:
+        assert db.execute("SELECT path FROM entries").fetchall() == [("/caf\\udce9",)]
+    assert "cannot be stored as it is" in caplog.text
+    assert RAN == [("odd path", False, 0)]
+    assert middleware.config.journal.writer().is_alive()  # type: ignore[union-attr]
+    await middleware.config.journal.close()  # type: ignore[union-attr]
+    assert rows(journal) == []
+
+
+class _Surrogates:
+    """A serializer that keeps non-ASCII text as it is (`ensure_ascii=False`)."""
+
+    @staticmethod
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=False)
+
+    @staticmethod
+    def loads(data: str | bytes) -> Any:
+        return json.loads(data)
+
+
+class _NotText(_Surrogates):
+    """A serializer that forgets to encode what it does not know (here: "x")."""
+
+    @staticmethod
+    def dumps(obj: Any) -> Any:
+        return obj if obj == [["x"], {}] else json.dumps(obj)
+
+
+@pytest.mark.parametrize(
+    ("serializer", "argument", "message"),
+    [
+        (_Surrogates(), "caf\udce9", "returned text SQLite cannot store"),
+        (_NotText(), "x", "returned list, not str or bytes"),
+    ],
+)
+async def test_a_serializer_whose_output_sqlite_cannot_store_is_refused_at_add_task(
+    tmp_path: Path, serializer: Any, argument: str, message: str
+) -> None:
+    """What a serializer gives must be str (valid UTF-8) or bytes: anything else is refused
+    when the task is added, naming the task, not when the commit fails."""
+    journal = Journal(tmp_path / "j.db", serializer=serializer)
+    errors: list[Exception] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            add_task(remember, argument)
+        except TaskNotDurableError as exc:
+            errors.append(exc)
+        add_task(remember, "fine")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    await Exchange().run(PostResponseMiddleware(app, journal=journal))
+    [error] = errors
+    assert message in str(error)
+    assert "remember" in str(error)
+    assert RAN == [("fine", False, 0)]
+    await journal.close()
