@@ -40,6 +40,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import anyio.to_thread
+
 from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
 from ._task import UNSET as _UNSET
@@ -298,13 +300,16 @@ class Journal:
 
     def recorder(
         self, opener: Callable[[], Callable[[list[Entry]], None]] | None = None
-    ) -> Recorder:
+    ) -> Recorder | None:
         """What one request uses to journal its tasks; the first in this process opens
-        the journal, with the sink `opener()` makes."""
+        the journal, with the sink `opener()` makes. None once the journal is unusable
+        (logged when it became so): its tasks run as without a journal."""
         writer = self._writer
         if writer is None or writer.pid != _pid:
             self.open(None if opener is None else opener())
             writer = self.writer()
+        if writer.broken:
+            return None
         return Recorder(self, writer)
 
     def deliver(self, entries: list[Entry]) -> None:
@@ -331,6 +336,20 @@ class Journal:
         seq = writer.stop()
         await writer.committed(seq)
         self._writer = None
+
+    async def startup_failure(self) -> str | None:
+        """Once the journal is open: None; or, if it cannot be, why, as a server's
+        lifespan startup should report it."""
+        writer = self.writer()
+        if not writer.opened.is_set():
+            await anyio.to_thread.run_sync(writer.opened.wait)
+        if writer.failure is None:
+            return None
+        return (
+            f"The journal {self.path!r} cannot be opened ({writer.failure}). The app does not "
+            "start: it would answer requests whose tasks are lost on a crash. Make its folder "
+            "exist and be writable by this process, or remove `journal=`."
+        )
 
     def close_sync(self, timeout: float | None = 10.0) -> None:
         """`close()`, from sync code (the WSGI middleware, at exit)."""
@@ -540,6 +559,9 @@ class _Writer(threading.Thread):
         self._shared: _Commit | None = None  # the future the last asyncio waiters share
         self._signalled = False  # the writer was woken and has not taken the writes yet
         self._deletes: list[int] = []  # keys of deletions not yet written, flat
+        self.broken = False  # the journal is unusable: nothing is queued any more
+        self.opened = threading.Event()  # set once the file is open, or failed to open
+        self.failure: str | None = None  # why it could not be opened
         self._deleted_at = 0.0  # when deletions were last written (monotonic)
 
     def insert(
@@ -574,6 +596,8 @@ class _Writer(threading.Thread):
 
     def delete(self, key: Key, drop: bool = False) -> None:
         with self._lock:  # no one waits for it (a replay too many at worst): no wake-up
+            if self.broken:  # a task journaled before the journal became unusable
+                return
             self._ended += key
             if drop and key[0] == self.origin:
                 self._dropped.add(key[1])
@@ -688,12 +712,15 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         try:
             db = self._connect()
-        except sqlite3.Error:
+        except Exception as exc:
             logger.exception(
                 "Journal %s could not be opened; tasks are not journaled", escape(self.journal.path)
             )
+            self.failure = f"{type(exc).__name__}: {exc}"
             self._give_up_forever()
             return
+        finally:
+            self.opened.set()
         try:
             self._serve(db)
         except BaseException:
@@ -965,9 +992,13 @@ class _Writer(threading.Thread):
             journal.deliver(entries)
 
     def _give_up_forever(self) -> None:
-        """The journal is unusable: release every waiter now and later (logged above)."""
+        """The journal is unusable: release every waiter now and later (logged above),
+        and let go of what was queued (requests get no recorder any more)."""
         with self._lock:
             self.done = sys.maxsize
+            self.broken = True
+            self._plain, self._rich, self._ended, self._deletes = [], [], [], []
+            self._dropped = set()
         self._wake_waiters()
 
 

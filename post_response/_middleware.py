@@ -194,6 +194,11 @@ class PostResponseMiddleware:
                     await self._journal.close()  # what did not finish stays for the next start
             return message
 
+        async def watch_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                message = await self._journal_ready(message)
+            await send(message)
+
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
             self._owners.set(owner)
@@ -202,7 +207,7 @@ class PostResponseMiddleware:
                 self._journal.open(self._journal_sink())
             try:
                 try:
-                    await self.app(scope, watch_receive, send)
+                    await self.app(scope, watch_receive, watch_send)
                 except Exception:
                     if received:
                         raise
@@ -217,13 +222,21 @@ class PostResponseMiddleware:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
+                await send(await self._journal_ready({"type": "lifespan.startup.complete"}))
             elif message["type"] == "lifespan.shutdown":
                 await owner.shutdown(self.config.shutdown_timeout)
                 if self._journal is not None:
                     await self._journal.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _journal_ready(self, complete: Message) -> Message:
+        """`lifespan.startup.complete` once the journal is open; if it cannot be, the
+        server is told that the startup failed, and why (it then exits)."""
+        failure = None if self._journal is None else await self._journal.startup_failure()
+        if failure is None:
+            return complete
+        return {"type": "lifespan.startup.failed", "message": failure}
 
     def _journal_sink(self) -> Callable[[list[_journal.Entry]], None]:
         """Where the journal hands the entries it claims: batches on this event loop."""

@@ -31,6 +31,7 @@ from post_response._types import Message, Receive, Scope, Send
 
 from .harness import Exchange, http_scope
 from .journalfile import opened
+from .test_wrapping import run_lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -800,3 +801,63 @@ async def test_a_serializer_whose_output_sqlite_cannot_store_is_refused_at_add_t
     assert "remember" in str(error)
     assert RAN == [("fine", False, 0)]
     await journal.close()
+
+
+async def test_a_journal_that_cannot_be_opened_is_logged_and_holds_nothing_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that cannot be opened (its folder is missing) is logged as an error, once;
+    tasks still run, and from then on requests journal nothing: before, each task's row
+    stayed queued for a writer thread that was gone, for the life of the process."""
+    journal = Journal(tmp_path / "missing" / "j.db")
+    middleware = PostResponseMiddleware(app_adding((remember, "x")), journal=journal)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        await Exchange().run(middleware)  # opens the journal: its thread fails
+        writer = journal.writer()
+        await anyio.to_thread.run_sync(writer.join, DEADLINE)
+        for _ in range(20):
+            await Exchange().run(middleware)
+    assert len(RAN) == 21
+    assert (writer._plain, writer._rich, writer._ended, writer._deletes) == ([], [], [], [])
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "could not be opened; tasks are not journaled" in error
+    await journal.close()
+
+
+async def lifespan_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """An app that speaks lifespan: it completes whatever it is asked."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+async def http_only(scope: Scope, receive: Receive, send: Send) -> None:
+    """An app that does not speak lifespan: the middleware answers it."""
+    if scope["type"] != "http":
+        msg = f"unsupported scope {scope['type']}"
+        raise ValueError(msg)
+
+
+@pytest.mark.parametrize("speaks_lifespan", [True, False])
+async def test_a_journal_that_cannot_be_opened_fails_the_lifespan_startup(
+    tmp_path: Path, speaks_lifespan: bool
+) -> None:
+    """With a lifespan, the server learns at startup that the journal cannot be opened
+    (`lifespan.startup.failed`, naming the file and the fix), instead of serving requests
+    whose tasks would not be journaled; whether the app speaks lifespan or not."""
+    app = lifespan_app if speaks_lifespan else http_only
+    sent = await run_lifespan(PostResponseMiddleware(app, journal=tmp_path / "missing" / "j.db"))
+    failed = sent[0]
+    assert failed["type"] == "lifespan.startup.failed"
+    assert (
+        f"The journal {str(tmp_path / 'missing' / 'j.db')!r} cannot be opened" in failed["message"]
+    )
+    assert "unable to open database file" in failed["message"]
+    assert "Make its folder exist" in failed["message"]
+
+
+async def test_a_journal_that_opens_completes_the_lifespan_startup(tmp_path: Path) -> None:
+    sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=tmp_path / "j.db"))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

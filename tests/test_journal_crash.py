@@ -13,6 +13,8 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import httpx
 
 from .journalfile import opened
 from .load import hammer
-from .servers import Server, run
+from .servers import Server, free_port, run
 
 REQUESTS = 2000
 CONNECTIONS = 50
@@ -303,3 +305,20 @@ def test_a_task_that_kills_its_process_is_given_up_on_after_max_replays(tmp_path
 def dead_entries(tmp_path: Path) -> list[str]:
     with opened(tmp_path / "journal.db") as db:
         return [dead for (dead,) in db.execute("SELECT dead FROM entries WHERE dead IS NOT NULL")]
+
+
+def test_uvicorn_does_not_start_with_a_journal_it_cannot_open(tmp_path: Path) -> None:
+    """A journal file whose folder is missing: uvicorn reports our startup failure, which
+    names the file and the fix, and exits, rather than serve responses whose tasks are not
+    journaled."""
+    env = {**os.environ, **environment(tmp_path), "POST_RESPONSE_OPTIONS": "{}"}
+    env["JOURNAL_FILE"] = str(tmp_path / "missing" / "journal.db")
+    argv = [sys.executable, "-m", "uvicorn", "tests.apps.journal_app:app"]
+    argv += ["--host", "127.0.0.1", "--port", str(free_port()), "--lifespan", "on"]
+    done = subprocess.run(
+        argv, check=False, env=env, capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert done.returncode != 0
+    assert f"The journal {env['JOURNAL_FILE']!r} cannot be opened" in done.stderr
+    assert "Application startup failed. Exiting." in done.stderr
+    assert "Uvicorn running on" not in done.stderr
