@@ -182,8 +182,7 @@ def _write_many(
 # not a claim, or a writer thread, that fails.
 _OWNERS = (
     "SELECT id, COALESCE(CAST(pid AS INTEGER), 0), COALESCE(CAST(host AS TEXT), ''), "
-    "COALESCE(CAST(beat AS REAL), 0.0) FROM owners "
-    "WHERE id != ?"
+    "COALESCE(CAST(beat AS REAL), 0.0) FROM owners WHERE id != ?"
 )
 # Entries whose owner is gone (its record removed: dead, or shut down), not dead letters.
 _ORPHANS = (
@@ -192,16 +191,14 @@ _ORPHANS = (
     "COALESCE(CAST(deliveries AS INTEGER), 0) FROM entries "
     "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added"
 )
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
-
-
 _ADOPT = (
     "UPDATE entries SET owner = ?, deliveries = deliveries + 1 "
     "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL"
 )
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
