@@ -48,7 +48,7 @@ from ._task import UNSET as _UNSET
 from ._text import escape
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine, Iterator
 
     import trio
 
@@ -1156,12 +1156,10 @@ def _options(task: TaskHandle) -> str | None:
 
 
 def replay(
-    entries: list[Entry],
-    make_request: Callable[[str, str], RequestTasks],
-    submit: Callable[[RequestTasks], None],
-) -> None:
-    """Run claimed entries again: one batch per entry, through the same runner. Called
-    on the event loop that runs them."""
+    entries: list[Entry], make_request: Callable[[str, str], RequestTasks]
+) -> Iterator[RequestTasks]:
+    """Claimed entries made runnable again: one request of one task per entry, to run
+    through the same runner. Called on the event loop that runs them."""
     from ._task import TaskHandle  # noqa: PLC0415
 
     for entry in entries:
@@ -1187,7 +1185,7 @@ def replay(
             entry.replays,
             extra=task._fields(),
         )
-        submit(request)
+        yield request
 
 
 def _enter(request: RequestTasks, replays: int) -> None:
@@ -1244,16 +1242,22 @@ def on_this_loop(
     return sink
 
 
-def replay_batches(  # noqa: PLR0917  (one call site per middleware)
+async def replay_batches(  # noqa: PLR0917  (one call site per middleware)
     journal: Journal,
     entries: list[Entry],
     settings: Any,
     stats: Any,
     max_tasks: int,
+    owner: Any,
     submit: Callable[[Any], None],
 ) -> None:
     """Run claimed entries as batches of the middleware whose `settings`, `stats` and
-    `max_tasks` are given; `submit(batch)` hands each to its owner. On the event loop."""
+    `max_tasks` are given; `submit(batch)` hands each to `owner`. On the event loop.
+
+    Each waits until `owner` has room for it (`Owner.room`): one claim may take more
+    entries than `max_running` and `max_queued` let in at once, and a replay dropped for
+    lack of room would stay in the file, owned by this live process, until its next start.
+    """
     from . import _batch, _context  # noqa: PLC0415
 
     def make_request(method: str, path: str) -> RequestTasks:
@@ -1261,7 +1265,6 @@ def replay_batches(  # noqa: PLR0917  (one call site per middleware)
         request.journal = journal.recorder()  # its tasks' ends, and what they add
         return request
 
-    def run(request: RequestTasks) -> None:
+    for request in replay(entries, make_request):
+        await owner.room(stats)
         submit(_batch.Batch(request, settings, None))
-
-    replay(entries, make_request, run)

@@ -247,8 +247,8 @@ class PostResponseMiddleware:
         if journal is not None:
             config = self.config
             submit = owner.submit if config.detach else self._run_inline
-            _journal.replay_batches(
-                journal, entries, self.settings, self.stats, config.max_tasks, submit
+            await _journal.replay_batches(
+                journal, entries, self.settings, self.stats, config.max_tasks, owner, submit
             )
 
     def _run_inline(self, batch: _batch.Batch) -> None:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from ._backend import Workers
-    from ._task import TaskHandle
+    from ._task import Stats, TaskHandle
 
 __all__ = ["Owner", "run_to_the_end"]
 
@@ -820,6 +820,18 @@ class Owner:
         caller = _context.current()
         while self._batches and (
             caller is None or any(batch.origin is not caller for batch in self._batches)
+        ):
+            await self._one_finished()
+
+    async def room(self, stats: Stats) -> None:
+        """Wait while a new task would be dropped (`max_queued` tasks already wait), as
+        long as the owner serves: for work that must not be dropped, replays."""
+        limit = self._max_queued
+        while (
+            limit is not None
+            and self.life is Life.SERVING
+            and self._full()
+            and stats.queued >= limit
         ):
             await self._one_finished()
 

@@ -107,9 +107,9 @@ class PostResponseWSGIMiddleware:
     async def _replay(self, entries: list[_journal.Entry]) -> None:
         journal, config = self._journal, self.config
         if journal is not None:
-            submit = self._task_loop().owner.submit
-            _journal.replay_batches(
-                journal, entries, self.settings, self.stats, config.max_tasks, submit
+            owner = self._task_loop().owner
+            await _journal.replay_batches(
+                journal, entries, self.settings, self.stats, config.max_tasks, owner, owner.submit
             )
 
     def _run(self, batch: _batch.Batch) -> None:

@@ -44,6 +44,14 @@ async def remember(what: str) -> None:
     RAN.append((what, post_response.is_replay(), 0))
 
 
+HOLD: list[anyio.Event] = []  # what `held` waits for
+
+
+async def held() -> None:
+    """A journalable task that holds its running slot until the test sets HOLD[0]."""
+    await HOLD[0].wait()
+
+
 def remember_sync(what: str) -> None:
     RAN.append((what, post_response.is_replay(), 0))
 
@@ -861,3 +869,35 @@ async def test_a_journal_that_cannot_be_opened_fails_the_lifespan_startup(
 async def test_a_journal_that_opens_completes_the_lifespan_startup(tmp_path: Path) -> None:
     sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=tmp_path / "j.db"))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_a_backlog_larger_than_the_limits_is_replayed_in_full_not_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries claimed at once beyond `max_running` + `max_queued` wait for room: dropping
+    them would leave them in the file, owned by a live process, until its next start, and
+    count a replay against `max_replays` each time."""
+    journal = tmp_path / "j.db"
+    the_journal = Journal(journal, lease=0.3)  # a heartbeat, and a claim, every 0.1 s
+    middleware = PostResponseMiddleware(
+        app_adding((held,)), journal=the_journal, max_running=1, max_queued=1
+    )
+    HOLD[:] = [anyio.Event()]
+    with caplog.at_level(logging.WARNING, "post_response"):
+        await middleware(http_scope(), Exchange().receive, Exchange().send)
+        # Its task now holds the one running slot; then a process that died leaves 12.
+        owner = uuid.uuid4().int >> 65
+        backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(12)]
+        plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), backlog)
+        with anyio.fail_after(DEADLINE):
+            while not any("replaying 12 tasks" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.01)
+            while not middleware.stats.queued:  # the replay's first batch waits to run
+                await anyio.sleep(0.01)
+        HOLD[0].set()
+        await wait_for_runs(12)
+        await middleware.join()
+    assert sorted(int(what) for what, _, _ in RAN) == list(range(12))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await the_journal.close()
+    assert rows(journal) == []
