@@ -508,11 +508,15 @@ def _not_durable(func: object, why: str) -> TaskNotDurableError:
 # The writer thread.
 
 _pid = os.getpid()  # this process's, for the check per request (os.getpid() is a system call)
+# The owner ids of this process's writers that are running: another journal object on the
+# same file in this process (two apps side by side) is an owner with this pid, yet alive.
+_running: set[int] = set()
 
 
 def _forked() -> None:
     global _pid  # noqa: PLW0603
     _pid = os.getpid()
+    _running.clear()  # the parent's writers are not this process's
 
 
 if hasattr(os, "register_at_fork"):
@@ -707,6 +711,10 @@ class _Writer(threading.Thread):
     # The thread.
 
     def run(self) -> None:
+        # A running owner of this process from before its record exists (see `_gone`)
+        # until it is removed at a clean stop: if the thread dies instead, tasks of the
+        # entries it leaves may still run here, and must not be replayed beside them.
+        _running.add(self.origin)
         try:
             db = self._connect()
         except Exception as exc:
@@ -723,6 +731,8 @@ class _Writer(threading.Thread):
         except BaseException:
             logger.exception("The journal %s stopped", escape(self.journal.path))
             self._give_up_forever()
+        else:
+            _running.discard(self.origin)  # its owner record is gone with it
         finally:
             db.close()
 
@@ -905,7 +915,7 @@ class _Writer(threading.Thread):
         now = time.time()
         gone: list[int] = []
         for owner, pid, host, beat in db.execute(_OWNERS, (self.origin,)).fetchall():
-            if self._gone(pid, host, now - beat):
+            if owner not in _running and self._gone(pid, host, now - beat):
                 db.execute("DELETE FROM owners WHERE id = ?", (owner,))
                 gone.append(pid)
         claimed = db.execute(_ORPHANS).fetchall()
@@ -920,7 +930,8 @@ class _Writer(threading.Thread):
         heartbeat is late (stopped, starved), so that no entry ever runs twice at once;
         only a silence of `STALE_LEASES` leases outweighs it (the pid was reused). Our
         own pid under another owner id is a process that had it before us (a container
-        restarted: same host name, same pid 1). Elsewhere, the heartbeat decides.
+        restarted: same host name, same pid 1), unless it is a writer of this process that
+        runs (`_running`). Elsewhere, the heartbeat decides.
         """
         lease = self.journal.lease
         if host != self.host or pid <= 0:  # elsewhere, or no pid (a damaged record)

@@ -901,3 +901,32 @@ async def test_a_backlog_larger_than_the_limits_is_replayed_in_full_not_dropped(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     await the_journal.close()
     assert rows(journal) == []
+
+
+async def test_two_journals_on_one_file_in_one_process_never_take_each_others_entries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two middlewares of one process with the same file (two apps mounted side by side, an
+    app built per test): each is an owner with this process's pid, and neither takes the
+    other for a process that had the pid before (a restarted container), so neither replays
+    a task the other still runs."""
+    journal = tmp_path / "j.db"
+    first, second = Journal(journal, lease=0.3), Journal(journal, lease=0.3)
+    holding = PostResponseMiddleware(app_adding((held,)), journal=first)
+    other = PostResponseMiddleware(app_adding((remember, "other")), journal=second)
+    HOLD[:] = [anyio.Event()]
+    with caplog.at_level(logging.WARNING, "post_response"), anyio.fail_after(DEADLINE):
+        await holding(http_scope(), Exchange().receive, Exchange().send)  # its task waits
+        await Exchange().run(other)  # (it would wait for `held` too, were it taken over)
+        await heartbeats(journal, second, 3)  # each one looks for owners that are gone
+        await heartbeats(journal, first, 1)
+        assert [(func, owner) for func, _, _, owner, _ in rows(journal)] == [
+            ("tests.test_journal:held", first.writer().origin)
+        ]
+        HOLD[0].set()
+        await holding.join()
+    assert RAN == [("other", False, 0)]
+    assert [r.getMessage() for r in caplog.records if r.name == "post_response"] == []
+    await first.close()
+    await second.close()
+    assert rows(journal) == []
