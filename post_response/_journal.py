@@ -29,6 +29,7 @@ import importlib
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -223,8 +224,8 @@ class Journal:
         durability: `"normal"` (default) survives the process being killed, not a power
             loss; `"full"` survives a power loss too, at a higher cost per commit.
         lease: Seconds without a heartbeat after which an owner on another host is
-            taken for dead and its entries are replayed (default 10). On the same host a
-            dead pid is noticed at the next heartbeat, every `lease / 3` seconds.
+            taken for dead and its entries are replayed (default 10, at least 0.1). On the
+            same host a dead pid is noticed at the next heartbeat, every `lease / 3` seconds.
         serializer: How arguments are encoded: an object with `dumps` and `loads`
             (default: `json`).
         max_replays: How many times an entry is replayed before it is given up on, kept
@@ -245,8 +246,15 @@ class Journal:
         if durability not in ("normal", "full"):
             msg = f'Journal(durability=...) must be "normal" or "full"; got {durability!r}.'
             raise ConfigurationError(msg)
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
-            msg = f"Journal(lease=...) must be a positive number of seconds; got {lease!r}."
+        if (
+            isinstance(lease, bool)
+            or not isinstance(lease, (int, float))
+            or not MIN_LEASE <= lease < math.inf
+        ):
+            msg = (
+                f"Journal(lease=...) must be a number of seconds, {MIN_LEASE:g} or more (a "
+                f"heartbeat comes every lease / 3 seconds); got {lease!r}."
+            )
             raise ConfigurationError(msg)
         if max_replays is not None and (
             isinstance(max_replays, bool) or not isinstance(max_replays, int) or max_replays < 0
@@ -524,6 +532,8 @@ if hasattr(os, "register_at_fork"):
 
 _COLLECTING = Phase.COLLECTING
 STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not the owner
+MIN_LEASE = 0.1  # seconds: below it, the writer would do little but beat
+LONGEST_WAIT = 3600.0  # seconds the idle writer sleeps at most (a long lease's next beat)
 LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
 
 
@@ -793,7 +803,7 @@ class _Writer(threading.Thread):
             if self._plain or self._rich or self._ended or self._deletes:
                 until = min(until, LINGER)  # writes no one waits for: commit them soon anyway
             with contextlib.suppress(queue.Empty):
-                self._wake.get(timeout=max(until, 0.0))
+                self._wake.get(timeout=min(max(until, 0.0), LONGEST_WAIT))
             with self._lock:
                 self._signalled = False
                 plain, rich, ended = self._plain, self._rich, self._ended

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import sqlite3
 import subprocess
@@ -207,6 +208,9 @@ async def test_a_wrong_journal_option_is_refused_with_the_fix(
         ({"durability": "fsync"}, "durability"),
         ({"lease": 0}, "lease"),
         ({"lease": True}, "lease"),
+        ({"lease": 0.01}, r"Journal\(lease=...\) must be a number of seconds, 0.1 or more"),
+        ({"lease": math.inf}, r"got inf"),
+        ({"lease": math.nan}, r"got nan"),
         ({"max_replays": -1}, "max_replays"),
         ({"max_replays": 2.5}, "max_replays"),
         ({"max_replays": True}, "max_replays"),
@@ -930,3 +934,17 @@ async def test_two_journals_on_one_file_in_one_process_never_take_each_others_en
     await first.close()
     await second.close()
     assert rows(journal) == []
+
+
+async def test_a_very_long_lease_leaves_the_writer_waiting_not_stopped(tmp_path: Path) -> None:
+    """`lease=1e300` (heartbeats that never come again): the idle writer waits in bounded
+    steps. It used to ask its queue for a wait past what the platform can time, and stop."""
+    journal = Journal(tmp_path / "j.db", lease=1e300)
+    writer = journal.writer()
+    await anyio.to_thread.run_sync(writer.join, 0.5)  # at once, had it stopped
+    assert writer.is_alive()
+    middleware = PostResponseMiddleware(app_adding((remember, "still")), journal=journal)
+    exchange = DiskAtBody(tmp_path / "j.db")
+    await exchange.run(middleware)
+    assert [row[1] for row in exchange.at_body] == ['[["still"],{}]']
+    await journal.close()
