@@ -264,7 +264,25 @@ class Journal:
                 f"got {max_replays!r}."
             )
             raise ConfigurationError(msg)
-        self.path = os.fspath(path)
+        file = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if not isinstance(file, str) or file in ("", ":memory:"):
+            why = ": SQLite drops that database with the process" if isinstance(file, str) else ""
+            msg = (
+                "Journal(path) must be the path of a SQLite file that outlives the process "
+                f'(`Journal("tasks.db")`; in tests, a file in a temporary folder); got {path!r}'
+                f"{why}."
+            )
+            raise ConfigurationError(msg)
+        if serializer is not None and not (
+            callable(getattr(serializer, "dumps", None))
+            and callable(getattr(serializer, "loads", None))
+        ):
+            msg = (
+                "Journal(serializer=...) must have `dumps(obj) -> str | bytes` and "
+                f"`loads(data) -> obj`, as the `json` module has; got {serializer!r}."
+            )
+            raise ConfigurationError(msg)
+        self.path = file
         self.durability = durability
         self.lease = float(lease)
         self.max_replays = max_replays

@@ -214,12 +214,25 @@ async def test_a_wrong_journal_option_is_refused_with_the_fix(
         ({"max_replays": -1}, "max_replays"),
         ({"max_replays": 2.5}, "max_replays"),
         ({"max_replays": True}, "max_replays"),
+        ({"serializer": object()}, r"must have `dumps\(obj\) -> str \| bytes`"),
+        ({"serializer": "json"}, "serializer"),
     ],
 )
 async def test_a_wrong_journal_setting_is_refused(options: dict[str, Any], message: str) -> None:
-    """`Journal(...)` checks its durability, lease and replay limit when built."""
+    """`Journal(...)` checks its durability, lease, serializer and replay limit when built."""
     with pytest.raises(ConfigurationError, match=message):
         Journal("x.db", **options)
+
+
+@pytest.mark.parametrize("path", [":memory:", "", 3, None])
+async def test_a_journal_path_that_keeps_nothing_is_refused(path: Any) -> None:
+    """`:memory:` and an empty name are databases SQLite drops with the process: a journal
+    there would replay nothing, silently."""
+    with pytest.raises(ConfigurationError, match="must be the path of a SQLite file that outlives"):
+        Journal(path)
+    if path == ":memory:":
+        with pytest.raises(ConfigurationError, match="SQLite drops that database"):
+            PostResponseMiddleware(app_adding(), journal=path)
 
 
 def _local() -> Any:
