@@ -15,6 +15,7 @@ task whose thread runs on), tasks not started end `abandoned`, each logged by na
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import enum
 import heapq
@@ -135,6 +136,12 @@ class Owner:
         self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
         self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
         self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
+        self._thread = threading.get_ident()  # the event loop's: `let_go` may come from another
+        self._call_soon = (
+            self._backend.call_from_thread
+            if self._alone
+            else sys.modules["trio"].lowlevel.current_trio_token().run_sync_soon
+        )
 
     @classmethod
     def spawn(
@@ -650,7 +657,32 @@ class Owner:
         task._unqueue()
         held = HeldBatch.of(task, batch.settings, self)
         self._hold(held)  # joined and drained like any batch
+        task._planned().held = held
         return held
+
+    def let_go(self, held: HeldBatch) -> None:
+        """`held`'s task ended while it waited here (cancelled, or superseded within its
+        request): let go of it now, not once its delay or backoff is over, so that joins
+        do not wait for it and a key it kept is free. From any thread."""
+        if threading.get_ident() == self._thread:
+            self._let_go(held)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing holds it now
+            self._call_soon(self._let_go, held)
+
+    def _let_go(self, held: HeldBatch) -> None:
+        if held.task._planned().held is not held:  # started, or let go of already
+            return
+        retry = False  # not on the timer's heap: it waited for its key, and kept none
+        timers = self._timers
+        for i, entry in enumerate(timers):
+            if entry[2] is held:
+                retry = entry[3]
+                timers[i] = timers[-1]
+                timers.pop()
+                heapq.heapify(timers)
+                break
+        self._due(held, retry=retry)  # its end: forgotten, its key freed or passed on
 
     def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
         state = self._keys.get(key)
@@ -670,13 +702,17 @@ class Owner:
 
     def _start(self, held: HeldBatch) -> None:
         task = held.task
-        task._planned().cleared = True
+        plan = task._planned()
+        plan.cleared, plan.held = True, None
         self.submit(held)
         if task.state is not _PENDING and task.key is not None:  # dropped, or too late
             self.release(task.key)
 
-    def _forget(self, batch: Batch) -> None:
+    def _forget(self, batch: HeldBatch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""
+        plan = batch.task._planned()
+        if plan.held is batch:
+            plan.held = None
         batch.close()
         self._drop(batch)
 

@@ -558,3 +558,77 @@ async def test_requests_that_wait_for_their_tasks_wait_for_delayed_ones() -> Non
     with anyio.fail_after(10), requests_wait_for_tasks():
         await request(app)
     assert sorted(log) == ["delayed", "flaky"]
+
+
+async def test_a_task_cancelled_while_held_is_let_go_at_once() -> None:
+    """A task cancelled with its handle while it waits (for its delay, its busy key or its
+    next attempt) is let go of then, not once that wait is over: `join()` does not wait
+    for it, and the key it kept through a backoff is free for the next task with it."""
+    gate = anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def flaky(n: int) -> None:
+        log.append(f"flaky {n}")
+        if n == 0:
+            raise ConnectionError("down")
+
+    async def busy() -> None:
+        await gate.wait()
+
+    def adds() -> list[TaskHandle]:
+        n = next(count)
+        if n == 0:
+            return [
+                add_task(log.append, "delayed").set(delay=600),
+                add_task(flaky, n).set(key="flaky", retries=1, backoff=600),
+            ]
+        if n == 1:
+            return [add_task(busy).set(key="busy")]
+        if n == 2:
+            return [add_task(log.append, "waits for busy").set(key="busy")]
+        return [add_task(flaky, n).set(key="flaky")]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: log == ["flaky 0"] and handles[1].state is TaskState.PENDING)
+        await request(app)
+        await until(lambda: handles[2].state is TaskState.RUNNING)
+        await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        assert [h.cancel() for h in (handles[0], handles[1], handles[3])] == [True] * 3
+        gate.set()
+        await app.join()
+        await request(app)  # the key "flaky" is free: its task runs now, not after the backoff
+        await app.join()
+    assert log == ["flaky 0", "flaky 3"]
+    assert [h.state for h in handles] == [
+        TaskState.CANCELLED,
+        TaskState.CANCELLED,
+        TaskState.COMPLETED,
+        TaskState.CANCELLED,
+        TaskState.COMPLETED,
+    ]
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_a_held_task_cancelled_from_a_thread_is_let_go() -> None:
+    """A sync task, in its worker thread, cancels its request's delayed task: the owner,
+    on the event loop, lets go of it, and `join()` returns."""
+    cancelled: list[bool] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        delayed = add_task(print, "delayed").set(delay=600)
+        add_task(lambda: cancelled.append(delayed.cancel()))
+        return [delayed]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    assert cancelled == [True]
+    assert handles[0].state is TaskState.CANCELLED
