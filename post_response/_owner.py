@@ -48,6 +48,7 @@ logger = logging.getLogger("post_response")
 _ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskState.PENDING
 _COMPLETED, _RUNNING = TaskState.COMPLETED, TaskState.RUNNING
 _SHUT_DOWN = "the server shut down"
+_COMPACT_AT = 64
 
 
 class Life(enum.Enum):
@@ -129,6 +130,7 @@ class Owner:
         self._why = _SHUT_DOWN  # why what is left is cancelled, for the logs
         self._keys: dict[str, _Key] = {}
         self._timers: list[tuple[float, int, HeldBatch, bool]] = []  # (due, n, batch, retry)
+        self._compact_at = _COMPACT_AT  # the heap's size past which `_compact` runs
         self._order = itertools.count()  # ties on the heap go first come, first served
         self._tick: anyio.Event | None = None  # set to wake the timer
         self._timing = False  # the timer task was started
@@ -671,18 +673,20 @@ class Owner:
             self._call_soon(self._let_go, held)
 
     def _let_go(self, held: HeldBatch) -> None:
-        if held.task._planned().held is not held:  # started, or let go of already
+        task = held.task
+        if task._planned().held is not held:  # started, or let go of already
             return
-        retry = False  # not on the timer's heap: it waited for its key, and kept none
-        timers = self._timers
-        for i, entry in enumerate(timers):
-            if entry[2] is held:
-                retry = entry[3]
-                timers[i] = timers[-1]
-                timers.pop()
-                heapq.heapify(timers)
-                break
-        self._due(held, retry=retry)  # its end: forgotten, its key freed or passed on
+        self._forget(held)  # its entry on the timer's heap, if it has one, is skipped
+        key = task.key
+        if key is None:
+            return
+        state = self._keys.get(key)
+        if state is not None and state.next is held:  # it waited for its delay or its key
+            state.next = None
+            if not state.busy:
+                del self._keys[key]
+        else:  # it waited for its next attempt, and kept its key meanwhile
+            self.release(key)
 
     def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
         state = self._keys.get(key)
@@ -696,9 +700,9 @@ class Owner:
         held = state.next
         if held is not None:
             state.next = None
+            self._forget(held)  # first: the task has nothing more to tell the owner
             if held.task.state is _PENDING:
                 held.task._supersede()
-            self._forget(held)
 
     def _start(self, held: HeldBatch) -> None:
         task = held.task
@@ -718,6 +722,8 @@ class Owner:
 
     def _due(self, held: HeldBatch, *, retry: bool) -> None:
         """`held`'s delay or backoff is over."""
+        if held not in self._batches:  # let go of already (superseded, cancelled)
+            return
         task = held.task
         key = task.key
         if task.state is not _PENDING:  # cancelled or superseded while it waited
@@ -746,10 +752,21 @@ class Owner:
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
+        if len(timers) > self._compact_at:  # a debounce's superseded tasks, say
+            self._compact()
         if not self._timing:
             self._start_timer()
         elif timers[0][2] is held and self._tick is not None:
             self._tick.set()  # the timer sleeps until a later time
+
+    def _compact(self) -> None:
+        """Take off the timer's heap the tasks let go of while they waited, which it would
+        otherwise keep until their time (with their arguments), so that a burst of
+        requests debouncing one key with a long delay holds one task, not one per request."""
+        timers, batches = self._timers, self._batches
+        timers[:] = [entry for entry in timers if entry[2] in batches]  # the timer's list
+        heapq.heapify(timers)
+        self._compact_at = max(2 * len(timers), _COMPACT_AT)
 
     def _start_timer(self) -> None:
         workers = self._workers
@@ -784,6 +801,8 @@ class Owner:
         self._flushing = True
         timers, self._timers = sorted(self._timers), []
         for _, _, held, retry in timers:
+            if held not in self._batches:  # let go of already (superseded, cancelled)
+                continue
             if retry:
                 self._abandon_retry(held)
             else:

@@ -3,9 +3,11 @@ proves them on real servers)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -632,3 +634,31 @@ async def test_a_held_task_cancelled_from_a_thread_is_let_go() -> None:
         await app.join()
     assert cancelled == [True]
     assert handles[0].state is TaskState.CANCELLED
+
+
+async def test_a_debounce_keeps_only_its_last_task_while_it_waits() -> None:
+    """A burst of requests debouncing one key with a long delay: each task replaced ends
+    `superseded` and is freed then, with its arguments, not kept until its delay would
+    have been over (memory would grow with the request rate times the delay)."""
+
+    class Payload:
+        pass
+
+    alive: list[weakref.ref[Payload]] = []
+
+    def adds() -> None:
+        payload = Payload()
+        alive.append(weakref.ref(payload))
+        add_task(print, payload).set(key="index", delay=600)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        for _ in range(1000):
+            await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        gc.collect()
+        kept = sum(ref() is not None for ref in alive)
+        assert alive[-1]() is not None  # the one waiting
+        assert kept < 100
+        assert app.stats.snapshot()["superseded"] == 999
