@@ -799,7 +799,8 @@ class Owner:
     def _flush(self) -> None:
         """Shutdown: delayed tasks are due now; tasks waiting for a retry are abandoned."""
         self._flushing = True
-        timers, self._timers = sorted(self._timers), []
+        timers = sorted(self._timers)
+        self._timers.clear()  # the timer's own list: it must not start them a second time
         for _, _, held, retry in timers:
             if held not in self._batches:  # let go of already (superseded, cancelled)
                 continue

@@ -662,3 +662,32 @@ async def test_a_debounce_keeps_only_its_last_task_while_it_waits() -> None:
         assert alive[-1]() is not None  # the one waiting
         assert kept < 100
         assert app.stats.snapshot()["superseded"] == 999
+
+
+async def test_shutdown_waits_for_a_delayed_task_it_started_when_its_delay_ends() -> None:
+    """At shutdown a delayed task runs at once; should its delay end while it still runs,
+    the shutdown goes on waiting for it (the timer had kept it, and let go of it then)."""
+    started, gate, stopped = anyio.Event(), anyio.Event(), anyio.Event()
+    handles: list[TaskHandle] = []
+
+    async def slow() -> None:
+        started.set()
+        await gate.wait()
+
+    app = PostResponseMiddleware(app_adding(lambda: add_task(slow).set(delay=0.2), handles))
+
+    async def serve() -> None:
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: app.stats.queued == 0)  # held for its delay
+        stopped.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(serve)
+            await started.wait()  # at once, at the shutdown
+            await anyio.sleep(0.4)  # its delay is over: the timer's time for it comes
+            assert not stopped.is_set()
+            assert handles[0].state is TaskState.RUNNING
+            gate.set()
+    assert handles[0].state is TaskState.COMPLETED
