@@ -659,7 +659,8 @@ class Owner:
         task._unqueue()
         held = HeldBatch.of(task, batch.settings, self)
         self._hold(held)  # joined and drained like any batch
-        task._planned().held = held
+        plan = task._planned()
+        plan.held, plan.taken = held, True
         return held
 
     def let_go(self, held: HeldBatch) -> None:

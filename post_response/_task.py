@@ -295,6 +295,13 @@ class TaskHandle:
                 "same statement as `add_task(...)`, e.g. `add_task(fn).set(timeout=5)`."
             )
             raise TaskStartedError(msg)
+        if (key is not None or delay is not None) and self._plan is not None and self._plan.taken:
+            msg = (
+                f"Task {self.name!r} already waits for its delay, its key or its next attempt, "
+                "so its key and delay can no longer change; set them in the same statement "
+                "as `add_task(...)`, e.g. `add_task(fn).set(key=..., delay=5)`."
+            )
+            raise TaskStartedError(msg)
         if name is not None:
             if not isinstance(name, str) or not name:
                 msg = f"A task name must be a non-empty string, got {name!r}."
@@ -496,6 +503,7 @@ class Plan:
         "pause",
         "retries",
         "retry_on",
+        "taken",
         "timeout",
         "tries",
     )
@@ -513,6 +521,7 @@ class Plan:
         self.tries = 0  # attempts that failed and were retried
         self.cleared = False  # the owner let it run: its delay is over, its key its own
         self.held: HeldBatch | None = None  # the owner's batch for it while it waits there
+        self.taken = False  # the owner has it, by its key: key and delay can no longer change
         self.pause = 0.0  # seconds before the next attempt, slept by its batch (no owner)
 
 

@@ -691,3 +691,35 @@ async def test_shutdown_waits_for_a_delayed_task_it_started_when_its_delay_ends(
             assert handles[0].state is TaskState.RUNNING
             gate.set()
     assert handles[0].state is TaskState.COMPLETED
+
+
+async def test_a_waiting_tasks_key_and_delay_cannot_change() -> None:
+    """Once the owner holds a task (here through its backoff, keeping its key), `set()`
+    refuses a new key or delay with `TaskStartedError`: the owner would free the new key,
+    not the one it holds, and every later task with that one would wait for ever."""
+    log: list[int] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def flaky(n: int) -> None:
+        log.append(n)
+        if n == 0 and log.count(0) == 1:
+            raise ConnectionError("once")
+
+    app = PostResponseMiddleware(
+        app_adding(
+            lambda: add_task(flaky, next(count)).set(key="k", retries=1, backoff=0.01), handles
+        )
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: log == [0] and handles[0].state is TaskState.PENDING)
+        for options in ({"key": "other"}, {"delay": 1.0}):
+            with pytest.raises(post_response.TaskStartedError, match="waits for its delay"):
+                handles[0].set(**options)
+        handles[0].set(name="still allowed")
+        await app.join()
+        await request(app)
+        await app.join()
+    assert log == [0, 0, 1]
+    assert [h.state for h in handles] == [TaskState.COMPLETED] * 2
