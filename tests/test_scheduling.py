@@ -348,6 +348,17 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
         ({"backoff": float("nan")}, r"set\(backoff=...\) must be a number of seconds"),
         ({"retry_on": BaseException}, r"set\(retry_on=...\) must be an exception class"),
         ({"retry_on": (ValueError, 3)}, r"set\(retry_on=...\) must be an exception class"),
+        (
+            {"delay": 10**400},
+            r"set\(delay=...\) must be a number of seconds, .*; got an int of 1329 bits",
+        ),
+        ({"backoff": 10**400}, r"set\(backoff=...\) must be a number of seconds"),
+        ({"timeout": 10**400}, r"set\(timeout=...\) must be a number of seconds above 0"),
+        (
+            {"delay": -(10**5000)},
+            r"set\(delay=...\) must be a number .*; got a negative int of 16610 bits",
+        ),
+        ({"retries": -(10**5000)}, r"set\(retries=...\) must be a whole number of retries"),
     ],
 )
 async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
@@ -377,6 +388,8 @@ async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error:
     [
         ({"retries": -1}, r"PostResponseMiddleware\(retries=...\) must be a whole number"),
         ({"backoff": "1"}, r"PostResponseMiddleware\(backoff=...\) must be a number of seconds"),
+        ({"timeout": 10**400}, r"PostResponseMiddleware\(timeout=...\) must be a number"),
+        ({"shutdown_timeout": 10**400}, r"PostResponseMiddleware\(shutdown_timeout=...\) must"),
     ],
 )
 def test_invalid_middleware_defaults_name_the_fix(options: dict[str, Any], error: str) -> None:
