@@ -710,8 +710,10 @@ class Owner:
         plan = task._planned()
         plan.cleared, plan.held = True, None
         self.submit(held)
-        if task.state is not _PENDING and task.key is not None:  # dropped, or too late
-            self.release(task.key)
+        if task.state is not _PENDING:  # dropped, or too late: it will not run
+            self._drop(held)  # else joins and the shutdown would wait for it for ever
+            if task.key is not None:
+                self.release(task.key)
 
     def _forget(self, batch: HeldBatch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""

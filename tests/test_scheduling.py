@@ -736,3 +736,38 @@ async def test_a_waiting_tasks_key_and_delay_cannot_change() -> None:
         await app.join()
     assert log == [0, 0, 1]
     assert [h.state for h in handles] == [TaskState.COMPLETED] * 2
+
+
+async def test_a_delayed_task_dropped_when_due_is_let_go() -> None:
+    """A delayed task whose time comes while `max_queued` tasks already wait is dropped
+    (logged, counted), and the owner lets go of it: `join()` returns, and its key is free."""
+    gate = anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def slow() -> None:
+        await gate.wait()
+
+    def adds() -> TaskHandle:
+        n = next(count)
+        if n == 0:
+            return add_task(log.append, "delayed").set(key="k", delay=0.05)
+        if n == 1:
+            return add_task(slow)
+        return add_task(log.append, f"task {n}").set(key="k")
+
+    app = PostResponseMiddleware(app_adding(adds, handles), max_running=1, max_queued=1)
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: app.stats.queued == 0)  # held for its delay
+        await request(app)
+        await until(lambda: handles[1].state is TaskState.RUNNING)
+        await request(app)  # waits for `slow`: max_queued is reached
+        await until(lambda: handles[0].state is not TaskState.PENDING)
+        gate.set()
+        await app.join()
+        await request(app)
+        await app.join()
+    assert [h.state for h in handles] == [TaskState.DROPPED] + [TaskState.COMPLETED] * 3
+    assert log == ["task 2", "task 3"]
