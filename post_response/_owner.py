@@ -194,13 +194,14 @@ class Owner:
         """The event loop is being closed without a lifespan shutdown (`asyncio.run()` or
         `anyio.run()` returning, a test client's portal closing): let the tasks finish,
         as at a shutdown, rather than have the loop cancel them."""
-        self._why = (
-            "the event loop closed without a lifespan shutdown, and "
-            f"shutdown_timeout={self._shutdown_timeout}s passed (in tests: "
-            "`with TestClient(app)`, or the post_response.pytest_plugin, waits for tasks)"
-        )
+        closed = "the event loop closed without a lifespan shutdown"
+        self._why = closed  # for tasks abandoned at once: those waiting for a retry
         with anyio.CancelScope(shield=True):
             await self._drain(self._shutdown_timeout)
+        self._why = (
+            f"{closed}, and shutdown_timeout={self._shutdown_timeout}s passed (in tests: "
+            "`with TestClient(app)`, or the post_response.pytest_plugin, waits for tasks)"
+        )
 
     def stop(self) -> None:
         """Make `serve()` return now, cancelling what still runs (see `shutdown()`)."""

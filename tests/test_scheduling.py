@@ -771,3 +771,33 @@ async def test_a_delayed_task_dropped_when_due_is_let_go() -> None:
         await app.join()
     assert [h.state for h in handles] == [TaskState.DROPPED] + [TaskState.COMPLETED] * 3
     assert log == ["task 2", "task 3"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_retry_abandoned_as_the_loop_closes_says_why(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event loop closes without a lifespan shutdown while a task waits for its next
+    attempt: it is abandoned at once, logged as such, not as if `shutdown_timeout` had
+    passed first (that is said of the tasks still running once it has)."""
+    handles: list[TaskHandle] = []
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(failing).set(retries=3, backoff=600), handles)
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(5):
+            await request(app)
+            await until(lambda: handles[0].attempt == 1 and handles[0].state is TaskState.PENDING)
+
+    anyio.run(main, backend=backend)
+    assert handles[0].state is TaskState.ABANDONED
+    [line] = [m for m in messages(caplog, logging.ERROR) if "abandoned" in m]
+    assert line.endswith(
+        "abandoned: the event loop closed without a lifespan shutdown while it waited for "
+        "its next attempt, after 1 failed"
+    )
