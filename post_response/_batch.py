@@ -251,6 +251,7 @@ class Batch:
         if plan.cleared:  # the owner's batch for it, which frees its key after it
             await self._run(task)
             return
+        plan.taken = True  # its key is the owner's to free from now on
         if owner.hold(task, self):
             return  # the owner runs it once its delay is over and its key is free
         try:

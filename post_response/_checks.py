@@ -139,18 +139,23 @@ def check_timeout(value: object, where: str) -> float | None:
     """Return `value` as a timeout in seconds, or raise a `ConfigurationError` naming `where`."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        msg = f"{where} must be a number of seconds above 0, or None for no limit; got {value!r}."
+    seconds = _seconds(value)
+    if seconds is None or not seconds > 0:
+        msg = (
+            f"{where} must be a number of seconds above 0, or None for no limit; "
+            f"got {_shown(value)}."
+        )
         raise ConfigurationError(msg)
-    return float(value)
+    return seconds
 
 
 def check_delay(value: object, where: str) -> float:
     """Return `value` as a delay in seconds, or raise a `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        msg = f"{where} must be a number of seconds, 0 or more; got {value!r}."
+    seconds = _seconds(value)
+    if seconds is None or not 0 <= seconds < math.inf:
+        msg = f"{where} must be a number of seconds, 0 or more; got {_shown(value)}."
         raise ConfigurationError(msg)
-    return float(value)
+    return seconds
 
 
 def check_backoff(value: object, where: str) -> float:
@@ -161,9 +166,31 @@ def check_backoff(value: object, where: str) -> float:
 def check_retries(value: object, where: str) -> int:
     """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        msg = f"{where} must be a whole number of retries, 0 or more; got {value!r}."
+        msg = f"{where} must be a whole number of retries, 0 or more; got {_shown(value)}."
         raise ConfigurationError(msg)
     return value
+
+
+def _seconds(value: object) -> float | None:
+    """`value` as a float, or None when it is not a number (a bool is not one) or an int
+    too large for a float (`10**400`, which `float()` refuses with `OverflowError`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _shown(value: object) -> str:
+    """`repr(value)` for a message; an int too large for a float by its size instead (the
+    repr of one past 4,300 digits raises `ValueError`)."""
+    if isinstance(value, int) and value.bit_length() > _FLOAT_BITS:
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+    return repr(value)
+
+
+_FLOAT_BITS = 1024  # an int longer than this is beyond the largest float
 
 
 def check_retry_on(value: object) -> type[Exception] | tuple[type[Exception], ...]:

@@ -15,6 +15,7 @@ task whose thread runs on), tasks not started end `abandoned`, each logged by na
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import enum
 import heapq
@@ -47,6 +48,7 @@ logger = logging.getLogger("post_response")
 _ABANDONED, _DROPPED, _PENDING = TaskState.ABANDONED, TaskState.DROPPED, TaskState.PENDING
 _COMPLETED, _RUNNING = TaskState.COMPLETED, TaskState.RUNNING
 _SHUT_DOWN = "the server shut down"
+_COMPACT_AT = 64
 
 
 class Life(enum.Enum):
@@ -128,6 +130,7 @@ class Owner:
         self._why = _SHUT_DOWN  # why what is left is cancelled, for the logs
         self._keys: dict[str, _Key] = {}
         self._timers: list[tuple[float, int, HeldBatch, bool]] = []  # (due, n, batch, retry)
+        self._compact_at = _COMPACT_AT  # the heap's size past which `_compact` runs
         self._order = itertools.count()  # ties on the heap go first come, first served
         self._tick: anyio.Event | None = None  # set to wake the timer
         self._timing = False  # the timer task was started
@@ -135,6 +138,12 @@ class Owner:
         self._alone = self._backend.runs_tasks_alone  # a loop task per task, no workers
         self._pumping = False  # starting queued batches (`_pump`), not to be re-entered
         self._stopping_tasks = False  # the owner cancels its tasks: not a task's own cancel
+        self._thread = threading.get_ident()  # the event loop's: `let_go` may come from another
+        self._call_soon = (
+            self._backend.call_from_thread
+            if self._alone
+            else sys.modules["trio"].lowlevel.current_trio_token().run_sync_soon
+        )
 
     @classmethod
     def spawn(
@@ -185,13 +194,14 @@ class Owner:
         """The event loop is being closed without a lifespan shutdown (`asyncio.run()` or
         `anyio.run()` returning, a test client's portal closing): let the tasks finish,
         as at a shutdown, rather than have the loop cancel them."""
-        self._why = (
-            "the event loop closed without a lifespan shutdown, and "
-            f"shutdown_timeout={self._shutdown_timeout}s passed (in tests: "
-            "`with TestClient(app)`, or the post_response.pytest_plugin, waits for tasks)"
-        )
+        closed = "the event loop closed without a lifespan shutdown"
+        self._why = closed  # for tasks abandoned at once: those waiting for a retry
         with anyio.CancelScope(shield=True):
             await self._drain(self._shutdown_timeout)
+        self._why = (
+            f"{closed}, and shutdown_timeout={self._shutdown_timeout}s passed (in tests: "
+            "`with TestClient(app)`, or the post_response.pytest_plugin, waits for tasks)"
+        )
 
     def stop(self) -> None:
         """Make `serve()` return now, cancelling what still runs (see `shutdown()`)."""
@@ -650,7 +660,35 @@ class Owner:
         task._unqueue()
         held = HeldBatch.of(task, batch.settings, self)
         self._hold(held)  # joined and drained like any batch
+        plan = task._planned()
+        plan.held, plan.taken = held, True
         return held
+
+    def let_go(self, held: HeldBatch) -> None:
+        """`held`'s task ended while it waited here (cancelled, or superseded within its
+        request): let go of it now, not once its delay or backoff is over, so that joins
+        do not wait for it and a key it kept is free. From any thread."""
+        if threading.get_ident() == self._thread:
+            self._let_go(held)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing holds it now
+            self._call_soon(self._let_go, held)
+
+    def _let_go(self, held: HeldBatch) -> None:
+        task = held.task
+        if task._planned().held is not held:  # started, or let go of already
+            return
+        self._forget(held)  # its entry on the timer's heap, if it has one, is skipped
+        key = task.key
+        if key is None:
+            return
+        state = self._keys.get(key)
+        if state is not None and state.next is held:  # it waited for its delay or its key
+            state.next = None
+            if not state.busy:
+                del self._keys[key]
+        else:  # it waited for its next attempt, and kept its key meanwhile
+            self.release(key)
 
     def _wait_for_key(self, key: str, held: HeldBatch, *, due: bool) -> None:
         state = self._keys.get(key)
@@ -664,24 +702,32 @@ class Owner:
         held = state.next
         if held is not None:
             state.next = None
+            self._forget(held)  # first: the task has nothing more to tell the owner
             if held.task.state is _PENDING:
                 held.task._supersede()
-            self._forget(held)
 
     def _start(self, held: HeldBatch) -> None:
         task = held.task
-        task._planned().cleared = True
+        plan = task._planned()
+        plan.cleared, plan.held = True, None
         self.submit(held)
-        if task.state is not _PENDING and task.key is not None:  # dropped, or too late
-            self.release(task.key)
+        if task.state is not _PENDING:  # dropped, or too late: it will not run
+            self._drop(held)  # else joins and the shutdown would wait for it for ever
+            if task.key is not None:
+                self.release(task.key)
 
-    def _forget(self, batch: Batch) -> None:
+    def _forget(self, batch: HeldBatch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""
+        plan = batch.task._planned()
+        if plan.held is batch:
+            plan.held = None
         batch.close()
         self._drop(batch)
 
     def _due(self, held: HeldBatch, *, retry: bool) -> None:
         """`held`'s delay or backoff is over."""
+        if held not in self._batches:  # let go of already (superseded, cancelled)
+            return
         task = held.task
         key = task.key
         if task.state is not _PENDING:  # cancelled or superseded while it waited
@@ -710,10 +756,21 @@ class Owner:
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
+        if len(timers) > self._compact_at:  # a debounce's superseded tasks, say
+            self._compact()
         if not self._timing:
             self._start_timer()
         elif timers[0][2] is held and self._tick is not None:
             self._tick.set()  # the timer sleeps until a later time
+
+    def _compact(self) -> None:
+        """Take off the timer's heap the tasks let go of while they waited, which it would
+        otherwise keep until their time (with their arguments), so that a burst of
+        requests debouncing one key with a long delay holds one task, not one per request."""
+        timers, batches = self._timers, self._batches
+        timers[:] = [entry for entry in timers if entry[2] in batches]  # the timer's list
+        heapq.heapify(timers)
+        self._compact_at = max(2 * len(timers), _COMPACT_AT)
 
     def _start_timer(self) -> None:
         workers = self._workers
@@ -746,8 +803,11 @@ class Owner:
     def _flush(self) -> None:
         """Shutdown: delayed tasks are due now; tasks waiting for a retry are abandoned."""
         self._flushing = True
-        timers, self._timers = sorted(self._timers), []
+        timers = sorted(self._timers)
+        self._timers.clear()  # the timer's own list: it must not start them a second time
         for _, _, held, retry in timers:
+            if held not in self._batches:  # let go of already (superseded, cancelled)
+                continue
             if retry:
                 self._abandon_retry(held)
             else:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import Context
 
+    from ._batch import HeldBatch
+
 __all__ = [
     "FINAL_STATES",
     "NO_KWARGS",
@@ -293,6 +295,13 @@ class TaskHandle:
                 "same statement as `add_task(...)`, e.g. `add_task(fn).set(timeout=5)`."
             )
             raise TaskStartedError(msg)
+        if (key is not None or delay is not None) and self._plan is not None and self._plan.taken:
+            msg = (
+                f"Task {self.name!r} already waits for its delay, its key or its next attempt, "
+                "so its key and delay can no longer change; set them in the same statement "
+                "as `add_task(...)`, e.g. `add_task(fn).set(key=..., delay=5)`."
+            )
+            raise TaskStartedError(msg)
         if name is not None:
             if not isinstance(name, str) or not name:
                 msg = f"A task name must be a non-empty string, got {name!r}."
@@ -354,12 +363,21 @@ class TaskHandle:
             return False
         self._end(TaskState.CANCELLED)
         self._log(logging.INFO, "cancelled before it ran")
+        self._let_go()
         return True
 
     def _supersede(self) -> None:
         """A newer task with this one's key replaced it before it ran."""
         self._end(TaskState.SUPERSEDED)
         self._log(logging.INFO, "superseded by a newer task with key %r", self.key)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The task ended before it ran: if an owner holds it (for its delay, its key or
+        its next attempt), it lets go of it now rather than once that wait is over."""
+        held = None if self._plan is None else self._plan.held
+        if held is not None and held.owner is not None:
+            held.owner.let_go(held)
 
     # State changes, kept here so that the counters always match the states.
 
@@ -479,11 +497,13 @@ class Plan:
         "cleared",
         "delay",
         "dispatch",
+        "held",
         "key",
         "name",
         "pause",
         "retries",
         "retry_on",
+        "taken",
         "timeout",
         "tries",
     )
@@ -500,6 +520,8 @@ class Plan:
         self.retry_on: type[Exception] | tuple[type[Exception], ...] = Exception
         self.tries = 0  # attempts that failed and were retried
         self.cleared = False  # the owner let it run: its delay is over, its key its own
+        self.held: HeldBatch | None = None  # the owner's batch for it while it waits there
+        self.taken = False  # the owner has it, by its key: key and delay can no longer change
         self.pause = 0.0  # seconds before the next attempt, slept by its batch (no owner)
 
 

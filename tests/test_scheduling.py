@@ -3,9 +3,11 @@ proves them on real servers)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -346,6 +348,17 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
         ({"backoff": float("nan")}, r"set\(backoff=...\) must be a number of seconds"),
         ({"retry_on": BaseException}, r"set\(retry_on=...\) must be an exception class"),
         ({"retry_on": (ValueError, 3)}, r"set\(retry_on=...\) must be an exception class"),
+        (
+            {"delay": 10**400},
+            r"set\(delay=...\) must be a number of seconds, .*; got an int of 1329 bits",
+        ),
+        ({"backoff": 10**400}, r"set\(backoff=...\) must be a number of seconds"),
+        ({"timeout": 10**400}, r"set\(timeout=...\) must be a number of seconds above 0"),
+        (
+            {"delay": -(10**5000)},
+            r"set\(delay=...\) must be a number .*; got a negative int of 16610 bits",
+        ),
+        ({"retries": -(10**5000)}, r"set\(retries=...\) must be a whole number of retries"),
     ],
 )
 async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
@@ -375,6 +388,8 @@ async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error:
     [
         ({"retries": -1}, r"PostResponseMiddleware\(retries=...\) must be a whole number"),
         ({"backoff": "1"}, r"PostResponseMiddleware\(backoff=...\) must be a number of seconds"),
+        ({"timeout": 10**400}, r"PostResponseMiddleware\(timeout=...\) must be a number"),
+        ({"shutdown_timeout": 10**400}, r"PostResponseMiddleware\(shutdown_timeout=...\) must"),
     ],
 )
 def test_invalid_middleware_defaults_name_the_fix(options: dict[str, Any], error: str) -> None:
@@ -558,3 +573,231 @@ async def test_requests_that_wait_for_their_tasks_wait_for_delayed_ones() -> Non
     with anyio.fail_after(10), requests_wait_for_tasks():
         await request(app)
     assert sorted(log) == ["delayed", "flaky"]
+
+
+async def test_a_task_cancelled_while_held_is_let_go_at_once() -> None:
+    """A task cancelled with its handle while it waits (for its delay, its busy key or its
+    next attempt) is let go of then, not once that wait is over: `join()` does not wait
+    for it, and the key it kept through a backoff is free for the next task with it."""
+    gate = anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def flaky(n: int) -> None:
+        log.append(f"flaky {n}")
+        if n == 0:
+            raise ConnectionError("down")
+
+    async def busy() -> None:
+        await gate.wait()
+
+    def adds() -> list[TaskHandle]:
+        n = next(count)
+        if n == 0:
+            return [
+                add_task(log.append, "delayed").set(delay=600),
+                add_task(flaky, n).set(key="flaky", retries=1, backoff=600),
+            ]
+        if n == 1:
+            return [add_task(busy).set(key="busy")]
+        if n == 2:
+            return [add_task(log.append, "waits for busy").set(key="busy")]
+        return [add_task(flaky, n).set(key="flaky")]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: log == ["flaky 0"] and handles[1].state is TaskState.PENDING)
+        await request(app)
+        await until(lambda: handles[2].state is TaskState.RUNNING)
+        await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        assert [h.cancel() for h in (handles[0], handles[1], handles[3])] == [True] * 3
+        gate.set()
+        await app.join()
+        await request(app)  # the key "flaky" is free: its task runs now, not after the backoff
+        await app.join()
+    assert log == ["flaky 0", "flaky 3"]
+    assert [h.state for h in handles] == [
+        TaskState.CANCELLED,
+        TaskState.CANCELLED,
+        TaskState.COMPLETED,
+        TaskState.CANCELLED,
+        TaskState.COMPLETED,
+    ]
+    assert (app.stats.queued, app.stats.running) == (0, 0)
+
+
+async def test_a_held_task_cancelled_from_a_thread_is_let_go() -> None:
+    """A sync task, in its worker thread, cancels its request's delayed task: the owner,
+    on the event loop, lets go of it, and `join()` returns."""
+    cancelled: list[bool] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        delayed = add_task(print, "delayed").set(delay=600)
+        add_task(lambda: cancelled.append(delayed.cancel()))
+        return [delayed]
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    assert cancelled == [True]
+    assert handles[0].state is TaskState.CANCELLED
+
+
+async def test_a_debounce_keeps_only_its_last_task_while_it_waits() -> None:
+    """A burst of requests debouncing one key with a long delay: each task replaced ends
+    `superseded` and is freed then, with its arguments, not kept until its delay would
+    have been over (memory would grow with the request rate times the delay)."""
+
+    class Payload:
+        pass
+
+    alive: list[weakref.ref[Payload]] = []
+
+    def adds() -> None:
+        payload = Payload()
+        alive.append(weakref.ref(payload))
+        add_task(print, payload).set(key="index", delay=600)
+
+    app = PostResponseMiddleware(app_adding(adds))
+    with anyio.fail_after(10):
+        for _ in range(1000):
+            await request(app)
+        for _ in range(5):
+            await anyio.sleep(0)
+        gc.collect()
+        kept = sum(ref() is not None for ref in alive)
+        assert alive[-1]() is not None  # the one waiting
+        assert kept < 100
+        assert app.stats.snapshot()["superseded"] == 999
+
+
+async def test_shutdown_waits_for_a_delayed_task_it_started_when_its_delay_ends() -> None:
+    """At shutdown a delayed task runs at once; should its delay end while it still runs,
+    the shutdown goes on waiting for it (the timer had kept it, and let go of it then)."""
+    started, gate, stopped = anyio.Event(), anyio.Event(), anyio.Event()
+    handles: list[TaskHandle] = []
+
+    async def slow() -> None:
+        started.set()
+        await gate.wait()
+
+    app = PostResponseMiddleware(app_adding(lambda: add_task(slow).set(delay=0.2), handles))
+
+    async def serve() -> None:
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: app.stats.queued == 0)  # held for its delay
+        stopped.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(serve)
+            await started.wait()  # at once, at the shutdown
+            await anyio.sleep(0.4)  # its delay is over: the timer's time for it comes
+            assert not stopped.is_set()
+            assert handles[0].state is TaskState.RUNNING
+            gate.set()
+    assert handles[0].state is TaskState.COMPLETED
+
+
+async def test_a_waiting_tasks_key_and_delay_cannot_change() -> None:
+    """Once the owner holds a task (here through its backoff, keeping its key), `set()`
+    refuses a new key or delay with `TaskStartedError`: the owner would free the new key,
+    not the one it holds, and every later task with that one would wait for ever."""
+    log: list[int] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def flaky(n: int) -> None:
+        log.append(n)
+        if n == 0 and log.count(0) == 1:
+            raise ConnectionError("once")
+
+    app = PostResponseMiddleware(
+        app_adding(
+            lambda: add_task(flaky, next(count)).set(key="k", retries=1, backoff=0.01), handles
+        )
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: log == [0] and handles[0].state is TaskState.PENDING)
+        for options in ({"key": "other"}, {"delay": 1.0}):
+            with pytest.raises(post_response.TaskStartedError, match="waits for its delay"):
+                handles[0].set(**options)
+        handles[0].set(name="still allowed")
+        await app.join()
+        await request(app)
+        await app.join()
+    assert log == [0, 0, 1]
+    assert [h.state for h in handles] == [TaskState.COMPLETED] * 2
+
+
+async def test_a_delayed_task_dropped_when_due_is_let_go() -> None:
+    """A delayed task whose time comes while `max_queued` tasks already wait is dropped
+    (logged, counted), and the owner lets go of it: `join()` returns, and its key is free."""
+    gate = anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(10))
+
+    async def slow() -> None:
+        await gate.wait()
+
+    def adds() -> TaskHandle:
+        n = next(count)
+        if n == 0:
+            return add_task(log.append, "delayed").set(key="k", delay=0.05)
+        if n == 1:
+            return add_task(slow)
+        return add_task(log.append, f"task {n}").set(key="k")
+
+    app = PostResponseMiddleware(app_adding(adds, handles), max_running=1, max_queued=1)
+    with anyio.fail_after(5):
+        await request(app)
+        await until(lambda: app.stats.queued == 0)  # held for its delay
+        await request(app)
+        await until(lambda: handles[1].state is TaskState.RUNNING)
+        await request(app)  # waits for `slow`: max_queued is reached
+        await until(lambda: handles[0].state is not TaskState.PENDING)
+        gate.set()
+        await app.join()
+        await request(app)
+        await app.join()
+    assert [h.state for h in handles] == [TaskState.DROPPED] + [TaskState.COMPLETED] * 3
+    assert log == ["task 2", "task 3"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_retry_abandoned_as_the_loop_closes_says_why(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event loop closes without a lifespan shutdown while a task waits for its next
+    attempt: it is abandoned at once, logged as such, not as if `shutdown_timeout` had
+    passed first (that is said of the tasks still running once it has)."""
+    handles: list[TaskHandle] = []
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(failing).set(retries=3, backoff=600), handles)
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(5):
+            await request(app)
+            await until(lambda: handles[0].attempt == 1 and handles[0].state is TaskState.PENDING)
+
+    anyio.run(main, backend=backend)
+    assert handles[0].state is TaskState.ABANDONED
+    [line] = [m for m in messages(caplog, logging.ERROR) if "abandoned" in m]
+    assert line.endswith(
+        "abandoned: the event loop closed without a lifespan shutdown while it waited for "
+        "its next attempt, after 1 failed"
+    )
