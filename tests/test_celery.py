@@ -136,6 +136,16 @@ def test_signatures_and_plain_functions_registered_as_tasks_are_enqueued(
     assert signature in done
 
 
+def test_a_signature_of_a_task_known_only_to_the_workers_is_enqueued(
+    web: Server, broker: str
+) -> None:
+    """`add_task(app.signature("name", args=...))` for a task the web process does not
+    define: Celery sends it by name, and the worker runs it."""
+    task_id = new_id()
+    assert httpx.get(f"{web.url}/by_name?id={task_id}", timeout=10).status_code == 200
+    assert f"remote {task_id}" in records_once(broker, f"remote {task_id}")
+
+
 def test_unserializable_arguments_are_an_error_in_the_request(web: Server) -> None:
     """An object JSON cannot carry fails `add_task()` in the request, saying why."""
     assert httpx.get(f"{web.url}/unserializable", timeout=10).status_code == 500
