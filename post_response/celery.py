@@ -35,7 +35,7 @@ from kombu.exceptions import EncodeError
 
 from ._checks import describe
 from ._errors import InvalidTaskError, PostResponseError
-from ._text import outline
+from ._text import escape, outline
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -150,6 +150,6 @@ def _enqueue(
     except Exception as exc:
         msg = (
             f"Could not enqueue Celery task {outline(name, args, kwargs)} after "
-            f"{RETRY_POLICY['max_retries']} retries: {type(exc).__name__}: {exc}"
+            f"{RETRY_POLICY['max_retries']} retries: {escape(f'{type(exc).__name__}: {exc}')}"
         )
         raise EnqueueError(msg) from exc
