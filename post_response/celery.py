@@ -70,7 +70,13 @@ class CeleryDispatcher:
         target = self._target(handle)
         if target is None:
             return None
-        sender, name, serializer, args, kwargs = target
+        sender, task, name, args, kwargs = target
+        if task is None:  # a signature of a task known only to the workers
+            serializer = cast("str", sender.app.conf.task_serializer)
+        else:
+            if isinstance(sender, Task) or type(sender) is Signature:  # not group(), chain()...
+                _check_arguments(task, args, kwargs)  # which call no task's apply_async
+            serializer = _serializer(task)
         _check_serializable(name, serializer, args, kwargs)
         plan = handle._planned()
         if plan.name is None:
@@ -78,11 +84,12 @@ class CeleryDispatcher:
         return functools.partial(_enqueue, sender, name, args, kwargs)
 
     def _target(self, handle: TaskHandle) -> _Target | None:
-        """What enqueues the task behind `handle` (a Celery task or signature), its name, its
-        serializer and its arguments, or None for an ordinary callable."""
+        """What enqueues the task behind `handle` (a Celery task or signature), the task
+        if this process knows it, its name and its arguments, or None for an ordinary
+        callable."""
         func = handle.func
         if isinstance(func, Task):
-            return func, func.name, _serializer(func), handle.args, handle.kwargs
+            return func, func, func.name, handle.args, handle.kwargs
         if isinstance(func, Signature):
             if handle.args or handle.kwargs:
                 msg = (  # the signature's name, not its repr: that shows its arguments
@@ -93,21 +100,37 @@ class CeleryDispatcher:
             # None for a task known only to the workers (`app.signature("name")`): Celery
             # sends it by name.
             task = func._type or func.app.tasks.get(func.task)
-            serializer = _serializer(task) if task is not None else func.app.conf.task_serializer
-            return func, func.task, serializer, tuple(func.args), dict(func.kwargs)
+            return func, task, func.task, tuple(func.args), dict(func.kwargs)
         if self.app is not None:
             name = describe(func)
             if name in self.app.tasks:
                 task = self.app.tasks[name]
-                return task, name, _serializer(task), handle.args, handle.kwargs
+                return task, task, name, handle.args, handle.kwargs
         return None
 
 
-_Target = tuple["Task | Signature", str, str, tuple[Any, ...], dict[str, Any]]
+_Target = tuple["Task | Signature", "Task | None", str, tuple[Any, ...], dict[str, Any]]
 
 
 def _serializer(task: Task) -> str:
     return cast("str", task.serializer or task.app.conf.task_serializer)
+
+
+def _check_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Celery's own check of a task's arguments against its function (`typing`, on by
+    default), in the request: `apply_async` makes it only in the worker thread, after the
+    response, where the task would be lost."""
+    header = getattr(task, "__header__", None) if task.typing else None
+    if header is None:
+        return
+    try:
+        header(*args, **kwargs)
+    except TypeError as exc:  # Python's message names arguments, never their values
+        msg = (
+            f"Celery task {task.name!r} cannot be called with "
+            f"{outline(task.name, args, kwargs)}: {escape(str(exc))}."
+        )
+        raise InvalidTaskError(msg) from None
 
 
 def _check_serializable(
