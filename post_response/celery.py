@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 from celery import Celery, Task
 from celery.canvas import Signature
 from kombu import serialization
-from kombu.exceptions import EncodeError
+from kombu.exceptions import EncodeError, OperationalError
 
 from ._checks import describe
 from ._errors import InvalidTaskError, PostResponseError
@@ -171,8 +171,11 @@ def _enqueue(
         else:
             sender.apply_async(args, kwargs, retry=True, retry_policy=RETRY_POLICY)
     except Exception as exc:
+        # Kombu retries connection errors only (and then raises an OperationalError).
+        retried = isinstance(exc, OperationalError)
+        after = f" after {RETRY_POLICY['max_retries']} retries" if retried else ""
         msg = (
-            f"Could not enqueue Celery task {outline(name, args, kwargs)} after "
-            f"{RETRY_POLICY['max_retries']} retries: {escape(f'{type(exc).__name__}: {exc}')}"
+            f"Could not enqueue Celery task {outline(name, args, kwargs)}{after}: "
+            f"{escape(f'{type(exc).__name__}: {exc}')}"
         )
         raise EnqueueError(msg) from exc

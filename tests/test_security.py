@@ -199,6 +199,24 @@ class TestCelery:
         assert not any(line.startswith("FORGED") for line in logged.splitlines()), logged
         assert "\x1b" not in logged
 
+    async def test_an_enqueue_failure_that_was_not_retried_does_not_say_it_was(
+        self, send_email: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Kombu retries connection errors only: a chord without a result backend fails at
+        once, and the log says so, not "after 3 retries"."""
+        celery = pytest.importorskip("celery")
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            add_task(celery.chord([send_email.s("a", "b")], send_email.si("c", "d")))
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [record] = [r for r in caplog.records if getattr(r, "task_outcome", "") == "failed"]
+        logged = logging.Formatter().format(record)
+        assert "Could not enqueue Celery task celery.chord(" in logged
+        assert "): NotImplementedError: Starting chords requires a result backend" in logged
+        assert "retries" not in logged
+
     async def test_a_signature_with_more_arguments_is_named_without_its_values(
         self, send_email: Any
     ) -> None:
