@@ -29,7 +29,8 @@ def escape(text: str) -> str:
 
 
 def outline(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """`name(str, subject=str)`: a call by its argument types, never their values."""
+    """`name(str, subject=str)`: a call by its argument types, never their values (the
+    name escaped: a Celery signature's may come from anywhere)."""
     parts = [type(arg).__qualname__ for arg in args]
     parts += [f"{escape(str(key))}={type(value).__qualname__}" for key, value in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
+    return f"{escape(name)}({', '.join(parts)})"

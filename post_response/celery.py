@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, cast
 from celery import Celery, Task
 from celery.canvas import Signature
 from kombu import serialization
-from kombu.exceptions import EncodeError
+from kombu.exceptions import EncodeError, OperationalError
 
 from ._checks import describe
 from ._errors import InvalidTaskError, PostResponseError
-from ._text import outline
+from ._text import escape, outline
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -70,18 +70,26 @@ class CeleryDispatcher:
         target = self._target(handle)
         if target is None:
             return None
-        task, args, kwargs = target
-        _check_serializable(task, args, kwargs)
+        sender, task, name, args, kwargs = target
+        if task is None:  # a signature of a task known only to the workers
+            serializer = cast("str", sender.app.conf.task_serializer)
+        else:
+            if isinstance(sender, Task) or type(sender) is Signature:  # not group(), chain()...
+                _check_arguments(task, args, kwargs)  # which call no task's apply_async
+            serializer = _serializer(task)
+        _check_serializable(name, serializer, args, kwargs)
         plan = handle._planned()
         if plan.name is None:
-            plan.name = task.name
-        return functools.partial(_enqueue, handle.func, task, args, kwargs)
+            plan.name = name
+        return functools.partial(_enqueue, sender, name, args, kwargs)
 
-    def _target(self, handle: TaskHandle) -> tuple[Task, tuple[Any, ...], dict[str, Any]] | None:
-        """The Celery task behind `handle` and its arguments, or None for an ordinary callable."""
+    def _target(self, handle: TaskHandle) -> _Target | None:
+        """What enqueues the task behind `handle` (a Celery task or signature), the task
+        if this process knows it, its name and its arguments, or None for an ordinary
+        callable."""
         func = handle.func
         if isinstance(func, Task):
-            return func, handle.args, handle.kwargs
+            return func, func, func.name, handle.args, handle.kwargs
         if isinstance(func, Signature):
             if handle.args or handle.kwargs:
                 msg = (  # the signature's name, not its repr: that shows its arguments
@@ -89,30 +97,58 @@ class CeleryDispatcher:
                     "put them in the signature: `add_task(task.s(*args, **kwargs))`."
                 )
                 raise InvalidTaskError(msg)
-            task = func.type if func.type is not None else func.app.tasks[func.task]
-            return task, tuple(func.args), dict(func.kwargs)
+            # None for a task known only to the workers (`app.signature("name")`): Celery
+            # sends it by name.
+            task = func._type or func.app.tasks.get(func.task)
+            return func, task, func.task, tuple(func.args), dict(func.kwargs)
         if self.app is not None:
             name = describe(func)
             if name in self.app.tasks:
-                return self.app.tasks[name], handle.args, handle.kwargs
+                task = self.app.tasks[name]
+                return task, task, name, handle.args, handle.kwargs
         return None
 
 
-def _check_serializable(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    serializer = task.serializer or task.app.conf.task_serializer
+_Target = tuple["Task | Signature", "Task | None", str, tuple[Any, ...], dict[str, Any]]
+
+
+def _serializer(task: Task) -> str:
+    return cast("str", task.serializer or task.app.conf.task_serializer)
+
+
+def _check_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Celery's own check of a task's arguments against its function (`typing`, on by
+    default), in the request: `apply_async` makes it only in the worker thread, after the
+    response, where the task would be lost."""
+    header = getattr(task, "__header__", None) if task.typing else None
+    if header is None:
+        return
+    try:
+        header(*args, **kwargs)
+    except TypeError as exc:  # Python's message names arguments, never their values
+        msg = (
+            f"Celery task {task.name!r} cannot be called with "
+            f"{outline(task.name, args, kwargs)}: {escape(str(exc))}."
+        )
+        raise InvalidTaskError(msg) from None
+
+
+def _check_serializable(
+    name: str, serializer: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     try:
         _dumps((args, kwargs, {}), serializer=serializer)
     except EncodeError as exc:
         msg = (
-            f"The arguments of Celery task {task.name!r} cannot be encoded with its "
-            f"{serializer!r} serializer: {_culprit(task, args, kwargs, serializer)}. Pass "
+            f"The arguments of Celery task {name!r} cannot be encoded with its "
+            f"{serializer!r} serializer: {_culprit(name, args, kwargs, serializer)}. Pass "
             "values it can encode (ids, strings, numbers), or choose another serializer for "
             "the task."
         )
         raise UnserializableArgumentsError(msg) from exc
 
 
-def _culprit(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -> str:
+def _culprit(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -> str:
     """Which argument cannot be encoded, by position or name and type (never its value:
     some serializers' errors show it, so theirs is only chained)."""
     items = [(f"argument {n}", value) for n, value in enumerate(args, 1)]
@@ -122,21 +158,24 @@ def _culprit(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], serializ
             _dumps(value, serializer=serializer)
         except EncodeError:
             return f"{where} is of type {type(value).__qualname__}"
-    return f"the call {outline(task.name, args, kwargs)}"
+    return f"the call {outline(name, args, kwargs)}"
 
 
 def _enqueue(
-    func: Task | Signature, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
+    sender: Task | Signature, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     """Send the task to the broker (in a worker thread), with Kombu's bounded retry."""
     try:
-        if isinstance(func, Signature):
-            func.apply_async(retry=True, retry_policy=RETRY_POLICY)
+        if isinstance(sender, Signature):
+            sender.apply_async(retry=True, retry_policy=RETRY_POLICY)
         else:
-            task.apply_async(args, kwargs, retry=True, retry_policy=RETRY_POLICY)
+            sender.apply_async(args, kwargs, retry=True, retry_policy=RETRY_POLICY)
     except Exception as exc:
+        # Kombu retries connection errors only (and then raises an OperationalError).
+        retried = isinstance(exc, OperationalError)
+        after = f" after {RETRY_POLICY['max_retries']} retries" if retried else ""
         msg = (
-            f"Could not enqueue Celery task {outline(task.name, args, kwargs)} after "
-            f"{RETRY_POLICY['max_retries']} retries: {type(exc).__name__}: {exc}"
+            f"Could not enqueue Celery task {outline(name, args, kwargs)}{after}: "
+            f"{escape(f'{type(exc).__name__}: {exc}')}"
         )
         raise EnqueueError(msg) from exc

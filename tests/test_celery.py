@@ -136,6 +136,24 @@ def test_signatures_and_plain_functions_registered_as_tasks_are_enqueued(
     assert signature in done
 
 
+def test_a_group_is_enqueued(web: Server, broker: str) -> None:
+    """`add_task(group(...))`: Celery's canvas primitives take their own arguments, not
+    those of the task behind their name (`celery.group`), and are enqueued as they are."""
+    group_id = new_id()
+    assert httpx.get(f"{web.url}/group?id={group_id}", timeout=10).status_code == 200
+    assert {f"{group_id} 1", f"{group_id} 2"} <= set(records_once(broker, f"{group_id} 2"))
+
+
+def test_a_signature_of_a_task_known_only_to_the_workers_is_enqueued(
+    web: Server, broker: str
+) -> None:
+    """`add_task(app.signature("name", args=...))` for a task the web process does not
+    define: Celery sends it by name, and the worker runs it."""
+    task_id = new_id()
+    assert httpx.get(f"{web.url}/by_name?id={task_id}", timeout=10).status_code == 200
+    assert f"remote {task_id}" in records_once(broker, f"remote {task_id}")
+
+
 def test_unserializable_arguments_are_an_error_in_the_request(web: Server) -> None:
     """An object JSON cannot carry fails `add_task()` in the request, saying why."""
     assert httpx.get(f"{web.url}/unserializable", timeout=10).status_code == 500
@@ -143,6 +161,18 @@ def test_unserializable_arguments_are_an_error_in_the_request(web: Server) -> No
         r"UnserializableArgumentsError: The arguments of Celery task "
         r"'tests.apps.celery_tasks.record' cannot be encoded with its 'json' serializer: "
         r"argument 1 is of type Unsendable\.",
+        web.output(),
+    )
+
+
+def test_arguments_the_task_does_not_take_are_an_error_in_the_request(web: Server) -> None:
+    """Celery's own check of a task's arguments (`typing`) is made by `add_task()`: after
+    the response it would lose the task."""
+    assert httpx.get(f"{web.url}/wrong_arguments?id={new_id()}", timeout=10).status_code == 500
+    assert re.search(
+        r"InvalidTaskError: Celery task 'tests.apps.celery_tasks.record' cannot be called with "
+        r"tests\.apps\.celery_tasks\.record\(str, str\): .*takes 1 positional argument but 2 "
+        r"were given\.",
         web.output(),
     )
 

@@ -164,7 +164,7 @@ class TestCelery:
         def send_email(to: str, subject: str) -> None:
             pass
 
-        return app.task(name="security.send_email")(send_email)
+        return app.task(name="security.send_email", shared=False)(send_email)
 
     async def test_an_enqueue_failure_logs_argument_types_not_values(
         self, send_email: Any, caplog: pytest.LogCaptureFixture
@@ -181,6 +181,41 @@ class TestCelery:
         logged = logging.Formatter().format(record)  # the message and the traceback
         assert "Could not enqueue Celery task security.send_email(str, subject=str)" in logged
         assert not any(secret in logged for secret in SECRETS), logged
+
+    async def test_an_enqueue_failure_escapes_the_task_name(
+        self, send_email: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A signature's task name may come from outside (a job type a client chose): the
+        failure's message shows its control characters escaped, and forges no line."""
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            add_task(send_email.app.signature("job\nFORGED \x1b[31m", args=("x",)))
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [record] = [r for r in caplog.records if getattr(r, "task_outcome", "") == "failed"]
+        logged = logging.Formatter().format(record)  # the message and the traceback
+        assert "Could not enqueue Celery task job\\nFORGED \\x1b[31m(str) after" in logged
+        assert not any(line.startswith("FORGED") for line in logged.splitlines()), logged
+        assert "\x1b" not in logged
+
+    async def test_an_enqueue_failure_that_was_not_retried_does_not_say_it_was(
+        self, send_email: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Kombu retries connection errors only: a chord without a result backend fails at
+        once, and the log says so, not "after 3 retries"."""
+        celery = pytest.importorskip("celery")
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            add_task(celery.chord([send_email.s("a", "b")], send_email.si("c", "d")))
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [record] = [r for r in caplog.records if getattr(r, "task_outcome", "") == "failed"]
+        logged = logging.Formatter().format(record)
+        assert "Could not enqueue Celery task celery.chord(" in logged
+        assert "): NotImplementedError: Starting chords requires a result backend" in logged
+        assert "retries" not in logged
 
     async def test_a_signature_with_more_arguments_is_named_without_its_values(
         self, send_email: Any

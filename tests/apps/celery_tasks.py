@@ -41,6 +41,15 @@ def record_plain(item: str) -> None:
 app.task(name="tests.apps.celery_tasks.record_plain")(record_plain)
 
 
+def record_remote(item: str) -> None:
+    """A task that only this app has (not shared with the process's other Celery apps):
+    tests/apps/celery_web.py's `by_name` knows it by its name only."""
+    store.rpush(RECORDS, f"remote {item}")
+
+
+app.task(name="tests.apps.celery_tasks.record_remote", shared=False)(record_remote)
+
+
 def burn_cpu(item: str) -> None:
     """About 50 ms of pure-Python work (for the benchmark)."""
     total = 0

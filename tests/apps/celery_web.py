@@ -5,12 +5,19 @@ Run: CELERY_BROKER=redis://127.0.0.1:6379/13 python -m uvicorn tests.apps.celery
 
 from __future__ import annotations
 
+from celery import Celery, group
+
 from post_response import PostResponseMiddleware, add_task
 from post_response._types import Receive, Scope, Send
 
+from .celery_tasks import BROKER, record, record_plain
 from .celery_tasks import app as celery_app
-from .celery_tasks import record, record_plain
 from .control import gated, options, query, with_controls
+
+# A Celery app that knows the workers' tasks only by name, as a web process that does not
+# import their code does.
+by_name = Celery("web", broker=BROKER)
+by_name.conf.task_default_queue = celery_app.conf.task_default_queue
 
 
 class Unsendable:
@@ -27,11 +34,20 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         add_task(record, params["id"]).set(name=f"record {params['id']}")
     elif path == "/signature":
         add_task(record.s(params["id"]).set(queue=celery_app.conf.task_default_queue))
+    elif path == "/group":
+        queue = celery_app.conf.task_default_queue
+        add_task(
+            group(record.s(f"{params['id']} 1"), record.s(f"{params['id']} 2")).set(queue=queue)
+        )
+    elif path == "/by_name":
+        add_task(by_name.signature("tests.apps.celery_tasks.record_remote", args=(params["id"],)))
     elif path == "/plain":
         add_task(record_plain, params["id"])
     elif path == "/failed":
         add_task(record, params["id"])
         status = 500
+    elif path == "/wrong_arguments":
+        add_task(record, params["id"], "one argument too many")
     elif path == "/unserializable":
         add_task(record, Unsendable())  # a Celery task: its arguments are not checked statically
     body = b"ok"
