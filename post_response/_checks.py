@@ -120,7 +120,8 @@ def describe(func: object) -> str:
         module = getattr(func, "__module__", None)
         name = f"{module}.{qualname}" if module else qualname
         if isinstance(name, str):
-            return name
+            # A plain copy: a str subclass's own __repr__ would write the log lines that name it.
+            return str.__str__(name)
     except BaseException:  # noqa: S110  (a name for a log line must not fail)
         pass
     return object.__repr__(func)
@@ -149,11 +150,12 @@ def check_timeout(value: object, where: str) -> float | None:
     return seconds
 
 
-def check_delay(value: object, where: str) -> float:
-    """Return `value` as a delay in seconds, or raise a `ConfigurationError` naming `where`."""
+def check_delay(value: object, where: str, least: float = 0.0, why: str = "") -> float:
+    """Return `value` as a finite number of seconds, `least` or more, or raise a
+    `ConfigurationError` naming `where` (and `why` that least)."""
     seconds = _seconds(value)
-    if seconds is None or not 0 <= seconds < math.inf:
-        msg = f"{where} must be a number of seconds, 0 or more; got {_shown(value)}."
+    if seconds is None or not least <= seconds < math.inf:
+        msg = f"{where} must be a number of seconds, {least:g} or more{why}; got {_shown(value)}."
         raise ConfigurationError(msg)
     return seconds
 

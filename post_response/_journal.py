@@ -29,7 +29,6 @@ import importlib
 import itertools
 import json
 import logging
-import math
 import os
 import queue
 import socket
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio.to_thread
 
+from ._checks import check_delay, describe
 from ._context import Phase
 from ._errors import ConfigurationError, TaskNotDurableError
 from ._task import UNSET as _UNSET
@@ -246,16 +246,9 @@ class Journal:
         if durability not in ("normal", "full"):
             msg = f'Journal(durability=...) must be "normal" or "full"; got {durability!r}.'
             raise ConfigurationError(msg)
-        if (
-            isinstance(lease, bool)
-            or not isinstance(lease, (int, float))
-            or not MIN_LEASE <= lease < math.inf
-        ):
-            msg = (
-                f"Journal(lease=...) must be a number of seconds, {MIN_LEASE:g} or more (a "
-                f"heartbeat comes every lease / 3 seconds); got {lease!r}."
-            )
-            raise ConfigurationError(msg)
+        seconds = check_delay(
+            lease, "Journal(lease=...)", MIN_LEASE, " (a heartbeat comes every lease / 3 seconds)"
+        )
         if max_replays is not None and (
             isinstance(max_replays, bool) or not isinstance(max_replays, int) or max_replays < 0
         ):
@@ -284,7 +277,7 @@ class Journal:
             raise ConfigurationError(msg)
         self.path = file
         self.durability = durability
-        self.lease = float(lease)
+        self.lease = seconds
         self.max_replays = max_replays
         self.serializer: Serializer = _JSON if serializer is None else serializer
         self._paths: dict[object, str] = {}  # callables known to import back as themselves
@@ -518,8 +511,6 @@ def resolve(module: str, qualname: str) -> Any:
 
 
 def _not_durable(func: object, why: str) -> TaskNotDurableError:
-    from ._checks import describe  # noqa: PLC0415  (_checks imports _task's siblings)
-
     name = describe(func)
     msg = (
         f"Task {name!r} cannot be journaled: {why}. With `journal=` on, a task must be a "

@@ -306,7 +306,8 @@ class TaskHandle:
             if not isinstance(name, str) or not name:
                 msg = f"A task name must be a non-empty string, got {name!r}."
                 raise ConfigurationError(msg)
-            self._planned().name = name
+            # A plain copy: a str subclass's own __repr__ would write the log lines that name it.
+            self._planned().name = str.__str__(name)
         if timeout is not UNSET:
             self._planned().timeout = check_timeout(timeout, "set(timeout=...)")
         if always is not None:
@@ -319,6 +320,7 @@ class TaskHandle:
             if not isinstance(key, str) or not key:
                 msg = f"A task key must be a non-empty string, got {kind(key)}."
                 raise ConfigurationError(msg)
+            key = str.__str__(key)  # a plain copy, as for `name`
             self._planned().key = key
             # In one request the last call wins, at its own place in the order.
             earlier = self.request_tasks.keep_last(self, key)

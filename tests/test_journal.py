@@ -211,6 +211,7 @@ async def test_a_wrong_journal_option_is_refused_with_the_fix(
         ({"lease": 0.01}, r"Journal\(lease=...\) must be a number of seconds, 0.1 or more"),
         ({"lease": math.inf}, r"got inf"),
         ({"lease": math.nan}, r"got nan"),
+        ({"lease": 10**400}, r"got an int of 1329 bits"),  # no float holds it
         ({"max_replays": -1}, "max_replays"),
         ({"max_replays": 2.5}, "max_replays"),
         ({"max_replays": True}, "max_replays"),

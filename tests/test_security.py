@@ -123,6 +123,54 @@ async def test_every_message_escapes_the_request_and_every_field_keeps_it_raw(
     assert isinstance(error, TaskLimitError)
 
 
+class _Forging(str):
+    """A str whose own repr, str and format write a forged log line."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"'x'\n{FORGED}"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+
+async def test_a_str_subclass_cannot_forge_log_lines_as_a_name_or_a_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task name, a key and a callable's `__qualname__` of a str subclass with a hostile
+    `__repr__`: every message names them by their text, escaped as a plain str."""
+
+    async def fail() -> None:
+        raise ValueError("failed on purpose")
+
+    async def qualified() -> None:
+        raise ValueError("failed on purpose")
+
+    qualified.__qualname__ = _Forging("qualified\nname")
+    qualified.__module__ = None  # type: ignore[assignment]  # the name is then the qualname
+    handles: list[TaskHandle] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        handles.append(add_task(fail).set(name=_Forging("named")))
+        handles.append(add_task(fail).set(key=_Forging("keyed")))
+        handles.append(add_task(fail).set(key=_Forging("keyed")))  # supersedes, logged by key
+        handles.append(add_task(qualified))
+        await send_ok(send)
+
+    caplog.set_level(logging.DEBUG, logger="post_response")
+    await Exchange().run(PostResponseMiddleware(app))
+    messages = [r.getMessage() for r in caplog.records if r.name == "post_response"]
+    assert not [message for message in messages if FORGED in message], messages
+    assert any("'named' of GET /" in message for message in messages), messages
+    assert any("key 'keyed'" in message for message in messages), messages
+    assert any("'qualified\\nname' of GET /" in message for message in messages), messages
+    assert [type(h.name) for h in handles] == [str] * 4
+    assert [type(h.key) for h in handles[1:3]] == [str] * 2
+
+
 @pytest.mark.parametrize(
     ("path", "named"),
     [
