@@ -77,6 +77,8 @@ class CeleryDispatcher:
             if isinstance(sender, Task) or type(sender) is Signature:  # not group(), chain()...
                 _check_arguments(task, args, kwargs)  # which call no task's apply_async
             serializer = _serializer(task)
+        if isinstance(sender, Signature):  # `.set(serializer=...)`: the one it is sent with
+            serializer = cast("str", sender.options.get("serializer") or serializer)
         _check_serializable(name, serializer, args, kwargs)
         plan = handle._planned()
         if plan.name is None:

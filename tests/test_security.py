@@ -200,6 +200,14 @@ def test_a_non_callable_is_named_by_its_type_not_its_value() -> None:
     assert not any(secret in str(raised.value) for secret in SECRETS)
 
 
+class _Opaque:
+    """An argument pickle encodes and JSON does not."""
+
+
+def _opaque_task(value: object) -> None:
+    del value
+
+
 class TestCelery:
     """A task handed to Celery: what its errors say about its arguments."""
 
@@ -267,6 +275,34 @@ class TestCelery:
         assert "Could not enqueue Celery task celery.chord(" in message
         assert "): NotImplementedError: Starting chords requires a result backend" in message
         assert "retries" not in message
+
+    async def test_a_signature_s_arguments_are_checked_with_the_serializer_it_is_sent_with(
+        self, send_email: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """`.set(serializer="json")` on a signature of a pickle task: an argument JSON cannot
+        encode fails in the request (checked with pickle, it failed after the response, the
+        task lost); `.set(serializer="pickle")` on a JSON task lets it through."""
+        refused = pytest.importorskip("post_response.celery").UnserializableArgumentsError
+        pickled = send_email.app.task(name="security.pickled", serializer="pickle", shared=False)(
+            _opaque_task
+        )
+        errors: list[Exception] = []
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                add_task(pickled.s(_Opaque()).set(serializer="json"))
+            except refused as exc:
+                errors.append(exc)
+            add_task(send_email.s(_Opaque(), "b").set(serializer="pickle"))  # then: broker down
+            await send_ok(send)
+
+        await Exchange().run(PostResponseMiddleware(app))
+        [error] = errors
+        assert "'security.pickled' cannot be encoded with its 'json' serializer" in str(error)
+        [record] = [r for r in caplog.records if getattr(r, "task_outcome", "") == "failed"]
+        assert "Could not enqueue Celery task security.send_email(_Opaque, str)" in str(
+            record.exc_info[1] if record.exc_info else record.getMessage()
+        )
 
     async def test_a_signature_with_more_arguments_is_named_without_its_values(
         self, send_email: Any
