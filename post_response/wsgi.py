@@ -193,10 +193,10 @@ class _ClosingIterable:
         return self
 
     def __next__(self) -> bytes:
-        if self._iterator is None:
-            self._iterator = self._context.run(iter, self._body)
         journal = self._response.tasks.journal
         try:
+            if self._iterator is None:  # the body's own `__iter__` may raise too
+                self._iterator = self._context.run(iter, self._body)
             chunk = self._context.run(next, self._iterator)
         except StopIteration:
             self._exhausted = True

@@ -41,11 +41,18 @@ def serve(app: PostResponseWSGIMiddleware, *, read: int | None = None) -> list[b
     return chunks
 
 
+class Unreadable:
+    """A response body that raises as soon as the server starts to iterate it."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        raise Boom
+
+
 def view(status: str = "200 OK", *, steps: Iterable[str] = (), **options: Any) -> Any:
     """A WSGI app adding a normal and an `always` task, then answering with `status`."""
     handles: list[TaskHandle] = []
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         handles.append(add_task(lambda: None).set(name="normal"))
         handles.append(add_task(lambda: None).set(name="always", always=True))
         if "raise before" in steps:
@@ -57,7 +64,7 @@ def view(status: str = "200 OK", *, steps: Iterable[str] = (), **options: Any) -
                 start_response(status, [], (Boom, exc, exc.__traceback__))
         else:
             start_response(status, [])
-        return chunks()
+        return Unreadable() if "raise in __iter__" in steps else chunks()
 
     def chunks() -> Iterator[bytes]:
         yield b"a"
@@ -81,10 +88,21 @@ RUN, SKIP = TaskState.COMPLETED, TaskState.SKIPPED
         ("500 Internal Server Error", (), None, {}, SKIP),
         ("200 OK", ("raise before",), None, {}, SKIP),
         ("200 OK", ("raise while iterating",), None, {}, SKIP),
+        ("200 OK", ("raise in __iter__",), None, {}, SKIP),
         ("500 Internal Server Error", ("exc_info",), None, {}, SKIP),
         ("200 OK", (), 1, {}, RUN),  # the server stopped reading: the client went away
     ],
-    ids=["200", "404", "404 no_error", "500", "raised", "raised mid-body", "exc_info", "gone"],
+    ids=[
+        "200",
+        "404",
+        "404 no_error",
+        "500",
+        "raised",
+        "raised mid-body",
+        "raised in __iter__",
+        "exc_info",
+        "gone",
+    ],
 )
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "inline"])
 def test_the_outcome_policy_is_the_asgi_one(  # noqa: PLR0917
