@@ -21,7 +21,9 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -65,6 +67,7 @@ class PostResponseWSGIMiddleware:
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
         self._journal = self.config.journal  # None unless `journal=` was given
+        _middlewares.add(self)
 
     @_context.sandboxed  # a fresh context per request, though the server reuses threads
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -140,6 +143,21 @@ class PostResponseWSGIMiddleware:
                     config.max_running, config.max_queued, config.shutdown_timeout
                 )
             return self._loop
+
+
+# A forked child (gunicorn's workers, with `--preload`) has none of its parent's threads:
+# each middleware there starts a task loop of its own at its first request, without taking
+# the parent's for one that died, and `join()` does not wait for the parent's tasks.
+_middlewares: weakref.WeakSet[PostResponseWSGIMiddleware] = weakref.WeakSet()
+
+
+def _forget_task_loops() -> None:
+    for middleware in _middlewares:
+        middleware._loop, middleware._loop_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_task_loops)
 
 
 class _Response:

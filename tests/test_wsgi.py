@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -13,6 +16,8 @@ import pytest
 from post_response import TaskHandle, TaskState, add_task
 from post_response.testing import capture_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
+
+from .servers import ROOT
 
 user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="nobody")
 StartResponse = Callable[..., Any]
@@ -195,3 +200,64 @@ def test_max_running_counts_tasks_not_requests() -> None:
 
     serve(PostResponseWSGIMiddleware(app, concurrency=4, max_running=2))
     assert peak == 2
+
+
+# A process serves a request whose task is still running, then forks, as gunicorn's master
+# does with `--preload` if the app served a request while it was imported.
+FORK = """
+import logging, os, sys, threading
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(process)d %(levelname)s %(message)s", level=logging.INFO)
+gate, started = threading.Event(), threading.Event()
+
+def hold(_):
+    started.set()
+    gate.wait(20)
+
+def app(environ, start_response):
+    add_task(hold if environ["PATH_INFO"] == "/hold" else print, "ran in child")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request(path):
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda *a: None)
+    list(body)
+    body.close()
+
+request("/hold")
+started.wait(20)
+child = os.fork()
+if child == 0:
+    print("child joined", middleware.join(5), flush=True)
+    request("/next")
+    print("child joined", middleware.join(5), flush=True)
+    sys.exit(0)  # through atexit, as a worker does
+os.waitpid(child, 0)
+gate.set()
+print("parent joined", middleware.join(20), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
+    """After a fork, the child neither waits for nor reports the parent's running task, and
+    starts a task loop of its own without taking the parent's for a dead one."""
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    output = result.stdout + result.stderr
+    assert sorted(output.splitlines()) == [
+        "child joined True",
+        "child joined True",
+        "parent joined True",
+        "ran in child",
+    ], output
