@@ -245,6 +245,8 @@ class _ClosingIterable:
 class _TaskLoop:
     """A daemon thread with an event loop whose owner runs WSGI requests' tasks."""
 
+    _failure: BaseException | None = None  # why the loop could not start
+
     def __init__(
         self, max_running: int | None, max_queued: int | None, shutdown_timeout: float | None
     ) -> None:
@@ -255,10 +257,21 @@ class _TaskLoop:
         self._thread = threading.Thread(target=self._main, name="post_response", daemon=True)
         self._thread.start()
         self._started.wait()
+        if self._failure is not None:
+            msg = "post_response could not start its task loop"
+            raise RuntimeError(msg) from self._failure
         atexit.register(self.shutdown)
 
     def _main(self) -> None:
-        anyio.run(self._serve)
+        try:
+            anyio.run(self._serve)
+        except BaseException as exc:
+            if self._started.is_set():  # it ran, then died: `_task_loop()` starts another
+                raise
+            # It never started (no file descriptor left for its event loop, say): the
+            # request waiting in `__init__` must fail, not wait forever holding the lock.
+            self._failure = exc
+            self._started.set()
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()

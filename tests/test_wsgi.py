@@ -261,3 +261,58 @@ def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
         "parent joined True",
         "ran in child",
     ], output
+
+
+# The first request's task loop cannot start: every file descriptor is taken (a flood of
+# connections), so its event loop gets none. Once some are free, the next request's can.
+NO_DESCRIPTORS = """
+import logging, os, resource
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+
+def app(environ, start_response):
+    add_task(print, "task ran")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request():
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    list(body)
+    body.close()
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+taken = []
+try:
+    while True:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+request()
+print("first request closed", flush=True)
+for descriptor in taken:
+    os.close(descriptor)
+request()
+print("joined", middleware.join(10), flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
+def test_a_task_loop_that_cannot_start_fails_its_request_and_the_next_one_starts() -> None:
+    """A task loop that cannot start abandons the request's tasks, logged, instead of
+    leaving the server's thread waiting for it forever; the next request starts one."""
+    result = subprocess.run(
+        [sys.executable, "-c", NO_DESCRIPTORS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    output = result.stdout + result.stderr
+    assert "RuntimeError: post_response could not start its task loop" in output
+    assert "Task 'builtins.print' of GET / abandoned: post_response could not run them" in output
+    assert "first request closed\ntask ran\njoined True\n" in result.stdout
