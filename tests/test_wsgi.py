@@ -202,6 +202,36 @@ def test_max_running_counts_tasks_not_requests() -> None:
     assert peak == 2
 
 
+def raise_generator_exit() -> None:
+    raise GeneratorExit
+
+
+def raise_stop_iteration() -> None:
+    raise StopIteration
+
+
+@pytest.mark.parametrize("task", [raise_generator_exit, raise_stop_iteration])
+@pytest.mark.parametrize(
+    "options", [{"detach": False}, {"timeout": 5.0}], ids=["inline", "detached with a timeout"]
+)
+def test_a_sync_task_raising_what_coroutines_treat_apart_fails_alone(
+    task: Callable[[], None], options: dict[str, Any]
+) -> None:
+    """A sync task raising `GeneratorExit` or `StopIteration` fails, and the next one runs.
+    (Carried to the coroutine awaiting the thread as an asyncio future's exception, the
+    first closed the whole batch and escaped into the server, the second hung it.)"""
+    handles: list[TaskHandle] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        handles.append(add_task(task))
+        handles.append(add_task(lambda: None))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    serve(PostResponseWSGIMiddleware(app, **options))
+    assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
+
+
 # A process serves a request whose task is still running, then forks, as gunicorn's master
 # does with `--preload` if the app served a request while it was imported.
 FORK = """
