@@ -94,7 +94,7 @@ class PostResponseWSGIMiddleware:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the tasks handed off so far have ended; False if `timeout` passed first."""
         loop = self._loop
-        return loop is None or loop.join(timeout)
+        return loop is None or not loop.alive() or loop.join(timeout)
 
     def _journal_sink(self) -> Callable[[list[_journal.Entry]], None]:
         """Opening the journal (first request in this process): its claimed entries run on
@@ -123,6 +123,9 @@ class PostResponseWSGIMiddleware:
         try:
             if self.config.detach:
                 loop = self._task_loop()
+                if not loop.alive():  # shut down: the process is exiting
+                    batch.abandon(TaskState.ABANDONED, "the server had already shut down")
+                    return
                 loop.submit(batch)
                 if _registry.held_requests:  # a test asked to see the tasks' effects
                     loop.wait(batch)
@@ -133,9 +136,10 @@ class PostResponseWSGIMiddleware:
             batch.abandon(TaskState.ABANDONED, "post_response could not run them (see above)")
 
     def _task_loop(self) -> _TaskLoop:
-        """The running task loop; a new one if there is none, or if the last one died."""
+        """The running task loop; a new one if there is none, or if the last one died
+        (rather than shut down at exit)."""
         with self._loop_lock:
-            if self._loop is None or not self._loop.alive():
+            if self._loop is None or not (self._loop.alive() or self._loop.shut):
                 if self._loop is not None:
                     logger.error("The post_response task loop had stopped; starting a new one")
                 config = self.config
@@ -254,6 +258,7 @@ class _TaskLoop:
         self._max_running = max_running
         self._max_queued = max_queued
         self._started = threading.Event()
+        self.shut = False  # shutdown() was called: no new loop must replace this one
         self._thread = threading.Thread(target=self._main, name="post_response", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -309,6 +314,7 @@ class _TaskLoop:
 
     def shutdown(self) -> None:
         """At interpreter exit: wait for the tasks up to the shutdown timeout, then cancel."""
+        self.shut = True
         if not self._thread.is_alive():
             return
         future = asyncio.run_coroutine_threadsafe(

@@ -346,3 +346,52 @@ def test_a_task_loop_that_cannot_start_fails_its_request_and_the_next_one_starts
     assert "RuntimeError: post_response could not start its task loop" in output
     assert "Task 'builtins.print' of GET / abandoned: post_response could not run them" in output
     assert "first request closed\ntask ran\njoined True\n" in result.stdout
+
+
+# A request ends after the task loop has shut down at exit, as on a server whose threads
+# still serve while the interpreter exits (waitress's are daemons). The hook is registered
+# before the task loop starts, so it runs after the loop's own (atexit runs them in reverse).
+AFTER_SHUTDOWN = """
+import atexit, logging
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+
+def app(environ, start_response):
+    add_task(print, "task ran")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request():
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    list(body)
+    body.close()
+
+@atexit.register
+def late():
+    request()
+    print("joined", middleware.join(5), flush=True)
+
+request()
+print("joined", middleware.join(5), flush=True)
+"""
+
+
+def test_a_request_ending_after_the_shutdown_at_exit_has_its_tasks_abandoned() -> None:
+    """After the task loop shut down at exit, a request's tasks are logged as abandoned
+    (no new loop is started for them) and `join()` returns at once."""
+    result = subprocess.run(
+        [sys.executable, "-c", AFTER_SHUTDOWN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    assert result.stdout == "task ran\njoined True\njoined True\n"
+    assert result.stderr == (
+        "ERROR Task 'builtins.print' of GET / abandoned: the server had already shut down\n"
+    )
