@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -238,12 +239,28 @@ class _ClosingIterable:
             if close is not None:
                 self._context.run(close)
         finally:
-            # Stopped before the end without an error of the app: the client went away.
-            self._response.finish(
-                raised=self._raised,
-                complete=self._exhausted,
-                client_gone=not (self._exhausted or self._raised),
-            )
+            self._response.finish(**self._outcome())
+
+    def __del__(self) -> None:
+        response = self._response
+        if response.done or not response.tasks.tasks:  # closed, as PEP 3333 requires
+            return
+        logger.warning(
+            "The server never called close() on the response of %s; its tasks are handed "
+            "over now that the response was garbage-collected",
+            response.tasks.label,
+        )
+        # In a thread of its own: the collector may run this while this thread holds a
+        # lock that the hand-over takes.
+        with contextlib.suppress(RuntimeError):  # no new thread at interpreter exit
+            threading.Thread(
+                target=response.finish, kwargs=self._outcome(), name="post_response", daemon=True
+            ).start()
+
+    def _outcome(self) -> dict[str, bool]:
+        # Stopped before the end without an error of the app: the client went away.
+        exhausted, raised = self._exhausted, self._raised
+        return {"raised": raised, "complete": exhausted, "client_gone": not (exhausted or raised)}
 
 
 class _TaskLoop:

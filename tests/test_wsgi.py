@@ -202,6 +202,26 @@ def test_max_running_counts_tasks_not_requests() -> None:
     assert peak == 2
 
 
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "inline"])
+def test_tasks_run_when_a_server_never_closes_the_response(
+    detach: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that never calls `close()` (PEP 3333 says it must) still gets the tasks
+    run, once the response is collected, with a warning that names the request."""
+    ran = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        add_task(ran.set)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = PostResponseWSGIMiddleware(app, detach=detach)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/signup"}
+    assert b"".join(middleware(environ, lambda *args: lambda data: None)) == b"ok"  # dropped
+    assert ran.wait(10)
+    assert "never called close() on the response of GET /signup" in caplog.text
+
+
 def raise_generator_exit() -> None:
     raise GeneratorExit
 
