@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Sized
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -90,7 +91,8 @@ class PostResponseWSGIMiddleware:
             response.finish(raised=True)
             raise
         # The server iterates and closes the body outside this call: in this context again.
-        return _ClosingIterable(response, body, _context.snapshot())
+        wrapper = _SizedClosingIterable if isinstance(body, Sized) else _ClosingIterable
+        return wrapper(response, body, _context.snapshot())
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the tasks handed off so far have ended; False if `timeout` passed first."""
@@ -261,6 +263,15 @@ class _ClosingIterable:
         # Stopped before the end without an error of the app: the client went away.
         exhausted, raised = self._exhausted, self._raised
         return {"raised": raised, "complete": exhausted, "client_gone": not (exhausted or raised)}
+
+
+class _SizedClosingIterable(_ClosingIterable):
+    """A body with a length (a list): a server takes the length of a body of one chunk as
+    its Content-Length (PEP 3333, waitress, wsgiref), which it could not through a wrapper
+    without one."""
+
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]  # Sized: see `__call__`
 
 
 class _TaskLoop:

@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from post_response import TaskHandle, TaskState, add_task
 from post_response.testing import capture_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
 
-from .servers import ROOT
+from .apps.hostile_wsgi import BODY
+from .servers import ROOT, run
 
 user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="nobody")
 StartResponse = Callable[..., Any]
@@ -415,3 +417,13 @@ def test_a_request_ending_after_the_shutdown_at_exit_has_its_tasks_abandoned() -
     assert result.stderr == (
         "ERROR Task 'builtins.print' of GET / abandoned: the server had already shut down\n"
     )
+
+
+def test_a_body_of_one_chunk_keeps_the_content_length_the_server_gives_it() -> None:
+    """A body of one chunk without a Content-Length (`[body]`) gets one from waitress, as
+    PEP 3333 allows (`len(body) == 1`), through the middleware as without it: not chunked."""
+    with run("waitress", "hostile_wsgi:app") as server:
+        response = httpx.get(f"{server.url}/unsized/x", timeout=10)
+    assert response.content == BODY
+    assert response.headers.get("content-length") == str(len(BODY))
+    assert "transfer-encoding" not in response.headers
