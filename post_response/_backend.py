@@ -160,8 +160,8 @@ class AsyncioBackend:
                 loop_call(_set_result, future, result)
             elif isinstance(error, asyncio.CancelledError):  # raised by the call: its own,
                 loop_call(_set_exception, future, OwnCancellation(error))  # not the runtime's
-            else:
-                loop_call(_set_exception, future, error)
+            else:  # see `_Raised`
+                loop_call(_set_result, future, _Raised(error))
 
         def loop_call(callback: Callable[..., None], *args: Any) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
@@ -173,11 +173,14 @@ class AsyncioBackend:
         else:
             pool.note_wait()
         try:
-            return await future
+            result = await future
         except BaseException:
             if not pool.withdraw(job):  # a thread has it: it is running, whatever we heard
                 begin()
             raise
+        if isinstance(result, _Raised):
+            raise result.error
+        return result
 
     own_task = staticmethod(asyncio.current_task)  # a C function: no frame per task
 
@@ -350,6 +353,18 @@ def _trio_limiters() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
         limiters = (anyio.CapacityLimiter(THREADS), anyio.CapacityLimiter(math.inf))
         _limiters.set(limiters)
         return limiters
+
+
+class _Raised:
+    """What a sync call raised, carried as the future's result and raised where it is
+    awaited. Not the future's exception: a `StopIteration` cannot be one (the future would
+    never be done), and a `GeneratorExit` thrown into the awaiting coroutine closes every
+    coroutine up the chain instead (as `coroutine.close()` does), the whole batch."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

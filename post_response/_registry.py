@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Protocol
 
@@ -99,3 +100,15 @@ def _abandon_at_exit() -> None:
                     "abandoned: the process exited while it was %s",
                     was,
                 )
+
+
+def _forget_after_fork() -> None:
+    """A forked child runs none of its parent's batches: it must neither wait for them nor
+    report them abandoned at its exit (the parent runs them)."""
+    global _idle, waiters
+    _unfinished.clear()
+    _idle, waiters = threading.Condition(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -20,8 +20,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
+import os
 import threading
+import weakref
+from collections.abc import Sized
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -65,6 +69,7 @@ class PostResponseWSGIMiddleware:
         self._loop: _TaskLoop | None = None
         self._loop_lock = threading.Lock()
         self._journal = self.config.journal  # None unless `journal=` was given
+        _middlewares.add(self)
 
     @_context.sandboxed  # a fresh context per request, though the server reuses threads
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -86,12 +91,13 @@ class PostResponseWSGIMiddleware:
             response.finish(raised=True)
             raise
         # The server iterates and closes the body outside this call: in this context again.
-        return _ClosingIterable(response, body, _context.snapshot())
+        wrapper = _SizedClosingIterable if isinstance(body, Sized) else _ClosingIterable
+        return wrapper(response, body, _context.snapshot())
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the tasks handed off so far have ended; False if `timeout` passed first."""
         loop = self._loop
-        return loop is None or loop.join(timeout)
+        return loop is None or not loop.alive() or loop.join(timeout)
 
     def _journal_sink(self) -> Callable[[list[_journal.Entry]], None]:
         """Opening the journal (first request in this process): its claimed entries run on
@@ -120,6 +126,9 @@ class PostResponseWSGIMiddleware:
         try:
             if self.config.detach:
                 loop = self._task_loop()
+                if not loop.alive():  # shut down: the process is exiting
+                    batch.abandon(TaskState.ABANDONED, "the server had already shut down")
+                    return
                 loop.submit(batch)
                 if _registry.held_requests:  # a test asked to see the tasks' effects
                     loop.wait(batch)
@@ -130,9 +139,10 @@ class PostResponseWSGIMiddleware:
             batch.abandon(TaskState.ABANDONED, "post_response could not run them (see above)")
 
     def _task_loop(self) -> _TaskLoop:
-        """The running task loop; a new one if there is none, or if the last one died."""
+        """The running task loop; a new one if there is none, or if the last one died
+        (rather than shut down at exit)."""
         with self._loop_lock:
-            if self._loop is None or not self._loop.alive():
+            if self._loop is None or not (self._loop.alive() or self._loop.shut):
                 if self._loop is not None:
                     logger.error("The post_response task loop had stopped; starting a new one")
                 config = self.config
@@ -140,6 +150,21 @@ class PostResponseWSGIMiddleware:
                     config.max_running, config.max_queued, config.shutdown_timeout
                 )
             return self._loop
+
+
+# A forked child (gunicorn's workers, with `--preload`) has none of its parent's threads:
+# each middleware there starts a task loop of its own at its first request, without taking
+# the parent's for one that died, and `join()` does not wait for the parent's tasks.
+_middlewares: weakref.WeakSet[PostResponseWSGIMiddleware] = weakref.WeakSet()
+
+
+def _forget_task_loops() -> None:
+    for middleware in _middlewares:
+        middleware._loop, middleware._loop_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_task_loops)
 
 
 class _Response:
@@ -193,10 +218,10 @@ class _ClosingIterable:
         return self
 
     def __next__(self) -> bytes:
-        if self._iterator is None:
-            self._iterator = self._context.run(iter, self._body)
         journal = self._response.tasks.journal
         try:
+            if self._iterator is None:  # the body's own `__iter__` may raise too
+                self._iterator = self._context.run(iter, self._body)
             chunk = self._context.run(next, self._iterator)
         except StopIteration:
             self._exhausted = True
@@ -216,16 +241,43 @@ class _ClosingIterable:
             if close is not None:
                 self._context.run(close)
         finally:
-            # Stopped before the end without an error of the app: the client went away.
-            self._response.finish(
-                raised=self._raised,
-                complete=self._exhausted,
-                client_gone=not (self._exhausted or self._raised),
-            )
+            self._response.finish(**self._outcome())
+
+    def __del__(self) -> None:
+        response = self._response
+        if response.done or not response.tasks.tasks:  # closed, as PEP 3333 requires
+            return
+        logger.warning(
+            "The server never called close() on the response of %s; its tasks are handed "
+            "over now that the response was garbage-collected",
+            response.tasks.label,
+        )
+        # In a thread of its own: the collector may run this while this thread holds a
+        # lock that the hand-over takes.
+        with contextlib.suppress(RuntimeError):  # no new thread at interpreter exit
+            threading.Thread(
+                target=response.finish, kwargs=self._outcome(), name="post_response", daemon=True
+            ).start()
+
+    def _outcome(self) -> dict[str, bool]:
+        # Stopped before the end without an error of the app: the client went away.
+        exhausted, raised = self._exhausted, self._raised
+        return {"raised": raised, "complete": exhausted, "client_gone": not (exhausted or raised)}
+
+
+class _SizedClosingIterable(_ClosingIterable):
+    """A body with a length (a list): a server takes the length of a body of one chunk as
+    its Content-Length (PEP 3333, waitress, wsgiref), which it could not through a wrapper
+    without one."""
+
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]  # Sized: see `__call__`
 
 
 class _TaskLoop:
     """A daemon thread with an event loop whose owner runs WSGI requests' tasks."""
+
+    _failure: BaseException | None = None  # why the loop could not start
 
     def __init__(
         self, max_running: int | None, max_queued: int | None, shutdown_timeout: float | None
@@ -234,13 +286,25 @@ class _TaskLoop:
         self._max_running = max_running
         self._max_queued = max_queued
         self._started = threading.Event()
+        self.shut = False  # shutdown() was called: no new loop must replace this one
         self._thread = threading.Thread(target=self._main, name="post_response", daemon=True)
         self._thread.start()
         self._started.wait()
+        if self._failure is not None:
+            msg = "post_response could not start its task loop"
+            raise RuntimeError(msg) from self._failure
         atexit.register(self.shutdown)
 
     def _main(self) -> None:
-        anyio.run(self._serve)
+        try:
+            anyio.run(self._serve)
+        except BaseException as exc:
+            if self._started.is_set():  # it ran, then died: `_task_loop()` starts another
+                raise
+            # It never started (no file descriptor left for its event loop, say): the
+            # request waiting in `__init__` must fail, not wait forever holding the lock.
+            self._failure = exc
+            self._started.set()
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -278,6 +342,7 @@ class _TaskLoop:
 
     def shutdown(self) -> None:
         """At interpreter exit: wait for the tasks up to the shutdown timeout, then cancel."""
+        self.shut = True
         if not self._thread.is_alive():
             return
         future = asyncio.run_coroutine_threadsafe(

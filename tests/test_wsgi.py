@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextvars
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from post_response import TaskHandle, TaskState, add_task
 from post_response.testing import capture_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
+
+from .apps.hostile_wsgi import BODY
+from .servers import ROOT, run
 
 user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="nobody")
 StartResponse = Callable[..., Any]
@@ -41,11 +48,18 @@ def serve(app: PostResponseWSGIMiddleware, *, read: int | None = None) -> list[b
     return chunks
 
 
+class Unreadable:
+    """A response body that raises as soon as the server starts to iterate it."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        raise Boom
+
+
 def view(status: str = "200 OK", *, steps: Iterable[str] = (), **options: Any) -> Any:
     """A WSGI app adding a normal and an `always` task, then answering with `status`."""
     handles: list[TaskHandle] = []
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         handles.append(add_task(lambda: None).set(name="normal"))
         handles.append(add_task(lambda: None).set(name="always", always=True))
         if "raise before" in steps:
@@ -57,7 +71,7 @@ def view(status: str = "200 OK", *, steps: Iterable[str] = (), **options: Any) -
                 start_response(status, [], (Boom, exc, exc.__traceback__))
         else:
             start_response(status, [])
-        return chunks()
+        return Unreadable() if "raise in __iter__" in steps else chunks()
 
     def chunks() -> Iterator[bytes]:
         yield b"a"
@@ -81,10 +95,21 @@ RUN, SKIP = TaskState.COMPLETED, TaskState.SKIPPED
         ("500 Internal Server Error", (), None, {}, SKIP),
         ("200 OK", ("raise before",), None, {}, SKIP),
         ("200 OK", ("raise while iterating",), None, {}, SKIP),
+        ("200 OK", ("raise in __iter__",), None, {}, SKIP),
         ("500 Internal Server Error", ("exc_info",), None, {}, SKIP),
         ("200 OK", (), 1, {}, RUN),  # the server stopped reading: the client went away
     ],
-    ids=["200", "404", "404 no_error", "500", "raised", "raised mid-body", "exc_info", "gone"],
+    ids=[
+        "200",
+        "404",
+        "404 no_error",
+        "500",
+        "raised",
+        "raised mid-body",
+        "raised in __iter__",
+        "exc_info",
+        "gone",
+    ],
 )
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "inline"])
 def test_the_outcome_policy_is_the_asgi_one(  # noqa: PLR0917
@@ -177,3 +202,228 @@ def test_max_running_counts_tasks_not_requests() -> None:
 
     serve(PostResponseWSGIMiddleware(app, concurrency=4, max_running=2))
     assert peak == 2
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "inline"])
+def test_tasks_run_when_a_server_never_closes_the_response(
+    detach: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that never calls `close()` (PEP 3333 says it must) still gets the tasks
+    run, once the response is collected, with a warning that names the request."""
+    ran = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        add_task(ran.set)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = PostResponseWSGIMiddleware(app, detach=detach)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/signup"}
+    assert b"".join(middleware(environ, lambda *args: lambda data: None)) == b"ok"  # dropped
+    assert ran.wait(10)
+    assert "never called close() on the response of GET /signup" in caplog.text
+
+
+def raise_generator_exit() -> None:
+    raise GeneratorExit
+
+
+def raise_stop_iteration() -> None:
+    raise StopIteration
+
+
+@pytest.mark.parametrize("task", [raise_generator_exit, raise_stop_iteration])
+@pytest.mark.parametrize(
+    "options", [{"detach": False}, {"timeout": 5.0}], ids=["inline", "detached with a timeout"]
+)
+def test_a_sync_task_raising_what_coroutines_treat_apart_fails_alone(
+    task: Callable[[], None], options: dict[str, Any]
+) -> None:
+    """A sync task raising `GeneratorExit` or `StopIteration` fails, and the next one runs.
+    (Carried to the coroutine awaiting the thread as an asyncio future's exception, the
+    first closed the whole batch and escaped into the server, the second hung it.)"""
+    handles: list[TaskHandle] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        handles.append(add_task(task))
+        handles.append(add_task(lambda: None))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    serve(PostResponseWSGIMiddleware(app, **options))
+    assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
+
+
+# A process serves a request whose task is still running, then forks, as gunicorn's master
+# does with `--preload` if the app served a request while it was imported.
+FORK = """
+import logging, os, sys, threading
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(process)d %(levelname)s %(message)s", level=logging.INFO)
+gate, started = threading.Event(), threading.Event()
+
+def hold(_):
+    started.set()
+    gate.wait(20)
+
+def app(environ, start_response):
+    add_task(hold if environ["PATH_INFO"] == "/hold" else print, "ran in child")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request(path):
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda *a: None)
+    list(body)
+    body.close()
+
+request("/hold")
+started.wait(20)
+child = os.fork()
+if child == 0:
+    print("child joined", middleware.join(5), flush=True)
+    request("/next")
+    print("child joined", middleware.join(5), flush=True)
+    sys.exit(0)  # through atexit, as a worker does
+os.waitpid(child, 0)
+gate.set()
+print("parent joined", middleware.join(20), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
+    """After a fork, the child neither waits for nor reports the parent's running task, and
+    starts a task loop of its own without taking the parent's for a dead one."""
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    output = result.stdout + result.stderr
+    assert sorted(output.splitlines()) == [
+        "child joined True",
+        "child joined True",
+        "parent joined True",
+        "ran in child",
+    ], output
+
+
+# The first request's task loop cannot start: every file descriptor is taken (a flood of
+# connections), so its event loop gets none. Once some are free, the next request's can.
+NO_DESCRIPTORS = """
+import logging, os, resource
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+
+def app(environ, start_response):
+    add_task(print, "task ran")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request():
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    list(body)
+    body.close()
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+taken = []
+try:
+    while True:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+request()
+print("first request closed", flush=True)
+for descriptor in taken:
+    os.close(descriptor)
+request()
+print("joined", middleware.join(10), flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
+def test_a_task_loop_that_cannot_start_fails_its_request_and_the_next_one_starts() -> None:
+    """A task loop that cannot start abandons the request's tasks, logged, instead of
+    leaving the server's thread waiting for it forever; the next request starts one."""
+    result = subprocess.run(
+        [sys.executable, "-c", NO_DESCRIPTORS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    output = result.stdout + result.stderr
+    assert "RuntimeError: post_response could not start its task loop" in output
+    assert "Task 'builtins.print' of GET / abandoned: post_response could not run them" in output
+    assert "first request closed\ntask ran\njoined True\n" in result.stdout
+
+
+# A request ends after the task loop has shut down at exit, as on a server whose threads
+# still serve while the interpreter exits (waitress's are daemons). The hook is registered
+# before the task loop starts, so it runs after the loop's own (atexit runs them in reverse).
+AFTER_SHUTDOWN = """
+import atexit, logging
+from post_response import add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+
+def app(environ, start_response):
+    add_task(print, "task ran")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+
+def request():
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    list(body)
+    body.close()
+
+@atexit.register
+def late():
+    request()
+    print("joined", middleware.join(5), flush=True)
+
+request()
+print("joined", middleware.join(5), flush=True)
+"""
+
+
+def test_a_request_ending_after_the_shutdown_at_exit_has_its_tasks_abandoned() -> None:
+    """After the task loop shut down at exit, a request's tasks are logged as abandoned
+    (no new loop is started for them) and `join()` returns at once."""
+    result = subprocess.run(
+        [sys.executable, "-c", AFTER_SHUTDOWN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    assert result.stdout == "task ran\njoined True\njoined True\n"
+    assert result.stderr == (
+        "ERROR Task 'builtins.print' of GET / abandoned: the server had already shut down\n"
+    )
+
+
+def test_a_body_of_one_chunk_keeps_the_content_length_the_server_gives_it() -> None:
+    """A body of one chunk without a Content-Length (`[body]`) gets one from waitress, as
+    PEP 3333 allows (`len(body) == 1`), through the middleware as without it: not chunked."""
+    with run("waitress", "hostile_wsgi:app") as server:
+        response = httpx.get(f"{server.url}/unsized/x", timeout=10)
+    assert response.content == BODY
+    assert response.headers.get("content-length") == str(len(BODY))
+    assert "transfer-encoding" not in response.headers

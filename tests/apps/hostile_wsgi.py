@@ -4,7 +4,8 @@ Run: python -m waitress --listen=127.0.0.1:8000 tests.apps.hostile_wsgi:app
 
 Paths: `/hostile/<kind>/<id>` adds the hostile task `<kind>` (see `HOSTILE`), then
 `quick(<id>-after)`; `/quick/<id>` and `/blocked/<id>` add that one task. Each answers 200
-with `BODY`, streamed in chunks, so that a response the server does not finish shows.
+with `BODY`, streamed in chunks, so that a response the server does not finish shows;
+`/unsized/<id>` adds `quick(<id>)` and answers `[BODY]`, without a Content-Length.
 Controls beyond wsgi_control.py's: `/_control/started?id=X` answers once blocked task X has
 started; `/_control/states?id=X` with the states of the tasks `/hostile/.../X` added;
 `/_control/stats` with the middleware's counters.
@@ -86,6 +87,10 @@ def endpoint(environ: dict[str, Any], start_response: Callable[..., Any]) -> Ite
         add_task(quick, task_id)
     elif route == "blocked":
         add_task(blocked, task_id)
+    elif route == "unsized":  # one chunk, no Content-Length: the server may count it
+        add_task(quick, task_id)
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [BODY]
     headers = [("content-type", "text/plain"), ("content-length", str(len(BODY)))]
     start_response("200 OK", headers)
     return _chunks()
