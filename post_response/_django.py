@@ -1,15 +1,19 @@
 """Django support: options from `settings.POST_RESPONSE`, and tasks that leave no database
-connection open. Imported by the middleware only once Django's settings are configured."""
+connection open (or, under Django's test client, use the test's). Imported by the
+middleware only once Django's settings are configured."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import got_request_exception, request_finished, request_started
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from . import _batch, _context
 from ._backend import asyncio_loop
@@ -22,13 +26,22 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
 
-__all__ = ["Environment", "run_test_client_tasks", "settings_options"]
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = [
+    "Environment",
+    "SharedConnections",
+    "run_test_client_tasks",
+    "settings_options",
+    "thread_connections",
+]
 
 _T = TypeVar("_T")
-# asgiref before 3.13 has no type hints here.
+# asgiref before 3.13 has no type hints here, nor the `executor` argument.
 ThreadSensitiveContext = cast(
-    "Callable[[], AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
+    "Callable[..., AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
 )
+EXECUTOR_CONTEXTS = "executor" in inspect.signature(_ThreadSensitiveContext).parameters
 
 
 def settings_options() -> dict[str, Any]:
@@ -70,18 +83,73 @@ class Environment:
                 await sync_to_async(close_old_connections)()
 
 
+def thread_connections() -> dict[str, BaseDatabaseWrapper]:
+    """This thread's database connections, one per alias (none is opened by this)."""
+    return {alias: connections[alias] for alias in connections}
+
+
+class SharedConnections:
+    """Run each task on the database connections of the thread it was added from, as
+    Django's test client runs a view: inside a `TestCase`'s transaction.
+
+    A connection of the task's own could not see that transaction's rows, would commit
+    outside its rollback, and would wait on its locks while the test waits for the task
+    (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile,
+    so no connection is used by two threads at once, and none is closed here.
+    """
+
+    def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
+        self._shared = shared
+
+    def run_sync(self, call: Callable[[], _T]) -> _T:
+        own = self._share()
+        try:
+            return call()
+        finally:
+            self._unshare(own)
+
+    async def run_async(self, awaitable: Awaitable[_T]) -> _T:
+        loop = asyncio_loop()
+        if loop is None or not EXECUTOR_CONTEXTS:  # trio; asgiref before 3.13
+            return await awaitable
+        # Its `sync_to_async` calls go to one thread of ours, whatever asgiref's routing
+        # would have chosen (the test's thread, a thread of the request's context).
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="post_response")
+        own = await loop.run_in_executor(executor, self._share)
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                return await awaitable
+        finally:
+            await loop.run_in_executor(executor, self._unshare, own)
+            executor.shutdown(wait=False)
+
+    def _share(self) -> dict[str, BaseDatabaseWrapper]:
+        own = thread_connections()
+        for alias, connection in self._shared.items():
+            connection.inc_thread_sharing()
+            connections[alias] = connection
+        return own
+
+    def _unshare(self, own: dict[str, BaseDatabaseWrapper]) -> None:
+        for alias, connection in self._shared.items():
+            connections[alias] = own[alias]
+            connection.dec_thread_sharing()
+
+
 def run_test_client_tasks() -> Callable[[], None]:
     """Have the tasks that views add under Django's test client (which calls them without
     the ASGI app) run when each request finishes; returns what undoes it.
 
     The test client reports no status to its signals: the tasks run as after a 200
-    response, or are skipped as after a 500 when the view raised.
+    response, or are skipped as after a 500 when the view raised. They run on the database
+    connections of the thread that started the request (`SharedConnections`), as the view did.
     """
     from ._middleware import setup  # noqa: PLC0415  (it imports this module)
 
     config, task_settings = setup({})
     stats = Stats()  # also marks the requests this hook started
     raised: set[int] = set()
+    shared: dict[int, dict[str, BaseDatabaseWrapper]] = {}  # each request's connections
 
     def started(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if _context.current() is not None:  # a request the middleware handles
@@ -92,6 +160,7 @@ def run_test_client_tasks() -> Callable[[], None]:
         dispatchers = task_settings.dispatchers
         tasks = _context.RequestTasks(config.max_tasks, method, path, stats, dispatchers)
         _context.activate(tasks)
+        shared[id(tasks)] = thread_connections()
 
     def failed(sender: object, **kwargs: Any) -> None:
         tasks = _context.current()
@@ -107,7 +176,9 @@ def run_test_client_tasks() -> Callable[[], None]:
         raised.discard(id(tasks))
         status = 500 if view_raised else 200
         reason = skip_reason(config.policy, status, True, False, raised=view_raised)
-        batch = _batch.finished(tasks, task_settings, reason)
+        environment = SharedConnections(shared.pop(id(tasks)))
+        request_settings = dataclasses.replace(task_settings, environment=environment)
+        batch = _batch.finished(tasks, request_settings, reason)
         if batch is not None:
             run_to_the_end(batch, config.max_running, config.max_queued)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..servers import Server, run
+from ..servers import ROOT, Server, run
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,22 @@ def test_the_example_runs_with_its_documented_command(tmp_path: Path) -> None:
             httpx.post(f"{server.url}/signup?email=cy@example.com", timeout=10).status_code == 200
         )
         assert sent_emails(server, 1) == [{"to": "cy@example.com", "sent_by": "sync task"}]
+
+
+def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction() -> None:
+    """In a Django `TestCase`, the tasks of views called by Django's test client (under
+    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection.
+
+    Django's test runner runs the suite (tests/apps/django_testcase.py) in a process of
+    its own: configuring Django is once per process.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.apps.django_testcase"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Ran 3 tests" in done.stderr
