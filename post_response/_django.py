@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Environment",
     "SharedConnections",
+    "close_thread_connections",
     "run_test_client_tasks",
     "settings_options",
     "thread_connections",
@@ -63,7 +64,8 @@ class Environment:
     honours `CONN_MAX_AGE`). Tasks run after that, in other threads, so they do the same:
     a sync task between two calls in its worker thread; an async task in its own
     `ThreadSensitiveContext` (its `sync_to_async` ORM calls share one thread, shut down
-    afterwards), with a final call in that thread.
+    afterwards), then closing every connection of that thread: persistent or not, none
+    could be reused once the thread is gone.
     """
 
     def run_sync(self, call: Callable[[], _T]) -> _T:
@@ -80,12 +82,18 @@ class Environment:
             try:
                 return await awaitable
             finally:
-                await sync_to_async(close_old_connections)()
+                await sync_to_async(close_thread_connections)()
 
 
 def thread_connections() -> dict[str, BaseDatabaseWrapper]:
     """This thread's database connections, one per alias (none is opened by this)."""
     return {alias: connections[alias] for alias in connections}
+
+
+def close_thread_connections() -> None:
+    """Close the database connections this thread opened."""
+    for connection in connections.all(initialized_only=True):
+        connection.close()
 
 
 class SharedConnections:

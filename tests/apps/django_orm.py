@@ -2,18 +2,25 @@
 connections were opened, and which are still open.
 
 Run: EXAMPLE_DATABASE=/tmp/t.sqlite3 python -m uvicorn tests.apps.django_orm:app
+(DJANGO_CONN_MAX_AGE=null for persistent connections)
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+from django.db import connections as databases
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 
 from examples import django_app
 
 from .control import with_controls
+
+if "DJANGO_CONN_MAX_AGE" in os.environ:  # e.g. `null`: persistent connections
+    databases.settings["default"]["CONN_MAX_AGE"] = json.loads(os.environ["DJANGO_CONN_MAX_AGE"])
 
 # Django's connections are per thread: keep each one to look at it from here later.
 OPENED: list[BaseDatabaseWrapper] = []

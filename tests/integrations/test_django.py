@@ -49,6 +49,21 @@ def test_sync_and_async_tasks_use_the_orm_and_leave_no_connection_open(django: S
     assert connections["open"] == 0
 
 
+def test_async_tasks_close_their_connections_even_when_persistent(tmp_path: Path) -> None:
+    """With persistent connections (`CONN_MAX_AGE=None`), an async task still closes the
+    connection it opened: the thread its ORM calls ran in ends with it, so none could be
+    reused, and it would stay open until the garbage collector found it."""
+    env = {"EXAMPLE_DATABASE": str(tmp_path / "db.sqlite3"), "DJANGO_CONN_MAX_AGE": "null"}
+    with run("uvicorn-h11", "django_orm:app", env=env) as server:
+        for email in ("ada@example.com", "bob@example.com"):
+            response = httpx.post(f"{server.url}/async-signup?email={email}", timeout=10)
+            assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while server.control("stats").get("completed", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.control("connections") == {"opened": 2, "open": 0}
+
+
 def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
     """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
     middleware's own arguments override it (`timeout=60` over the settings' 30)."""
