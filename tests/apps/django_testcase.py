@@ -7,6 +7,7 @@ Run: python -m tests.apps.django_testcase
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import django
@@ -26,6 +27,7 @@ django.setup()
 
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
+from django.db import transaction  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.test import TestCase  # noqa: E402
 from django.test.utils import get_runner  # noqa: E402
@@ -49,7 +51,24 @@ def leave(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Goodbye!")
 
 
-urlpatterns = [path("leave", leave)]
+class Refused(Exception):
+    pass
+
+
+def join(request: HttpRequest) -> HttpResponse:
+    """The README's `transaction.on_commit` example: no task when the transaction rolls back."""
+    try:
+        with transaction.atomic():
+            User.objects.create(username=request.GET["username"])
+            transaction.on_commit(functools.partial(add_task, deactivate, request.GET["username"]))
+            if "refuse" in request.GET:
+                raise Refused
+    except Refused:
+        return HttpResponse("Refused.", status=400)
+    return HttpResponse("Welcome!")
+
+
+urlpatterns = [path("leave", leave), path("join", join)]
 
 
 class TasksInATestCase(TestCase):
@@ -75,6 +94,17 @@ class TasksInATestCase(TestCase):
         with capture_tasks(run=True):
             self.client.get("/leave", {"username": "ada"})
         self.assert_deactivated()
+
+    def test_tasks_added_on_commit_are_added_only_if_it_commits(self) -> None:
+        """`transaction.on_commit(partial(add_task, ...))` adds no task when the view's
+        transaction rolls back; in a `TestCase`, `capture_tasks()` around Django's
+        `captureOnCommitCallbacks(execute=True)` catches those it adds."""
+        with capture_tasks() as tasks, self.captureOnCommitCallbacks(execute=True):
+            assert self.client.get("/join", {"username": "bo"}).status_code == 200
+            assert self.client.get("/join", {"username": "cy", "refuse": "1"}).status_code == 400
+        assert [(task.func, task.args) for task in tasks] == [(deactivate, ("bo",))]
+        tasks.run()
+        assert not User.objects.get(username="bo").is_active
 
     async def test_async_client_and_arun_too(self) -> None:
         """Django's `AsyncClient` in an async test, and `await tasks.arun()`, alike."""

@@ -102,4 +102,4 @@ def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Ran 3 tests" in done.stderr
+    assert "Ran 4 tests" in done.stderr
