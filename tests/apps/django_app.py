@@ -5,6 +5,8 @@ Run: python -m uvicorn tests.apps.django_app:app
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import django
 from django.conf import settings
 
@@ -24,7 +26,7 @@ from django.urls import path  # noqa: E402
 
 from post_response import PostResponseMiddleware, add_task  # noqa: E402
 
-from .control import gated, with_controls  # noqa: E402
+from .control import gated, note, with_controls  # noqa: E402
 
 
 async def async_view(request: HttpRequest) -> HttpResponse:
@@ -38,6 +40,22 @@ def sync_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse("hello world")
 
 
-urlpatterns = [path("work", async_view), path("sync-work", sync_view)]
+def raise_generator_exit(task_id: str) -> NoReturn:
+    note(f"{task_id}:start")
+    raise GeneratorExit
+
+
+def hostile_view(request: HttpRequest) -> HttpResponse:
+    """A sync task that raises GeneratorExit in its thread, then a gated one."""
+    add_task(raise_generator_exit, request.GET["id"])
+    add_task(gated, f"{request.GET['id']}-after")
+    return HttpResponse("hello world")
+
+
+urlpatterns = [
+    path("work", async_view),
+    path("sync-work", sync_view),
+    path("generator-exit", hostile_view),
+]
 
 app = with_controls(PostResponseMiddleware(get_asgi_application()))

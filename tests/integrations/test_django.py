@@ -64,6 +64,20 @@ def test_async_tasks_close_their_connections_even_when_persistent(tmp_path: Path
         assert server.control("connections") == {"opened": 2, "open": 0}
 
 
+def test_a_sync_task_raising_generator_exit_fails_alone() -> None:
+    """Under Django (whose connections wrap every task), a sync task raising GeneratorExit
+    in its thread ends `failed`, and the request's next task still runs."""
+    with run("uvicorn-h11", "django_app:app") as server:
+        assert httpx.get(f"{server.url}/generator-exit?id=g1", timeout=10).status_code == 200
+        server.control("open", id="g1-after")
+        assert server.control("wait", id="g1-after")[-1] == "g1-after:end"
+        output = server.output()
+    assert "Task 'tests.apps.django_app.raise_generator_exit' of GET /generator-exit failed" in (
+        output
+    )
+    assert "abandoned" not in output
+
+
 def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
     """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
     middleware's own arguments override it (`timeout=60` over the settings' 30)."""
