@@ -4,9 +4,11 @@ middleware only once Django's settings are configured."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import inspect
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
@@ -32,6 +34,7 @@ __all__ = [
     "Environment",
     "SharedConnections",
     "close_thread_connections",
+    "in_a_thread_of_its_own",
     "run_test_client_tasks",
     "settings_options",
     "thread_connections",
@@ -62,10 +65,10 @@ class Environment:
 
     Django closes a request's connections when it ends (`close_old_connections`, which
     honours `CONN_MAX_AGE`). Tasks run after that, in other threads, so they do the same:
-    a sync task between two calls in its worker thread; an async task in its own
-    `ThreadSensitiveContext` (its `sync_to_async` ORM calls share one thread, shut down
-    afterwards), then closing every connection of that thread: persistent or not, none
-    could be reused once the thread is gone.
+    a sync task between two calls in its worker thread; an async task with its
+    `sync_to_async` ORM calls in one thread of its own (`in_a_thread_of_its_own`), whose
+    connections are all closed after it: persistent or not, none could be reused once the
+    thread is gone.
     """
 
     def run_sync(self, call: Callable[[], _T]) -> _T:
@@ -76,13 +79,49 @@ class Environment:
             close_old_connections()
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
-        if asyncio_loop() is None:  # Django's async support is asyncio's: nothing to do on trio
-            return await awaitable
+        return await in_a_thread_of_its_own(awaitable, _closing_thread_connections)
+
+
+async def in_a_thread_of_its_own(
+    awaitable: Awaitable[_T], enter: Callable[[], Callable[[], object]]
+) -> _T:
+    """Await an async task with its thread-sensitive `sync_to_async` calls (Django's ORM) in
+    one thread of its own: not the request's, whose context its snapshot carries (another
+    task of the request would wait behind it), nor the test's. `enter()` is called in that
+    thread first, and what it returns last, even after a cancellation, without blocking
+    the event loop.
+
+    asgiref before 3.13 cannot be told which thread to use: there its own routing stands.
+    """
+    loop = asyncio_loop()
+    if loop is None:  # Django's async support is asyncio's: nothing to do on trio
+        return await awaitable
+    if not EXECUTOR_CONTEXTS:
         async with ThreadSensitiveContext():
+            leave = await sync_to_async(enter)()
             try:
                 return await awaitable
             finally:
-                await sync_to_async(close_thread_connections)()
+                await sync_to_async(leave)()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="post_response")
+    entered = executor.submit(enter)
+    try:
+        await asyncio.wrap_future(entered, loop=loop)
+        async with ThreadSensitiveContext(executor=executor):
+            return await awaitable
+    finally:
+        left = executor.submit(_leave, entered)
+        executor.shutdown(wait=False)  # its thread ends once `left` has run
+        await asyncio.shield(asyncio.wrap_future(left, loop=loop))
+
+
+def _leave(entered: Future[Callable[[], object]]) -> None:
+    if entered.done() and not entered.cancelled() and entered.exception() is None:
+        entered.result()()
+
+
+def _closing_thread_connections() -> Callable[[], None]:
+    return close_thread_connections
 
 
 def thread_connections() -> dict[str, BaseDatabaseWrapper]:
@@ -117,19 +156,10 @@ class SharedConnections:
             self._unshare(own)
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
-        loop = asyncio_loop()
-        if loop is None or not EXECUTOR_CONTEXTS:  # trio; asgiref before 3.13
-            return await awaitable
-        # Its `sync_to_async` calls go to one thread of ours, whatever asgiref's routing
-        # would have chosen (the test's thread, a thread of the request's context).
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="post_response")
-        own = await loop.run_in_executor(executor, self._share)
-        try:
-            async with ThreadSensitiveContext(executor=executor):
-                return await awaitable
-        finally:
-            await loop.run_in_executor(executor, self._unshare, own)
-            executor.shutdown(wait=False)
+        return await in_a_thread_of_its_own(awaitable, self._share_until)
+
+    def _share_until(self) -> Callable[[], None]:
+        return functools.partial(self._unshare, self._share())
 
     def _share(self) -> dict[str, BaseDatabaseWrapper]:
         own = thread_connections()

@@ -78,6 +78,15 @@ def test_a_sync_task_raising_generator_exit_fails_alone() -> None:
     assert "abandoned" not in output
 
 
+def test_concurrent_async_tasks_of_a_request_each_get_a_thread_of_their_own() -> None:
+    """With `concurrency=2`, two async tasks of one request run their `sync_to_async` (ORM)
+    calls in threads of their own: one blocked in its call does not hold up the other's."""
+    with run("uvicorn-h11", "django_app:app", middleware={"concurrency": 2}) as server:
+        assert httpx.get(f"{server.url}/two-tasks?id=t1", timeout=10).status_code == 200
+        server.control("wait", id="t1")
+        assert server.control("records", at_least="1") == ["released"]
+
+
 def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
     """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
     middleware's own arguments override it (`timeout=60` over the settings' 30)."""
