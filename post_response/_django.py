@@ -141,8 +141,9 @@ class SharedConnections:
 
     A connection of the task's own could not see that transaction's rows, would commit
     outside its rollback, and would wait on its locks while the test waits for the task
-    (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile,
-    so no connection is used by two threads at once, and none is closed here.
+    (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile;
+    tasks that run at once (`concurrency` above 1) share them as the threads of Django's
+    `LiveServerTestCase` do. None is closed here: they are the test's.
     """
 
     def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
