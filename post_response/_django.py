@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("post_response")
 # asgiref before 3.13 has no type hints here, nor the `executor` argument.
 ThreadSensitiveContext = cast(
     "Callable[..., AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
@@ -76,10 +78,25 @@ class Environment:
         try:
             return call()
         finally:
+            drop_open_transactions()
             close_old_connections()
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
         return await in_a_thread_of_its_own(awaitable, _closing_thread_connections)
+
+
+def drop_open_transactions() -> None:
+    """Close and forget each connection of this thread that a task left inside a
+    `transaction.atomic()` block: the database rolls its transaction back, and the worker
+    thread, which runs later tasks, gets a fresh connection. Django would refuse every
+    query on the old one ("Cannot operate on a closed database"), for every later task."""
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            logger.warning(
+                "A task left a transaction open on database %r: rolled back", connection.alias
+            )
+            connection.close()
+            del connections[connection.alias]
 
 
 async def in_a_thread_of_its_own(

@@ -87,6 +87,23 @@ def test_concurrent_async_tasks_of_a_request_each_get_a_thread_of_their_own() ->
         assert server.control("records", at_least="1") == ["released"]
 
 
+def test_a_task_that_leaves_a_transaction_open_spoils_no_later_task(tmp_path: Path) -> None:
+    """A sync task that never leaves its `transaction.atomic()` block has its writes rolled
+    back, and the next sync task, in the same worker thread, still uses the database."""
+    with run(
+        "uvicorn-h11", "django_orm:app", env={"EXAMPLE_DATABASE": str(tmp_path / "db")}
+    ) as server:
+        assert httpx.post(f"{server.url}/open-transaction?email=eve@example.com").status_code == 200
+        deadline = time.monotonic() + 10
+        while server.control("stats").get("completed", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.post(f"{server.url}/signup?email=ada@example.com").status_code == 200
+        assert sent_emails(server, 1) == [{"to": "ada@example.com", "sent_by": "sync task"}]
+        output = server.output()
+    assert "A task left a transaction open on database 'default': rolled back" in output
+    assert " failed" not in output
+
+
 def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
     """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
     middleware's own arguments override it (`timeout=60` over the settings' 30)."""
