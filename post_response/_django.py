@@ -1,15 +1,22 @@
 """Django support: options from `settings.POST_RESPONSE`, and tasks that leave no database
-connection open. Imported by the middleware only once Django's settings are configured."""
+connection open (or, under Django's test client, use the test's). Imported by the
+middleware only once Django's settings are configured."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
+import inspect
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import got_request_exception, request_finished, request_started
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from . import _batch, _context
 from ._backend import asyncio_loop
@@ -22,13 +29,25 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
 
-__all__ = ["Environment", "run_test_client_tasks", "settings_options"]
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = [
+    "Environment",
+    "SharedConnections",
+    "close_thread_connections",
+    "in_a_thread_of_its_own",
+    "run_test_client_tasks",
+    "settings_options",
+    "thread_connections",
+]
 
 _T = TypeVar("_T")
-# asgiref before 3.13 has no type hints here.
+logger = logging.getLogger("post_response")
+# asgiref before 3.13 has no type hints here, nor the `executor` argument.
 ThreadSensitiveContext = cast(
-    "Callable[[], AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
+    "Callable[..., AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
 )
+EXECUTOR_CONTEXTS = "executor" in inspect.signature(_ThreadSensitiveContext).parameters
 
 
 def settings_options() -> dict[str, Any]:
@@ -48,9 +67,10 @@ class Environment:
 
     Django closes a request's connections when it ends (`close_old_connections`, which
     honours `CONN_MAX_AGE`). Tasks run after that, in other threads, so they do the same:
-    a sync task between two calls in its worker thread; an async task in its own
-    `ThreadSensitiveContext` (its `sync_to_async` ORM calls share one thread, shut down
-    afterwards), with a final call in that thread.
+    a sync task between two calls in its worker thread; an async task with its
+    `sync_to_async` ORM calls in one thread of its own (`in_a_thread_of_its_own`), whose
+    connections are all closed after it: persistent or not, none could be reused once the
+    thread is gone.
     """
 
     def run_sync(self, call: Callable[[], _T]) -> _T:
@@ -58,16 +78,118 @@ class Environment:
         try:
             return call()
         finally:
+            drop_open_transactions()
             close_old_connections()
 
     async def run_async(self, awaitable: Awaitable[_T]) -> _T:
-        if asyncio_loop() is None:  # Django's async support is asyncio's: nothing to do on trio
-            return await awaitable
+        return await in_a_thread_of_its_own(awaitable, _closing_thread_connections)
+
+
+def drop_open_transactions() -> None:
+    """Close and forget each connection of this thread that a task left inside a
+    `transaction.atomic()` block: the database rolls its transaction back, and the worker
+    thread, which runs later tasks, gets a fresh connection. Django would refuse every
+    query on the old one ("Cannot operate on a closed database"), for every later task."""
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            logger.warning(
+                "A task left a transaction open on database %r: rolled back", connection.alias
+            )
+            connection.close()
+            del connections[connection.alias]
+
+
+async def in_a_thread_of_its_own(
+    awaitable: Awaitable[_T], enter: Callable[[], Callable[[], object]]
+) -> _T:
+    """Await an async task with its thread-sensitive `sync_to_async` calls (Django's ORM) in
+    one thread of its own: not the request's, whose context its snapshot carries (another
+    task of the request would wait behind it), nor the test's. `enter()` is called in that
+    thread first, and what it returns last, even after a cancellation, without blocking
+    the event loop.
+
+    asgiref before 3.13 cannot be told which thread to use: there its own routing stands.
+    """
+    loop = asyncio_loop()
+    if loop is None:  # Django's async support is asyncio's: nothing to do on trio
+        return await awaitable
+    if not EXECUTOR_CONTEXTS:
         async with ThreadSensitiveContext():
+            leave = await sync_to_async(enter)()
             try:
                 return await awaitable
             finally:
-                await sync_to_async(close_old_connections)()
+                await sync_to_async(leave)()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="post_response")
+    entered = executor.submit(enter)
+    try:
+        await asyncio.wrap_future(entered, loop=loop)
+        async with ThreadSensitiveContext(executor=executor):
+            return await awaitable
+    finally:
+        left = executor.submit(_leave, entered)
+        executor.shutdown(wait=False)  # its thread ends once `left` has run
+        await asyncio.shield(asyncio.wrap_future(left, loop=loop))
+
+
+def _leave(entered: Future[Callable[[], object]]) -> None:
+    if entered.done() and not entered.cancelled() and entered.exception() is None:
+        entered.result()()
+
+
+def _closing_thread_connections() -> Callable[[], None]:
+    return close_thread_connections
+
+
+def thread_connections() -> dict[str, BaseDatabaseWrapper]:
+    """This thread's database connections, one per alias (none is opened by this)."""
+    return {alias: connections[alias] for alias in connections}
+
+
+def close_thread_connections() -> None:
+    """Close the database connections this thread opened."""
+    for connection in connections.all(initialized_only=True):
+        connection.close()
+
+
+class SharedConnections:
+    """Run each task on the database connections of the thread it was added from, as
+    Django's test client runs a view: inside a `TestCase`'s transaction.
+
+    A connection of the task's own could not see that transaction's rows, would commit
+    outside its rollback, and would wait on its locks while the test waits for the task
+    (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile;
+    tasks that run at once (`concurrency` above 1) share them as the threads of Django's
+    `LiveServerTestCase` do. None is closed here: they are the test's.
+    """
+
+    def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
+        self._shared = shared
+
+    def run_sync(self, call: Callable[[], _T]) -> _T:
+        own = self._share()
+        try:
+            return call()
+        finally:
+            self._unshare(own)
+
+    async def run_async(self, awaitable: Awaitable[_T]) -> _T:
+        return await in_a_thread_of_its_own(awaitable, self._share_until)
+
+    def _share_until(self) -> Callable[[], None]:
+        return functools.partial(self._unshare, self._share())
+
+    def _share(self) -> dict[str, BaseDatabaseWrapper]:
+        own = thread_connections()
+        for alias, connection in self._shared.items():
+            connection.inc_thread_sharing()
+            connections[alias] = connection
+        return own
+
+    def _unshare(self, own: dict[str, BaseDatabaseWrapper]) -> None:
+        for alias, connection in self._shared.items():
+            connections[alias] = own[alias]
+            connection.dec_thread_sharing()
 
 
 def run_test_client_tasks() -> Callable[[], None]:
@@ -75,13 +197,15 @@ def run_test_client_tasks() -> Callable[[], None]:
     the ASGI app) run when each request finishes; returns what undoes it.
 
     The test client reports no status to its signals: the tasks run as after a 200
-    response, or are skipped as after a 500 when the view raised.
+    response, or are skipped as after a 500 when the view raised. They run on the database
+    connections of the thread that started the request (`SharedConnections`), as the view did.
     """
     from ._middleware import setup  # noqa: PLC0415  (it imports this module)
 
     config, task_settings = setup({})
     stats = Stats()  # also marks the requests this hook started
     raised: set[int] = set()
+    shared: dict[int, dict[str, BaseDatabaseWrapper]] = {}  # each request's connections
 
     def started(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if _context.current() is not None:  # a request the middleware handles
@@ -92,6 +216,7 @@ def run_test_client_tasks() -> Callable[[], None]:
         dispatchers = task_settings.dispatchers
         tasks = _context.RequestTasks(config.max_tasks, method, path, stats, dispatchers)
         _context.activate(tasks)
+        shared[id(tasks)] = thread_connections()
 
     def failed(sender: object, **kwargs: Any) -> None:
         tasks = _context.current()
@@ -107,7 +232,9 @@ def run_test_client_tasks() -> Callable[[], None]:
         raised.discard(id(tasks))
         status = 500 if view_raised else 200
         reason = skip_reason(config.policy, status, True, False, raised=view_raised)
-        batch = _batch.finished(tasks, task_settings, reason)
+        environment = SharedConnections(shared.pop(id(tasks)))
+        request_settings = dataclasses.replace(task_settings, environment=environment)
+        batch = _batch.finished(tasks, request_settings, reason)
         if batch is not None:
             run_to_the_end(batch, config.max_running, config.max_queued)
 

@@ -25,16 +25,22 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import anyio
 import anyio.to_thread
+from asgiref.sync import sync_to_async
 
 from . import _backend, _context, _registry
 from ._call import call
 from ._checks import check_flag
 from ._errors import ConfigurationError, PostResponseError
 from ._task import Stats, TaskHandle, TaskState, lost
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from ._call import TaskEnvironment
 
 __all__ = [
     "CapturedTasks",
@@ -88,16 +94,26 @@ class CapturedTasks(Sequence[TaskHandle]):
 
     async def arun(self) -> None:
         """Run the captured tasks that are still pending, in order, each in its context
-        snapshot. The first failure propagates, and the tasks after it stay pending."""
+        snapshot. The first failure propagates, and the tasks after it stay pending.
+
+        Under Django they use the test's database connections, as its views do (the ones
+        `sync_to_async` calls use here): inside a `TestCase`'s transaction.
+        """
+        environment = None
+        if _django() is not None and _backend.asyncio_loop() is not None:
+            environment = await sync_to_async(_test_connections)()
+        await self._run(environment)
+
+    async def _run(self, environment: TaskEnvironment | None) -> None:
         for task in list(self):
-            await _run_now(task)
+            await _run_now(task, environment)
 
     def run(self) -> None:
         """`arun()` for sync tests (it starts an event loop; in async tests, `await arun()`)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            anyio.run(self.arun)
+            anyio.run(self._run, _test_connections())
             return
         msg = "CapturedTasks.run() starts an event loop; inside one, use `await tasks.arun()`."
         raise RuntimeError(msg)
@@ -188,20 +204,32 @@ def requests_wait_for_tasks() -> Iterator[None]:
 
 
 def _hold_django_test_client() -> Callable[[], None] | None:
+    django = _django()
+    return None if django is None else django.run_test_client_tasks()
+
+
+def _test_connections() -> TaskEnvironment | None:
+    """Under Django, what runs tasks on this thread's database connections (a test's)."""
+    django = _django()
+    return None if django is None else django.SharedConnections(django.thread_connections())
+
+
+def _django() -> ModuleType | None:
+    """`post_response._django` where Django is in use (its settings configured), else None."""
     django_conf = sys.modules.get("django.conf")
     if django_conf is None or not django_conf.settings.configured:
         return None
-    from ._django import run_test_client_tasks  # noqa: PLC0415  (it imports Django)
+    from . import _django  # noqa: PLC0415  (it imports Django)
 
-    return run_test_client_tasks()
+    return _django
 
 
-async def _run_now(task: TaskHandle) -> None:
+async def _run_now(task: TaskHandle, environment: TaskEnvironment | None = None) -> None:
     """Run a pending task here and now, in its context; its failure propagates."""
     if task.state is not TaskState.PENDING:
         return
     try:
-        await call(task, None, _backend.current(), task._start)
+        await call(task, environment, _backend.current(), task._start)
     except Exception:
         task._end(TaskState.FAILED)
         raise

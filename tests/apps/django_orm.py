@@ -2,18 +2,30 @@
 connections were opened, and which are still open.
 
 Run: EXAMPLE_DATABASE=/tmp/t.sqlite3 python -m uvicorn tests.apps.django_orm:app
+(DJANGO_CONN_MAX_AGE=null for persistent connections)
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+from django.db import connections as databases
+from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
 
 from examples import django_app
+from post_response import add_task
 
 from .control import with_controls
+
+if "DJANGO_CONN_MAX_AGE" in os.environ:  # e.g. `null`: persistent connections
+    databases.settings["default"]["CONN_MAX_AGE"] = json.loads(os.environ["DJANGO_CONN_MAX_AGE"])
 
 # Django's connections are per thread: keep each one to look at it from here later.
 OPENED: list[BaseDatabaseWrapper] = []
@@ -24,6 +36,21 @@ def _opened(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None
 
 
 connection_created.connect(_opened)
+
+
+def leave_a_transaction_open(to: str) -> None:
+    """A sync task that writes in a `transaction.atomic()` block it never leaves."""
+    transaction.atomic().__enter__()
+    django_app.SentEmail.objects.create(to=to, sent_by="open transaction")
+
+
+@csrf_exempt
+def open_transaction(request: HttpRequest) -> HttpResponse:
+    add_task(leave_a_transaction_open, request.GET["email"])
+    return HttpResponse("Welcome!\n")
+
+
+django_app.urlpatterns.append(path("open-transaction", open_transaction))
 
 
 def connections() -> dict[str, int]:

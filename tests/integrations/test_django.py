@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from asgiref.sync import ThreadSensitiveContext
 
-from ..servers import Server, run
+from ..servers import ROOT, Server, run
+
+# asgiref 3.13's `ThreadSensitiveContext(executor=...)`: before it, an async task's
+# `sync_to_async` calls go where asgiref's routing sends them.
+needs_executor_contexts = pytest.mark.skipif(
+    "executor" not in inspect.signature(ThreadSensitiveContext).parameters,
+    reason="asgiref < 3.13 cannot be told which thread an async task's ORM calls use",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +58,62 @@ def test_sync_and_async_tasks_use_the_orm_and_leave_no_connection_open(django: S
     assert connections["open"] == 0
 
 
+def test_async_tasks_close_their_connections_even_when_persistent(tmp_path: Path) -> None:
+    """With persistent connections (`CONN_MAX_AGE=None`), an async task still closes the
+    connection it opened: the thread its ORM calls ran in ends with it, so none could be
+    reused, and it would stay open until the garbage collector found it."""
+    env = {"EXAMPLE_DATABASE": str(tmp_path / "db.sqlite3"), "DJANGO_CONN_MAX_AGE": "null"}
+    with run("uvicorn-h11", "django_orm:app", env=env) as server:
+        for email in ("ada@example.com", "bob@example.com"):
+            response = httpx.post(f"{server.url}/async-signup?email={email}", timeout=10)
+            assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while server.control("stats").get("completed", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.control("connections") == {"opened": 2, "open": 0}
+
+
+def test_a_sync_task_raising_generator_exit_fails_alone() -> None:
+    """Under Django (whose connections wrap every task), a sync task raising GeneratorExit
+    in its thread ends `failed`, and the request's next task still runs."""
+    with run("uvicorn-h11", "django_app:app") as server:
+        assert httpx.get(f"{server.url}/generator-exit?id=g1", timeout=10).status_code == 200
+        server.control("open", id="g1-after")
+        assert server.control("wait", id="g1-after")[-1] == "g1-after:end"
+        output = server.output()
+    assert "Task 'tests.apps.django_app.raise_generator_exit' of GET /generator-exit failed" in (
+        output
+    )
+    assert "abandoned" not in output
+
+
+@needs_executor_contexts
+def test_concurrent_async_tasks_of_a_request_each_get_a_thread_of_their_own() -> None:
+    """With `concurrency=2`, two async tasks of one request run their `sync_to_async` (ORM)
+    calls in threads of their own: one blocked in its call does not hold up the other's."""
+    with run("uvicorn-h11", "django_app:app", middleware={"concurrency": 2}) as server:
+        assert httpx.get(f"{server.url}/two-tasks?id=t1", timeout=10).status_code == 200
+        server.control("wait", id="t1")
+        assert server.control("records", at_least="1") == ["released"]
+
+
+def test_a_task_that_leaves_a_transaction_open_spoils_no_later_task(tmp_path: Path) -> None:
+    """A sync task that never leaves its `transaction.atomic()` block has its writes rolled
+    back, and the next sync task, in the same worker thread, still uses the database."""
+    with run(
+        "uvicorn-h11", "django_orm:app", env={"EXAMPLE_DATABASE": str(tmp_path / "db")}
+    ) as server:
+        assert httpx.post(f"{server.url}/open-transaction?email=eve@example.com").status_code == 200
+        deadline = time.monotonic() + 10
+        while server.control("stats").get("completed", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.post(f"{server.url}/signup?email=ada@example.com").status_code == 200
+        assert sent_emails(server, 1) == [{"to": "ada@example.com", "sent_by": "sync task"}]
+        output = server.output()
+    assert "A task left a transaction open on database 'default': rolled back" in output
+    assert " failed" not in output
+
+
 def test_settings_give_the_defaults_and_arguments_win(django: Server) -> None:
     """`settings.POST_RESPONSE` sets options (`policy="no_error"` skips a 404's task), and the
     middleware's own arguments override it (`timeout=60` over the settings' 30)."""
@@ -67,3 +134,23 @@ def test_the_example_runs_with_its_documented_command(tmp_path: Path) -> None:
             httpx.post(f"{server.url}/signup?email=cy@example.com", timeout=10).status_code == 200
         )
         assert sent_emails(server, 1) == [{"to": "cy@example.com", "sent_by": "sync task"}]
+
+
+@needs_executor_contexts
+def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction() -> None:
+    """In a Django `TestCase`, the tasks of views called by Django's test client (under
+    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection.
+
+    Django's test runner runs the suite (tests/apps/django_testcase.py) in a process of
+    its own: configuring Django is once per process.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.apps.django_testcase"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Ran 4 tests" in done.stderr

@@ -1,0 +1,123 @@
+"""A Django project's own test suite, run by Django's test runner in a process of its own
+(tests/integrations/test_django.py): views whose tasks use the ORM, tested with Django's
+test client inside `TestCase`, whose transaction the tasks must see into.
+
+Run: python -m tests.apps.django_testcase
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import django
+from django.conf import settings
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="tests-only",
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["testserver"],
+    MIDDLEWARE=[],
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+)
+django.setup()
+
+from asgiref.sync import sync_to_async  # noqa: E402
+from django.contrib.auth.models import User  # noqa: E402
+from django.db import transaction  # noqa: E402
+from django.http import HttpRequest, HttpResponse  # noqa: E402
+from django.test import TestCase  # noqa: E402
+from django.test.utils import get_runner  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from post_response import add_task  # noqa: E402
+from post_response.testing import capture_tasks, requests_wait_for_tasks  # noqa: E402
+
+
+def deactivate(username: str) -> None:
+    User.objects.filter(username=username).update(is_active=False)
+
+
+async def deactivate_async(username: str) -> None:
+    await sync_to_async(deactivate)(username)
+
+
+def leave(request: HttpRequest) -> HttpResponse:
+    add_task(deactivate, request.GET["username"])
+    add_task(deactivate_async, request.GET["username"].upper())
+    return HttpResponse("Goodbye!")
+
+
+class Refused(Exception):
+    pass
+
+
+def join(request: HttpRequest) -> HttpResponse:
+    """The README's `transaction.on_commit` example: no task when the transaction rolls back."""
+    try:
+        with transaction.atomic():
+            User.objects.create(username=request.GET["username"])
+            transaction.on_commit(functools.partial(add_task, deactivate, request.GET["username"]))
+            if "refuse" in request.GET:
+                raise Refused
+    except Refused:
+        return HttpResponse("Refused.", status=400)
+    return HttpResponse("Welcome!")
+
+
+urlpatterns = [path("leave", leave), path("join", join)]
+
+
+class TasksInATestCase(TestCase):
+    """Tasks of views called by Django's test client, in a `TestCase`'s transaction."""
+
+    def setUp(self) -> None:
+        User.objects.create(username="ada")
+        User.objects.create(username="ADA")
+
+    def assert_deactivated(self) -> None:
+        active = User.objects.filter(is_active=True).values_list("username", flat=True)
+        assert list(active) == []
+
+    def test_requests_wait_for_tasks_runs_them_in_the_test_transaction(self) -> None:
+        """Under `requests_wait_for_tasks()`, a sync and an async task see and change the
+        rows the test created in its transaction."""
+        with requests_wait_for_tasks():
+            assert self.client.get("/leave", {"username": "ada"}).status_code == 200
+        self.assert_deactivated()
+
+    def test_captured_tasks_run_in_the_test_transaction(self) -> None:
+        """`tasks.run()` runs captured ORM tasks in the test's transaction too."""
+        with capture_tasks(run=True):
+            self.client.get("/leave", {"username": "ada"})
+        self.assert_deactivated()
+
+    def test_tasks_added_on_commit_are_added_only_if_it_commits(self) -> None:
+        """`transaction.on_commit(partial(add_task, ...))` adds no task when the view's
+        transaction rolls back; in a `TestCase`, `capture_tasks()` around Django's
+        `captureOnCommitCallbacks(execute=True)` catches those it adds."""
+        with capture_tasks() as tasks, self.captureOnCommitCallbacks(execute=True):
+            assert self.client.get("/join", {"username": "bo"}).status_code == 200
+            assert self.client.get("/join", {"username": "cy", "refuse": "1"}).status_code == 400
+        assert [(task.func, task.args) for task in tasks] == [(deactivate, ("bo",))]
+        tasks.run()
+        assert not User.objects.get(username="bo").is_active
+
+    async def test_async_client_and_arun_too(self) -> None:
+        """Django's `AsyncClient` in an async test, and `await tasks.arun()`, alike."""
+        with requests_wait_for_tasks():
+            await self.async_client.get("/leave", {"username": "ada"})
+        await sync_to_async(self.assert_deactivated)()
+        await User.objects.filter(username="ada").aupdate(is_active=True)
+        with capture_tasks() as tasks:
+            await self.async_client.get("/leave", {"username": "ada"})
+        await tasks.arun()
+        await sync_to_async(self.assert_deactivated)()
+
+
+if __name__ == "__main__":
+    runner = get_runner(settings)(verbosity=2)
+    sys.exit(bool(runner.run_tests([f"{__name__}.TasksInATestCase"])))
