@@ -254,6 +254,18 @@ def test_a_sync_task_raising_what_coroutines_treat_apart_fails_alone(
     assert [h.state for h in handles] == [TaskState.FAILED, TaskState.COMPLETED]
 
 
+def run_script(source: str, timeout: float = 60, *options: str) -> subprocess.CompletedProcess[str]:
+    """Run `source` in a Python process of its own, which must exit with 0."""
+    return subprocess.run(
+        [sys.executable, *options, "-c", source],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+
+
 # A process serves a request whose task is still running, then forks, as gunicorn's master
 # does with `--preload` if the app served a request while it was imported.
 FORK = """
@@ -298,14 +310,7 @@ print("parent joined", middleware.join(20), flush=True)
 def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
     """After a fork, the child neither waits for nor reports the parent's running task, and
     starts a task loop of its own without taking the parent's for a dead one."""
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
+    result = run_script(FORK, 60, "-W", "ignore::DeprecationWarning")
     output = result.stdout + result.stderr
     assert sorted(output.splitlines()) == [
         "child joined True",
@@ -317,8 +322,9 @@ def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
 
 # The first request's task loop cannot start: every file descriptor is taken (a flood of
 # connections), so its event loop gets none. Once some are free, the next request's can.
-NO_DESCRIPTORS = """
-import logging, os, resource
+# What the scripts below share: an app adding one task, and a request to it with no server.
+ONE_TASK = """
+import atexit, logging, os, resource
 from post_response import add_task
 from post_response.wsgi import PostResponseWSGIMiddleware
 
@@ -335,6 +341,12 @@ def request():
     body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
     list(body)
     body.close()
+"""
+
+
+NO_DESCRIPTORS = (
+    ONE_TASK
+    + """
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 taken = []
@@ -350,20 +362,14 @@ for descriptor in taken:
 request()
 print("joined", middleware.join(10), flush=True)
 """
+)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
 def test_a_task_loop_that_cannot_start_fails_its_request_and_the_next_one_starts() -> None:
     """A task loop that cannot start abandons the request's tasks, logged, instead of
     leaving the server's thread waiting for it forever; the next request starts one."""
-    result = subprocess.run(
-        [sys.executable, "-c", NO_DESCRIPTORS],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
+    result = run_script(NO_DESCRIPTORS, 30)
     output = result.stdout + result.stderr
     assert "RuntimeError: post_response could not start its task loop" in output
     assert "Task 'builtins.print' of GET / abandoned: post_response could not run them" in output
@@ -373,24 +379,9 @@ def test_a_task_loop_that_cannot_start_fails_its_request_and_the_next_one_starts
 # A request ends after the task loop has shut down at exit, as on a server whose threads
 # still serve while the interpreter exits (waitress's are daemons). The hook is registered
 # before the task loop starts, so it runs after the loop's own (atexit runs them in reverse).
-AFTER_SHUTDOWN = """
-import atexit, logging
-from post_response import add_task
-from post_response.wsgi import PostResponseWSGIMiddleware
-
-logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
-
-def app(environ, start_response):
-    add_task(print, "task ran")
-    start_response("200 OK", [])
-    return [b"ok"]
-
-middleware = PostResponseWSGIMiddleware(app)
-
-def request():
-    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
-    list(body)
-    body.close()
+AFTER_SHUTDOWN = (
+    ONE_TASK
+    + """
 
 @atexit.register
 def late():
@@ -400,19 +391,13 @@ def late():
 request()
 print("joined", middleware.join(5), flush=True)
 """
+)
 
 
 def test_a_request_ending_after_the_shutdown_at_exit_has_its_tasks_abandoned() -> None:
     """After the task loop shut down at exit, a request's tasks are logged as abandoned
     (no new loop is started for them) and `join()` returns at once."""
-    result = subprocess.run(
-        [sys.executable, "-c", AFTER_SHUTDOWN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
+    result = run_script(AFTER_SHUTDOWN)
     assert result.stdout == "task ran\njoined True\njoined True\n"
     assert result.stderr == (
         "ERROR Task 'builtins.print' of GET / abandoned: the server had already shut down\n"
