@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import unittest
 
 import django
 from django.conf import settings
@@ -35,6 +36,10 @@ from django.urls import path  # noqa: E402
 
 from post_response import add_task  # noqa: E402
 from post_response.testing import capture_tasks, requests_wait_for_tasks  # noqa: E402
+
+# Django 5's `AsyncClient` sends `request_started` with `Signal.asend()`, which runs the
+# receivers in a task of its own: the request's task list they set never reaches the view.
+ASYNC_CLIENT_SIGNALS = "Django < 6.0: AsyncClient's request_started runs in a task of its own"
 
 
 def deactivate(username: str) -> None:
@@ -106,12 +111,15 @@ class TasksInATestCase(TestCase):
         tasks.run()
         assert not User.objects.get(username="bo").is_active
 
-    async def test_async_client_and_arun_too(self) -> None:
-        """Django's `AsyncClient` in an async test, and `await tasks.arun()`, alike."""
+    @unittest.skipIf(django.VERSION < (6, 0), ASYNC_CLIENT_SIGNALS)
+    async def test_async_client_under_requests_wait_for_tasks(self) -> None:
+        """Django's `AsyncClient` in an async test, as `Client` in a sync one."""
         with requests_wait_for_tasks():
             await self.async_client.get("/leave", {"username": "ada"})
         await sync_to_async(self.assert_deactivated)()
-        await User.objects.filter(username="ada").aupdate(is_active=True)
+
+    async def test_async_client_and_arun(self) -> None:
+        """`capture_tasks()` around `AsyncClient`, and `await tasks.arun()`."""
         with capture_tasks() as tasks:
             await self.async_client.get("/leave", {"username": "ada"})
         await tasks.arun()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 import time
@@ -153,4 +154,4 @@ def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Ran 4 tests" in done.stderr
+    assert re.search(r"^Ran [45] tests", done.stderr, re.MULTILINE)  # 4: one skipped on Django 5
