@@ -633,7 +633,9 @@ def cancel(key: str) -> int:
 _OUTSIDE_REQUEST = (
     "add_task() was called outside a request handled by PostResponseMiddleware. "
     "Wrap the ASGI app that serves the request: `app = PostResponseMiddleware(app)` "
-    "(Starlette/FastAPI: `app.add_middleware(PostResponseMiddleware)`; Django: "
+    "(Starlette/FastAPI: `app.add_middleware(PostResponseMiddleware)`, but handlers of "
+    "`Exception` and 500 run in Starlette's ServerErrorMiddleware, outside it: to add tasks "
+    "there, wrap the app, `app = PostResponseMiddleware(app)`; Django: "
     "`PostResponseMiddleware(get_asgi_application())`; Quart: "
     "`app.asgi_app = PostResponseMiddleware(app.asgi_app)`; WSGI: "
     "`post_response.wsgi.PostResponseWSGIMiddleware`). If the app is wrapped, this code "

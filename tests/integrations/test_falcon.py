@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import anyio
 import pytest
+from falcon.asgi import App, Request, Response
 
+from post_response import PostResponseMiddleware, RequestFinishedError, add_task
+
+from ..harness import Exchange
 from ..servers import Connection, Server, run
 from .helpers import Example, assert_ran_after_response, check_example, get, new_id, serve_example
 
@@ -73,3 +78,37 @@ def test_the_example_works_as_documented(example: Example) -> None:
         "Welcome, ada@example.com! Your email is on its way.\n",
         "Goodbye, ada@example.com.\n",
     ]
+
+
+class Scheduling:
+    """A responder that hands Falcon's `resp.schedule()` a callback calling `add_task()`."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    async def on_get(self, req: Request, resp: Response) -> None:
+        async def callback() -> None:
+            try:
+                add_task(print)
+            except RequestFinishedError as exc:
+                self.errors.append(exc)
+
+        resp.schedule(callback)
+        resp.text = "hello world"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Falcon schedules on asyncio
+async def test_add_task_in_a_schedule_callback_comes_too_late() -> None:
+    """Falcon runs `resp.schedule()` callbacks detached, once the app returned: a request
+    with no task of its own has ended by then, and `add_task()` there raises (README)."""
+    responder = Scheduling()
+    app = App()
+    app.add_route("/", responder)
+    exchange = Exchange()
+    await exchange.run(PostResponseMiddleware(app))
+    with anyio.fail_after(5):
+        while not responder.errors:
+            await anyio.sleep(0)  # the callback runs on a later turn of the loop
+    assert exchange.status == 200
+    assert "after the tasks of GET / had all run" in str(responder.errors[0])

@@ -6,6 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+from post_response import OutsideRequestError, PostResponseMiddleware, add_task
 
 from ..servers import Server, run
 from .helpers import (
@@ -126,3 +131,37 @@ def test_the_tutorial_example_writes_both_lines_in_order(example: Example) -> No
         [["found query: hello", "notification for ada@example.com: some notification"]],
     )
     assert response.json() == {"message": "Notification sent in the background"}
+
+
+def app_with_a_500_handler(reported: list[str]) -> FastAPI:
+    """An endpoint that raises, and an `Exception` handler that adds an `always` task."""
+    app = FastAPI()
+
+    @app.exception_handler(Exception)
+    async def report(request: Request, exc: Exception) -> JSONResponse:
+        add_task(reported.append, str(exc)).set(always=True)
+        return JSONResponse({"error": "sorry"}, status_code=500)
+
+    @app.get("/")
+    async def endpoint() -> None:
+        raise ValueError("boom")
+
+    return app
+
+
+def test_a_500_handler_under_add_middleware_is_told_to_wrap_the_app() -> None:
+    """Starlette runs `Exception` handlers in ServerErrorMiddleware, outside what
+    `add_middleware` adds: `add_task()` there raises, and the message says to wrap the app."""
+    app = app_with_a_500_handler([])
+    app.add_middleware(PostResponseMiddleware, detach=False)
+    with pytest.raises(OutsideRequestError, match=r"ServerErrorMiddleware.*`app = Post"):
+        TestClient(app).get("/")
+
+
+def test_a_500_handler_adds_tasks_when_the_app_is_wrapped() -> None:
+    """Wrapped, the app's `Exception` handler adds tasks like any endpoint."""
+    reported: list[str] = []
+    app = PostResponseMiddleware(app_with_a_500_handler(reported), detach=False)
+    response = TestClient(app, raise_server_exceptions=False).get("/")
+    assert (response.status_code, response.json()) == (500, {"error": "sorry"})
+    assert reported == ["boom"]

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
 
+from post_response import PostResponseMiddleware, add_task
+from post_response._types import ASGIApp
+
+from ..harness import Exchange
 from ..servers import Server, run
 from .helpers import (
     Example,
@@ -76,3 +83,42 @@ def test_the_example_works_as_documented(example: Example) -> None:
         "Welcome, ada@example.com! Your email is on its way.\n",
         "Goodbye, ada@example.com.\n",
     ]
+
+
+def raising_app(log: list[str]) -> Starlette:
+    """A Starlette app whose endpoint adds an `always` task, then raises."""
+
+    async def task() -> None:
+        log.append("task")
+
+    async def endpoint(request: Request) -> None:
+        add_task(task).set(always=True)
+        raise ValueError("boom")
+
+    return Starlette(routes=[Route("/", endpoint)])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("install", "expected"),
+    [
+        ("add_middleware", ["task", "send http.response.start", "send http.response.body"]),
+        ("wrap", ["send http.response.start", "send http.response.body", "task"]),
+    ],
+)
+async def test_tasks_of_an_endpoint_that_raised_and_starlettes_500(
+    install: str, expected: list[str]
+) -> None:
+    """Starlette's ServerErrorMiddleware sits outside `add_middleware`'s: an `always` task
+    of a raising endpoint runs before its 500 is sent; wrapping the app, after (as the
+    README says)."""
+    log: list[str] = []
+    starlette = raising_app(log)
+    app: ASGIApp = starlette
+    if install == "add_middleware":
+        starlette.add_middleware(PostResponseMiddleware, detach=False)
+    else:
+        app = PostResponseMiddleware(starlette, detach=False)
+    with pytest.raises(ValueError, match="boom"):
+        await Exchange(log).run(app)  # detach=False: the tasks have run when it returns
+    assert log == expected
