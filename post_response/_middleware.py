@@ -199,6 +199,7 @@ class PostResponseMiddleware:
                 message = await self._journal_ready(message)
             await send(message)
 
+        failure: Exception | None = None
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
             self._owners.set(owner)
@@ -208,14 +209,19 @@ class PostResponseMiddleware:
             try:
                 try:
                     await self.app(scope, watch_receive, watch_send)
-                except Exception:
-                    if received:
-                        raise
-                    logger.debug("The app rejected the lifespan scope; the middleware answers it")
+                except Exception as exc:
+                    if received:  # raised after the group: the server sees it unwrapped
+                        failure = exc
+                    else:
+                        logger.debug(
+                            "The app rejected the lifespan scope; the middleware answers it"
+                        )
                 if not received:  # the app does not speak lifespan (it returned or raised)
                     await self._answer_lifespan(receive, send, owner)
             finally:
                 owner.stop()
+        if failure is not None:
+            raise failure
 
     async def _answer_lifespan(self, receive: Receive, send: Send, owner: Owner) -> None:
         """Speak lifespan for an app that does not, so the owner still drains at shutdown."""
