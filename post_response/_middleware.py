@@ -181,13 +181,14 @@ class PostResponseMiddleware:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
         config = self.config
         owner = Owner(config.max_running, config.max_queued, config.shutdown_timeout)
-        received = False
+        received = shut_down = False
 
         async def watch_receive() -> Message:
-            nonlocal received
+            nonlocal received, shut_down
             received = True
             message = await receive()
             if message["type"] == "lifespan.shutdown":
+                shut_down = True
                 # Before the app's own cleanup (closing a pool...), which tasks may need.
                 await owner.shutdown(self.config.shutdown_timeout)
                 if self._journal is not None:
@@ -202,7 +203,7 @@ class PostResponseMiddleware:
         failure: Exception | None = None
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
-            self._owners.set(owner)
+            token = self._owners.set(owner)
             self._last = None
             if self._journal is not None:  # replay what processes that are gone left
                 self._journal.open(self._journal_sink())
@@ -218,8 +219,14 @@ class PostResponseMiddleware:
                         )
                 if not received:  # the app does not speak lifespan (it returned or raised)
                     await self._answer_lifespan(receive, send, owner)
+                    shut_down = True
             finally:
                 owner.stop()
+                if not shut_down and self._owners.get(None) is owner:
+                    # uvicorn (`lifespan="auto"`) and hypercorn serve on after a lifespan
+                    # that failed: the next request's tasks get an owner of their own.
+                    self._owners.reset(token)
+                    self._last = None
         if failure is not None:
             raise failure
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from post_response import PostResponseMiddleware, TaskHandle, add_task
+from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
 from post_response._types import Message, Receive, Scope, Send
+
+from .harness import Exchange
 
 pytestmark = pytest.mark.anyio
 
@@ -50,3 +52,15 @@ async def test_an_exception_of_the_apps_lifespan_passes_through_unchanged() -> N
     app = PostResponseMiddleware(failing_at_startup([]))  # type: ignore[arg-type]
     with pytest.raises(StartupError):
         await start_lifespan(app)
+
+
+async def test_tasks_run_when_the_server_serves_on_after_a_failed_lifespan() -> None:
+    """uvicorn (`lifespan="auto"`) and hypercorn log a lifespan that raised and serve on:
+    the requests' tasks still run, rather than being abandoned as after a shutdown."""
+    handles: list[TaskHandle] = []
+    app = PostResponseMiddleware(failing_at_startup(handles))  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017, PT011  (the test above says which)
+        await start_lifespan(app)
+    with anyio.fail_after(5):
+        await Exchange().run(app)
+    assert [handle.state for handle in handles] == [TaskState.COMPLETED]
