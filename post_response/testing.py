@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
 
@@ -163,6 +164,8 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
             f"to wait for ever; got {timeout!r}."
         )
         raise ConfigurationError(msg)
+    if timeout is not None and timeout > threading.TIMEOUT_MAX:
+        timeout = None  # `math.inf`, say: a lock would refuse it (OverflowError)
     left = _registry.wait_idle(timeout)
     if left:
         msg = f"{len(left)} tasks still not done after {timeout}s: {', '.join(left)}"

@@ -17,6 +17,7 @@ from post_response import (
     OutsideRequestError,
     PostResponseMiddleware,
     TaskState,
+    _registry,
     add_task,
 )
 from post_response.testing import capture_tasks, wait_for_tasks, wait_for_tasks_async
@@ -181,3 +182,29 @@ def test_wait_for_tasks_refuses_a_timeout_that_is_not_seconds(timeout: object) -
     """A timeout that is not a number of seconds is refused, even with nothing to wait for."""
     with pytest.raises(ConfigurationError, match=r"wait_for_tasks\(timeout=\.\.\.\)"):
         wait_for_tasks(timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_wait_for_tasks_takes_a_timeout_too_long_for_the_platform_as_no_limit(
+    timeout: float,
+) -> None:
+    """`wait_for_tasks(math.inf)` waits for the tasks, as `None` does, without overflowing."""
+    slow = FastAPI()
+    slow.add_middleware(PostResponseMiddleware)
+
+    def until_waited_for() -> None:
+        """End once `wait_for_tasks()` waits (a gate: it is then blocked on its condition)."""
+        deadline = threading.Event()
+        for _ in range(1000):
+            if _registry.waiters:
+                return
+            deadline.wait(0.01)
+
+    @slow.get("/")
+    async def endpoint() -> None:
+        add_task(until_waited_for)
+
+    with TestClient(slow) as client:
+        client.get("/")
+        wait_for_tasks(timeout)
+        assert _registry.waiters == 0
