@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sys
@@ -111,13 +110,8 @@ class CapturedTasks(Sequence[TaskHandle]):
 
     def run(self) -> None:
         """`arun()` for sync tests (it starts an event loop; in async tests, `await arun()`)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            anyio.run(self._run, _test_connections())
-            return
-        msg = "CapturedTasks.run() starts an event loop; inside one, use `await tasks.arun()`."
-        raise RuntimeError(msg)
+        _refuse_in_event_loop("CapturedTasks.run()")
+        anyio.run(self._run, _test_connections())
 
 
 @contextlib.contextmanager
@@ -134,6 +128,8 @@ def capture_tasks(*, run: bool = False) -> Iterator[CapturedTasks]:
             `captureOnCommitCallbacks(execute=True)`).
     """
     check_flag(run, "capture_tasks(run=...)")
+    if run:  # before the block, not once it ran
+        _refuse_in_event_loop("capture_tasks(run=True)")
     captured = CapturedTasks()
     _context.captures.append(captured)
     try:
@@ -204,6 +200,18 @@ def requests_wait_for_tasks() -> Iterator[None]:
         _registry.held_requests -= 1
         if disconnect is not None:
             disconnect()
+
+
+def _refuse_in_event_loop(what: str) -> None:
+    """`what` starts an event loop to run the tasks: refuse it inside one (asyncio or trio)."""
+    trio = sys.modules.get("trio")
+    if _backend.asyncio_loop() is None and (trio is None or not trio.lowlevel.in_trio_run()):
+        return
+    msg = (
+        f"{what} runs the tasks in an event loop of its own; inside one (an async test), "
+        "use `with capture_tasks() as tasks:`, then `await tasks.arun()`."
+    )
+    raise RuntimeError(msg)
 
 
 def _hold_django_test_client() -> Callable[[], None] | None:

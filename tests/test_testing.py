@@ -208,3 +208,20 @@ def test_wait_for_tasks_takes_a_timeout_too_long_for_the_platform_as_no_limit(
         client.get("/")
         wait_for_tasks(timeout)
         assert _registry.waiters == 0
+
+
+@pytest.mark.anyio
+async def test_running_captured_tasks_in_an_async_test_names_the_fix() -> None:
+    """`run()` and `capture_tasks(run=True)` start an event loop: inside one, on asyncio and
+    trio alike, they are refused when called (before the block), naming `await tasks.arun()`."""
+    block_ran = False
+    with capture_tasks() as tasks:
+        add_task(send_welcome_email, "gu@example.com", subject="Hi")
+    with pytest.raises(RuntimeError, match=r"await tasks\.arun\(\)"):
+        tasks.run()
+    with pytest.raises(RuntimeError, match=r"await tasks\.arun\(\)"):  # noqa: SIM117
+        with capture_tasks(run=True):
+            block_ran = True
+    assert not block_ran
+    await tasks.arun()
+    assert SENT == ["Hi -> gu@example.com"]
