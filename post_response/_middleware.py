@@ -153,10 +153,21 @@ class PostResponseMiddleware:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
     ) -> None:
+        client_gone = False
+
+        async def watch_receive() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            client_gone = client_gone or message["type"] == "websocket.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, watch_receive, send)
         except Exception:
-            await self._finish(tasks, None if self.config.policy == "always" else "the app raised")
+            # Starlette's `receive_text()`, say, raises once the client closed: the client
+            # went away, as when an HTTP client does; the app did not fail.
+            failed = not client_gone and self.config.policy != "always"
+            await self._finish(tasks, "the app raised" if failed else None)
             raise
         except BaseException:
             _abandon(tasks, "the connection was cancelled")

@@ -1,0 +1,54 @@
+"""WebSocket connections: how they end decides whether their tasks run."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from post_response import PostResponseMiddleware, add_task
+from post_response._types import Message, Scope
+
+pytestmark = pytest.mark.anyio
+
+SCOPE: Scope = {
+    "type": "websocket",
+    "asgi": {"version": "3.0"},
+    "scheme": "ws",
+    "path": "/ws",
+    "raw_path": b"/ws",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [],
+    "subprotocols": [],
+}
+
+
+async def test_a_connection_the_client_closed_runs_its_tasks() -> None:
+    """Starlette's usual endpoint, a loop on `receive_text()`, raises `WebSocketDisconnect`
+    when the client closes: the client went away, the app did not fail, so the tasks run."""
+    received: list[str] = []
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            add_task(received.append, text)
+            await websocket.send_text(text)
+
+    incoming: list[Message] = [{"type": "websocket.connect"}]
+    incoming += [{"type": "websocket.receive", "text": text} for text in ("a", "b")]
+    incoming.append({"type": "websocket.disconnect", "code": 1000})
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    app = PostResponseMiddleware(Starlette(routes=[WebSocketRoute("/ws", echo)]))
+    with pytest.raises(WebSocketDisconnect):
+        await app(dict(SCOPE), receive, send)
+    await app.join()
+    assert received == ["a", "b"]
