@@ -161,11 +161,20 @@ class PostResponseMiddleware:
             client_gone = client_gone or message["type"] == "websocket.disconnect"
             return message
 
+        async def watch_send(message: Message) -> None:
+            nonlocal client_gone
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4: send() after the client went away
+                client_gone = True
+                raise
+
         try:
-            await self.app(scope, watch_receive, send)
+            await self.app(scope, watch_receive, watch_send)
         except Exception:
-            # Starlette's `receive_text()`, say, raises once the client closed: the client
-            # went away, as when an HTTP client does; the app did not fail.
+            # Starlette's `receive_text()`, say, raises once the client closed (and its
+            # `send_text()` once the client dropped): the client went away, as when an
+            # HTTP client does; the app did not fail.
             failed = not client_gone and self.config.policy != "always"
             await self._finish(tasks, "the app raised" if failed else None)
             raise

@@ -52,3 +52,33 @@ async def test_a_connection_the_client_closed_runs_its_tasks() -> None:
         await app(dict(SCOPE), receive, send)
     await app.join()
     assert received == ["a", "b"]
+
+
+async def test_a_connection_whose_client_dropped_mid_message_runs_its_tasks() -> None:
+    """A server's `send()` raises `OSError` once the client is gone (ASGI 2.4); Starlette
+    turns it into `WebSocketDisconnect`: the client went away, so the tasks run."""
+    received: list[str] = []
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        text = await websocket.receive_text()
+        add_task(received.append, text)
+        await websocket.send_text(text)
+
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "a"},
+    ]
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        if message["type"] == "websocket.send":
+            raise OSError("the client is gone")
+
+    app = PostResponseMiddleware(Starlette(routes=[WebSocketRoute("/ws", echo)]))
+    with pytest.raises(WebSocketDisconnect):
+        await app(dict(SCOPE), receive, send)
+    await app.join()
+    assert received == ["a"]
