@@ -146,6 +146,8 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
     For tests that let tasks run as in production, detached, and then check their effects.
 
     Raises:
+        RuntimeError: Called on a thread that runs an event loop (an async test): use
+            `await wait_for_tasks_async()`.
         TimeoutError: Tasks are still waiting or running after `timeout` seconds; the
             message names them.
         TasksLostError: Since the last call, the runtime cancelled, abandoned or dropped
@@ -160,6 +162,12 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
             f"to wait for ever; got {timeout!r}."
         )
         raise ConfigurationError(msg)
+    if _in_event_loop():  # blocked, the loop could run none of its tasks until the timeout
+        msg = (
+            "wait_for_tasks() blocks its thread, here an event loop's (an async test): "
+            "use `await wait_for_tasks_async()`."
+        )
+        raise RuntimeError(msg)
     if timeout is not None and timeout > threading.TIMEOUT_MAX:
         timeout = None  # `math.inf`, say: a lock would refuse it (OverflowError)
     left = _registry.wait_idle(timeout)
@@ -202,10 +210,15 @@ def requests_wait_for_tasks() -> Iterator[None]:
             disconnect()
 
 
+def _in_event_loop() -> bool:
+    """An event loop (asyncio's or trio's) runs on this thread."""
+    trio = sys.modules.get("trio")
+    return _backend.asyncio_loop() is not None or (trio is not None and trio.lowlevel.in_trio_run())
+
+
 def _refuse_in_event_loop(what: str) -> None:
     """`what` starts an event loop to run the tasks: refuse it inside one (asyncio or trio)."""
-    trio = sys.modules.get("trio")
-    if _backend.asyncio_loop() is None and (trio is None or not trio.lowlevel.in_trio_run()):
+    if not _in_event_loop():
         return
     msg = (
         f"{what} runs the tasks in an event loop of its own; inside one (an async test), "

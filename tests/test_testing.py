@@ -225,3 +225,12 @@ async def test_running_captured_tasks_in_an_async_test_names_the_fix() -> None:
     assert not block_ran
     await tasks.arun()
     assert SENT == ["Hi -> gu@example.com"]
+
+
+@pytest.mark.anyio
+async def test_wait_for_tasks_on_an_event_loop_names_the_async_one() -> None:
+    """Blocking the loop would keep its tasks from running until the timeout: refused at once,
+    naming `await wait_for_tasks_async()`."""
+    with pytest.raises(RuntimeError, match=r"await wait_for_tasks_async\(\)"):
+        wait_for_tasks()
+    await wait_for_tasks_async()
