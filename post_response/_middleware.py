@@ -154,6 +154,7 @@ class PostResponseMiddleware:
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
     ) -> None:
         client_gone = False
+        status = 0  # of the HTTP response that refused the connection, if one did
 
         async def watch_receive() -> Message:
             nonlocal client_gone
@@ -162,12 +163,14 @@ class PostResponseMiddleware:
             return message
 
         async def watch_send(message: Message) -> None:
-            nonlocal client_gone
+            nonlocal client_gone, status
             try:
                 await send(message)
             except OSError:  # ASGI 2.4: send() after the client went away
                 client_gone = True
                 raise
+            if message["type"] == "websocket.http.response.start":  # the denial extension
+                status = message["status"]
 
         try:
             await self.app(scope, watch_receive, watch_send)
@@ -181,7 +184,8 @@ class PostResponseMiddleware:
         except BaseException:
             _abandon(tasks, "the connection was cancelled")
             raise
-        await self._finish(tasks, None)
+        policy = self.config.policy
+        await self._finish(tasks, skip_reason(policy, status, True, client_gone, raised=False))
 
     async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""

@@ -7,8 +7,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from post_response import PostResponseMiddleware, add_task
-from post_response._types import Message, Scope
+from post_response import PostResponseMiddleware, TaskHandle, TaskState, add_task
+from post_response._types import Message, Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
 
@@ -82,3 +82,39 @@ async def test_a_connection_whose_client_dropped_mid_message_runs_its_tasks() ->
         await app(dict(SCOPE), receive, send)
     await app.join()
     assert received == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "state"),
+    [
+        ("no_server_error", 503, TaskState.SKIPPED),
+        ("no_error", 403, TaskState.SKIPPED),
+        ("no_server_error", 403, TaskState.COMPLETED),
+        ("always", 503, TaskState.COMPLETED),
+    ],
+)
+async def test_a_denial_response_is_judged_by_its_status(
+    policy: str, status: int, state: TaskState
+) -> None:
+    """A connection refused with an HTTP response (the denial extension) follows the outcome
+    policy, as an HTTP response of that status does."""
+    handles: list[TaskHandle] = []
+
+    async def deny(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        handles.append(add_task(print, end=""))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+
+    incoming: list[Message] = [{"type": "websocket.connect"}]
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    app = PostResponseMiddleware(deny, policy=policy)  # type: ignore[arg-type]
+    await app(dict(SCOPE), receive, send)
+    await app.join()
+    assert [handle.state for handle in handles] == [state]
