@@ -153,15 +153,39 @@ class PostResponseMiddleware:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
     ) -> None:
+        client_gone = False
+        status = 0  # of the HTTP response that refused the connection, if one did
+
+        async def watch_receive() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            client_gone = client_gone or message["type"] == "websocket.disconnect"
+            return message
+
+        async def watch_send(message: Message) -> None:
+            nonlocal client_gone, status
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4: send() after the client went away
+                client_gone = True
+                raise
+            if message["type"] == "websocket.http.response.start":  # the denial extension
+                status = message["status"]
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, watch_receive, watch_send)
         except Exception:
-            await self._finish(tasks, None if self.config.policy == "always" else "the app raised")
+            # Starlette's `receive_text()`, say, raises once the client closed (and its
+            # `send_text()` once the client dropped): the client went away, as when an
+            # HTTP client does; the app did not fail.
+            failed = not client_gone and self.config.policy != "always"
+            await self._finish(tasks, "the app raised" if failed else None)
             raise
         except BaseException:
             _abandon(tasks, "the connection was cancelled")
             raise
-        await self._finish(tasks, None)
+        policy = self.config.policy
+        await self._finish(tasks, skip_reason(policy, status, True, client_gone, raised=False))
 
     async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""
@@ -181,13 +205,14 @@ class PostResponseMiddleware:
         """Own this event loop's tasks while the server runs; drain them at shutdown."""
         config = self.config
         owner = Owner(config.max_running, config.max_queued, config.shutdown_timeout)
-        received = False
+        received = shut_down = False
 
         async def watch_receive() -> Message:
-            nonlocal received
+            nonlocal received, shut_down
             received = True
             message = await receive()
             if message["type"] == "lifespan.shutdown":
+                shut_down = True
                 # Before the app's own cleanup (closing a pool...), which tasks may need.
                 await owner.shutdown(self.config.shutdown_timeout)
                 if self._journal is not None:
@@ -199,23 +224,35 @@ class PostResponseMiddleware:
                 message = await self._journal_ready(message)
             await send(message)
 
+        failure: Exception | None = None
         async with anyio.create_task_group() as group:
             await group.start(owner.serve)
-            self._owners.set(owner)
+            token = self._owners.set(owner)
             self._last = None
             if self._journal is not None:  # replay what processes that are gone left
                 self._journal.open(self._journal_sink())
             try:
                 try:
                     await self.app(scope, watch_receive, watch_send)
-                except Exception:
-                    if received:
-                        raise
-                    logger.debug("The app rejected the lifespan scope; the middleware answers it")
+                except Exception as exc:
+                    if received:  # raised after the group: the server sees it unwrapped
+                        failure = exc
+                    else:
+                        logger.debug(
+                            "The app rejected the lifespan scope; the middleware answers it"
+                        )
                 if not received:  # the app does not speak lifespan (it returned or raised)
                     await self._answer_lifespan(receive, send, owner)
+                    shut_down = True
             finally:
                 owner.stop()
+                if not shut_down and self._owners.get(None) is owner:
+                    # uvicorn (`lifespan="auto"`) and hypercorn serve on after a lifespan
+                    # that failed: the next request's tasks get an owner of their own.
+                    self._owners.reset(token)
+                    self._last = None
+        if failure is not None:
+            raise failure
 
     async def _answer_lifespan(self, receive: Receive, send: Send, owner: Owner) -> None:
         """Speak lifespan for an app that does not, so the owner still drains at shutdown."""

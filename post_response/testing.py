@@ -20,10 +20,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
 
@@ -110,13 +110,8 @@ class CapturedTasks(Sequence[TaskHandle]):
 
     def run(self) -> None:
         """`arun()` for sync tests (it starts an event loop; in async tests, `await arun()`)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            anyio.run(self._run, _test_connections())
-            return
-        msg = "CapturedTasks.run() starts an event loop; inside one, use `await tasks.arun()`."
-        raise RuntimeError(msg)
+        _refuse_in_event_loop("CapturedTasks.run()")
+        anyio.run(self._run, _test_connections())
 
 
 @contextlib.contextmanager
@@ -133,6 +128,8 @@ def capture_tasks(*, run: bool = False) -> Iterator[CapturedTasks]:
             `captureOnCommitCallbacks(execute=True)`).
     """
     check_flag(run, "capture_tasks(run=...)")
+    if run:  # before the block, not once it ran
+        _refuse_in_event_loop("capture_tasks(run=True)")
     captured = CapturedTasks()
     _context.captures.append(captured)
     try:
@@ -149,6 +146,8 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
     For tests that let tasks run as in production, detached, and then check their effects.
 
     Raises:
+        RuntimeError: Called on a thread that runs an event loop (an async test): use
+            `await wait_for_tasks_async()`.
         TimeoutError: Tasks are still waiting or running after `timeout` seconds; the
             message names them.
         TasksLostError: Since the last call, the runtime cancelled, abandoned or dropped
@@ -163,6 +162,14 @@ def wait_for_tasks(timeout: float | None = 10.0) -> None:
             f"to wait for ever; got {timeout!r}."
         )
         raise ConfigurationError(msg)
+    if _in_event_loop():  # blocked, the loop could run none of its tasks until the timeout
+        msg = (
+            "wait_for_tasks() blocks its thread, here an event loop's (an async test): "
+            "use `await wait_for_tasks_async()`."
+        )
+        raise RuntimeError(msg)
+    if timeout is not None and timeout > threading.TIMEOUT_MAX:
+        timeout = None  # `math.inf`, say: a lock would refuse it (OverflowError)
     left = _registry.wait_idle(timeout)
     if left:
         msg = f"{len(left)} tasks still not done after {timeout}s: {', '.join(left)}"
@@ -201,6 +208,23 @@ def requests_wait_for_tasks() -> Iterator[None]:
         _registry.held_requests -= 1
         if disconnect is not None:
             disconnect()
+
+
+def _in_event_loop() -> bool:
+    """An event loop (asyncio's or trio's) runs on this thread."""
+    trio = sys.modules.get("trio")
+    return _backend.asyncio_loop() is not None or (trio is not None and trio.lowlevel.in_trio_run())
+
+
+def _refuse_in_event_loop(what: str) -> None:
+    """`what` starts an event loop to run the tasks: refuse it inside one (asyncio or trio)."""
+    if not _in_event_loop():
+        return
+    msg = (
+        f"{what} runs the tasks in an event loop of its own; inside one (an async test), "
+        "use `with capture_tasks() as tasks:`, then `await tasks.arun()`."
+    )
+    raise RuntimeError(msg)
 
 
 def _hold_django_test_client() -> Callable[[], None] | None:

@@ -17,6 +17,7 @@ from post_response import (
     OutsideRequestError,
     PostResponseMiddleware,
     TaskState,
+    _registry,
     add_task,
 )
 from post_response.testing import capture_tasks, wait_for_tasks, wait_for_tasks_async
@@ -181,3 +182,55 @@ def test_wait_for_tasks_refuses_a_timeout_that_is_not_seconds(timeout: object) -
     """A timeout that is not a number of seconds is refused, even with nothing to wait for."""
     with pytest.raises(ConfigurationError, match=r"wait_for_tasks\(timeout=\.\.\.\)"):
         wait_for_tasks(timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_wait_for_tasks_takes_a_timeout_too_long_for_the_platform_as_no_limit(
+    timeout: float,
+) -> None:
+    """`wait_for_tasks(math.inf)` waits for the tasks, as `None` does, without overflowing."""
+    slow = FastAPI()
+    slow.add_middleware(PostResponseMiddleware)
+
+    def until_waited_for() -> None:
+        """End once `wait_for_tasks()` waits (a gate: it is then blocked on its condition)."""
+        deadline = threading.Event()
+        for _ in range(1000):
+            if _registry.waiters:
+                return
+            deadline.wait(0.01)
+
+    @slow.get("/")
+    async def endpoint() -> None:
+        add_task(until_waited_for)
+
+    with TestClient(slow) as client:
+        client.get("/")
+        wait_for_tasks(timeout)
+        assert _registry.waiters == 0
+
+
+@pytest.mark.anyio
+async def test_running_captured_tasks_in_an_async_test_names_the_fix() -> None:
+    """`run()` and `capture_tasks(run=True)` start an event loop: inside one, on asyncio and
+    trio alike, they are refused when called (before the block), naming `await tasks.arun()`."""
+    block_ran = False
+    with capture_tasks() as tasks:
+        add_task(send_welcome_email, "gu@example.com", subject="Hi")
+    with pytest.raises(RuntimeError, match=r"await tasks\.arun\(\)"):
+        tasks.run()
+    with pytest.raises(RuntimeError, match=r"await tasks\.arun\(\)"):  # noqa: SIM117
+        with capture_tasks(run=True):
+            block_ran = True
+    assert not block_ran
+    await tasks.arun()
+    assert SENT == ["Hi -> gu@example.com"]
+
+
+@pytest.mark.anyio
+async def test_wait_for_tasks_on_an_event_loop_names_the_async_one() -> None:
+    """Blocking the loop would keep its tasks from running until the timeout: refused at once,
+    naming `await wait_for_tasks_async()`."""
+    with pytest.raises(RuntimeError, match=r"await wait_for_tasks_async\(\)"):
+        wait_for_tasks()
+    await wait_for_tasks_async()
