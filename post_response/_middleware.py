@@ -33,6 +33,7 @@ logger = logging.getLogger("post_response")
 
 # The body-like messages that end a response unless trailers were announced.
 _BODY = {"http.response.body", "http.response.zerocopysend"}
+_DISCONNECTS = {"http.disconnect", "websocket.disconnect"}
 _DRAINED = {"http", "websocket"}  # the scope types whose tasks this middleware runs
 
 
@@ -153,39 +154,23 @@ class PostResponseMiddleware:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, tasks: _context.RequestTasks
     ) -> None:
-        client_gone = False
-        status = 0  # of the HTTP response that refused the connection, if one did
-
-        async def watch_receive() -> Message:
-            nonlocal client_gone
-            message = await receive()
-            client_gone = client_gone or message["type"] == "websocket.disconnect"
-            return message
-
-        async def watch_send(message: Message) -> None:
-            nonlocal client_gone, status
-            try:
-                await send(message)
-            except OSError:  # ASGI 2.4: send() after the client went away
-                client_gone = True
-                raise
-            if message["type"] == "websocket.http.response.start":  # the denial extension
-                status = message["status"]
-
+        watch = _Watch(receive, send, None)  # its client leaving, its denial response
         try:
-            await self.app(scope, watch_receive, watch_send)
+            await self.app(scope, watch.receive, watch.send)
         except Exception:
             # Starlette's `receive_text()`, say, raises once the client closed (and its
             # `send_text()` once the client dropped): the client went away, as when an
             # HTTP client does; the app did not fail.
-            failed = not client_gone and self.config.policy != "always"
+            failed = not watch.client_gone and self.config.policy != "always"
             await self._finish(tasks, "the app raised" if failed else None)
             raise
         except BaseException:
             _abandon(tasks, "the connection was cancelled")
             raise
-        policy = self.config.policy
-        await self._finish(tasks, skip_reason(policy, status, True, client_gone, raised=False))
+        reason = skip_reason(
+            self.config.policy, watch.status, True, watch.client_gone, raised=False
+        )
+        await self._finish(tasks, reason)
 
     async def _finish(self, tasks: _context.RequestTasks, reason: str | None) -> None:
         """The request is over: run its tasks here, or hand them to this loop's owner."""
@@ -311,7 +296,8 @@ class PostResponseMiddleware:
 
 class _Watch:
     """One HTTP request's view of its response, as the app sends it: what `receive` and
-    `send` it is handed, and what the outcome is judged on.
+    `send` it is handed, and what the outcome is judged on. A WebSocket connection's too:
+    its client leaving, and the status of an HTTP response that refused it.
 
     One object with slots rather than two closures over `__call__`'s variables: a
     request whose end waits for the journal's commit keeps it alive meanwhile, and 32
@@ -330,7 +316,7 @@ class _Watch:
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.disconnect":
+        if message["type"] in _DISCONNECTS:
             self.client_gone = True
         return message
 
@@ -355,6 +341,8 @@ class _Watch:
             self.complete = not self.trailers
         elif sent == "http.response.trailers":
             self.complete = not message.get("more_trailers", False)
+        elif sent == "websocket.http.response.start":  # a connection refused (denial extension)
+            self.status = message["status"]
 
 
 def _abandon(tasks: _context.RequestTasks, reason: str) -> None:
