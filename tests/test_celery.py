@@ -154,26 +154,32 @@ def test_a_signature_of_a_task_known_only_to_the_workers_is_enqueued(
     assert f"remote {task_id}" in records_once(broker, f"remote {task_id}")
 
 
+def fails_in_the_request(web: Server, path: str, error: str) -> None:
+    """`GET path` answers 500, and the server's output has the `error` (a regex) it raised."""
+    assert httpx.get(f"{web.url}{path}", timeout=10).status_code == 500
+    assert re.search(error, web.output())
+
+
 def test_unserializable_arguments_are_an_error_in_the_request(web: Server) -> None:
     """An object JSON cannot carry fails `add_task()` in the request, saying why."""
-    assert httpx.get(f"{web.url}/unserializable", timeout=10).status_code == 500
-    assert re.search(
+    fails_in_the_request(
+        web,
+        "/unserializable",
         r"UnserializableArgumentsError: The arguments of Celery task "
         r"'tests.apps.celery_tasks.record' cannot be encoded with its 'json' serializer: "
         r"argument 1 is of type Unsendable\.",
-        web.output(),
     )
 
 
 def test_arguments_the_task_does_not_take_are_an_error_in_the_request(web: Server) -> None:
     """Celery's own check of a task's arguments (`typing`) is made by `add_task()`: after
     the response it would lose the task."""
-    assert httpx.get(f"{web.url}/wrong_arguments?id={new_id()}", timeout=10).status_code == 500
-    assert re.search(
+    fails_in_the_request(
+        web,
+        f"/wrong_arguments?id={new_id()}",
         r"InvalidTaskError: Celery task 'tests.apps.celery_tasks.record' cannot be called with "
         r"tests\.apps\.celery_tasks\.record\(str, str\): .*takes 1 positional argument but 2 "
         r"were given\.",
-        web.output(),
     )
 
 
