@@ -13,11 +13,17 @@ then `REQUESTS` more are timed. Instructions per request, all threads counted:
 
 for N = 3,000 and 12,000; the difference of the totals ÷ 18,000 (2 x 9,000) leaves out
 the start-up. The thread split (file `-01` is the event loop's) shows the journal's writer.
+
+It also prints the garbage collector's share of the timed part: with long tasks
+(`sleep:1:0.5`) every request leaves objects alive for as long as its task waits, and the
+collector's passes over them cost as much as the rest of our per-request work (see
+docs/performance.md, "The garbage collector").
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -36,8 +42,26 @@ async def _send(message: Message) -> None:
         await asyncio.sleep(0)  # a server writes the body, then its loop turns
 
 
-async def drive(system: str, requests: int, work: Work) -> float:
-    """Warm up with `requests` requests, then time as many; returns requests a second."""
+class CollectorTime:
+    """Seconds the garbage collector ran, and how many of its passes were full ones."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.passes = self.full = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.passes += 1
+        self.full += info["generation"] == 2
+
+
+async def drive(system: str, requests: int, work: Work, gc_time: CollectorTime) -> float:
+    """Warm up with `requests` requests, then time as many; returns requests a second.
+    `gc_time` counts the collector's passes during the timed part only."""
     app = build(system, work)
     async with running(app):
         left = 0
@@ -51,9 +75,13 @@ async def drive(system: str, requests: int, work: Work) -> float:
         left = requests
         await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
         left = requests
+        gc.callbacks.append(gc_time)
         started = time.perf_counter()
-        await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
-        return requests / (time.perf_counter() - started)
+        try:
+            await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
+            return requests / (time.perf_counter() - started)
+        finally:
+            gc.callbacks.remove(gc_time)
 
 
 def main(argv: list[str]) -> int:
@@ -63,8 +91,15 @@ def main(argv: list[str]) -> int:
     import uvloop  # noqa: PLC0415  (uvicorn's `--loop uvloop`, as in (b))
 
     work = Work.decode(argv[2] if len(argv) == 3 else "async:1")
-    rate = uvloop.run(drive(argv[0], int(argv[1]), work))
-    print(f"{argv[0]}: {rate:,.0f} requests/s in-process", file=sys.stderr)
+    requests, gc_time = int(argv[1]), CollectorTime()
+    rate = uvloop.run(drive(argv[0], requests, work, gc_time))
+    print(
+        f"{argv[0]}: {rate:,.0f} requests/s in-process; garbage collector "
+        f"{gc_time.seconds * 1e6 / requests:.1f} µs per request "
+        f"({gc_time.seconds * rate / requests:.0%} of the time, {gc_time.passes} passes, "
+        f"{gc_time.full} full)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -6,7 +6,10 @@ so these tests run with the test extra alone. Nothing is written into docs/.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import gc
 import importlib.util
 import time
 from pathlib import Path
@@ -40,6 +43,18 @@ def test_the_callgrind_driver_drives_the_journal_s_app(capsys: pytest.CaptureFix
     assert drive.main(["ours-journal", "64", "async:1"]) == 0
     assert "ours-journal:" in capsys.readouterr().err
     assert drive.main([]) == 2  # usage
+
+
+def test_the_driver_reports_the_garbage_collector_s_share() -> None:
+    gc_time = drive.CollectorTime()
+    gc.collect()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.set_threshold, *gc.get_threshold())
+        gc.set_threshold(1)  # a pass at every allocation of a tracked object
+        asyncio.run(drive.drive("ours", 50, Work.decode("async:1"), gc_time))
+    assert gc_time.passes > 0
+    assert gc_time.seconds > 0
+    assert gc.callbacks.count(gc_time) == 0  # removed after the timed part
 
 
 def test_memory_and_sync_task_sections_run() -> None:
