@@ -3,11 +3,13 @@
 test client inside `TestCase`, whose transaction the tasks must see into.
 
 Run: python -m tests.apps.django_testcase
+(POSTGRES_DATABASE=name: on the machine's PostgreSQL, in that existing, empty database)
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import unittest
 
@@ -21,7 +23,17 @@ settings.configure(
     ALLOWED_HOSTS=["testserver"],
     MIDDLEWARE=[],
     INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
-    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    if "POSTGRES_DATABASE" not in os.environ
+    else {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",  # where Django connects from to set the test database up
+            "USER": "postgres",
+            "HOST": "127.0.0.1",
+            "TEST": {"NAME": os.environ["POSTGRES_DATABASE"]},
+        }
+    },
     DEFAULT_AUTO_FIELD="django.db.models.AutoField",
 )
 django.setup()
@@ -127,5 +139,5 @@ class TasksInATestCase(TestCase):
 
 
 if __name__ == "__main__":
-    runner = get_runner(settings)(verbosity=2)
+    runner = get_runner(settings)(verbosity=2, keepdb=True)  # the caller drops the database
     sys.exit(bool(runner.run_tests([f"{__name__}.TasksInATestCase"])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -176,20 +177,27 @@ def test_the_example_runs_with_its_documented_command(tmp_path: Path) -> None:
 
 
 @needs_executor_contexts
-def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction(backend: str) -> None:
     """In a Django `TestCase`, the tasks of views called by Django's test client (under
-    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection.
+    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection:
+    on PostgreSQL, a connection of their own would not see the rows the test created.
 
     Django's test runner runs the suite (tests/apps/django_testcase.py) in a process of
     its own: configuring Django is once per process.
     """
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.apps.django_testcase"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if backend == "postgresql":
+            env["POSTGRES_DATABASE"] = stack.enter_context(postgres.new_database())
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.apps.django_testcase"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^Ran [45] tests", done.stderr, re.MULTILINE)  # 4: one skipped on Django 5
