@@ -16,7 +16,7 @@ from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import got_request_exception, request_finished, request_started
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connections, transaction
 
 from . import _batch, _context
 from ._backend import asyncio_loop
@@ -43,6 +43,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 logger = logging.getLogger("post_response")
+LEFT_OPEN = "A task left a transaction open on database %r: rolled back"
 # asgiref before 3.13 has no type hints here, nor the `executor` argument.
 ThreadSensitiveContext = cast(
     "Callable[..., AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
@@ -92,9 +93,7 @@ def drop_open_transactions() -> None:
     query on the old one ("Cannot operate on a closed database"), for every later task."""
     for connection in connections.all(initialized_only=True):
         if connection.in_atomic_block:
-            logger.warning(
-                "A task left a transaction open on database %r: rolled back", connection.alias
-            )
+            logger.warning(LEFT_OPEN, connection.alias)
             connection.close()
             del connections[connection.alias]
 
@@ -160,7 +159,9 @@ class SharedConnections:
     outside its rollback, and would wait on its locks while the test waits for the task
     (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile;
     tasks that run at once (`concurrency` above 1) share them as the threads of Django's
-    `LiveServerTestCase` do. None is closed here: they are the test's.
+    `LiveServerTestCase` do. None is closed here: they are the test's. A `transaction.atomic()`
+    block a task leaves open is rolled back, as it would be in production: the test's
+    transaction would end in it, and its rollback miss the test's rows.
     """
 
     def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
@@ -179,17 +180,33 @@ class SharedConnections:
     def _share_until(self) -> Callable[[], None]:
         return functools.partial(self._unshare, self._share())
 
-    def _share(self) -> dict[str, BaseDatabaseWrapper]:
+    def _share(self) -> tuple[dict[str, BaseDatabaseWrapper], dict[str, int]]:
+        """This thread's own connections, and how deep in atomic blocks each shared one is."""
         own = thread_connections()
+        depths = {}
         for alias, connection in self._shared.items():
             connection.inc_thread_sharing()
             connections[alias] = connection
-        return own
+            depths[alias] = len(connection.atomic_blocks)
+        return own, depths
 
-    def _unshare(self, own: dict[str, BaseDatabaseWrapper]) -> None:
+    def _unshare(self, shared: tuple[dict[str, BaseDatabaseWrapper], dict[str, int]]) -> None:
+        own, depths = shared
         for alias, connection in self._shared.items():
+            roll_back_blocks_left_open(connection, depths[alias])  # while `connections` has it
             connections[alias] = own[alias]
             connection.dec_thread_sharing()
+
+
+def roll_back_blocks_left_open(connection: BaseDatabaseWrapper, depth: int) -> None:
+    """Roll back and leave the atomic blocks of `connection` above `depth` (a task's), as
+    Django's `TestCase` leaves its own."""
+    left_open = connection.atomic_blocks[depth:]
+    if left_open:
+        logger.warning(LEFT_OPEN, connection.alias)
+    for block in reversed(left_open):
+        transaction.set_rollback(True, using=connection.alias)
+        block.__exit__(None, None, None)
 
 
 def run_test_client_tasks() -> Callable[[], None]:

@@ -40,7 +40,7 @@ django.setup()
 
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
-from django.db import transaction  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.test import TestCase  # noqa: E402
 from django.test.utils import get_runner  # noqa: E402
@@ -85,7 +85,23 @@ def join(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Welcome!")
 
 
-urlpatterns = [path("leave", leave), path("join", join)]
+def join_and_leave_open(username: str) -> None:
+    """A task that writes in a `transaction.atomic()` block it never leaves."""
+    transaction.atomic().__enter__()
+    User.objects.create(username=username)
+
+
+async def join_and_leave_open_async(username: str) -> None:
+    await sync_to_async(join_and_leave_open)(username)
+
+
+def careless(request: HttpRequest) -> HttpResponse:
+    add_task(join_and_leave_open, "sync-task")
+    add_task(join_and_leave_open_async, "async-task")
+    return HttpResponse("Welcome!")
+
+
+urlpatterns = [path("leave", leave), path("join", join), path("careless", careless)]
 
 
 class TasksInATestCase(TestCase):
@@ -122,6 +138,18 @@ class TasksInATestCase(TestCase):
         assert [(task.func, task.args) for task in tasks] == [(deactivate, ("bo",))]
         tasks.run()
         assert not User.objects.get(username="bo").is_active
+
+    def test_a_task_that_leaves_a_transaction_open_leaves_the_test_s_intact(self) -> None:
+        """A task's atomic block left open on the test's connection is rolled back (as in
+        production): the test's transaction stays as it was, and its rollback, at the end,
+        still undoes the test's rows."""
+        depth = len(connection.atomic_blocks)
+        with self.assertLogs("post_response", "WARNING") as logs, requests_wait_for_tasks():
+            assert self.client.get("/careless").status_code == 200
+        assert len(connection.atomic_blocks) == depth
+        assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
+        left_open = "A task left a transaction open on database 'default': rolled back"
+        assert [record.getMessage() for record in logs.records] == [left_open] * 2
 
     @unittest.skipIf(django.VERSION < (6, 0), ASYNC_CLIENT_SIGNALS)
     async def test_async_client_under_requests_wait_for_tasks(self) -> None:
