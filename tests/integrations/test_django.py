@@ -176,28 +176,44 @@ def test_the_example_runs_with_its_documented_command(tmp_path: Path) -> None:
         assert sent_emails(server, 1) == [{"to": "cy@example.com", "sent_by": "sync task"}]
 
 
-@needs_executor_contexts
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction(backend: str) -> None:
-    """In a Django `TestCase`, the tasks of views called by Django's test client (under
-    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection:
-    on PostgreSQL, a connection of their own would not see the rows the test created.
-
-    Django's test runner runs the suite (tests/apps/django_testcase.py) in a process of
-    its own: configuring Django is once per process.
-    """
+def run_suite(backend: str, argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run a Django test suite in a process of its own (configuring Django is once per
+    process); on PostgreSQL in a new database it finds named in `POSTGRES_DATABASE`."""
     with contextlib.ExitStack() as stack:
-        env = dict(os.environ)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if backend == "postgresql":
             env["POSTGRES_DATABASE"] = stack.enter_context(postgres.new_database())
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.apps.django_testcase"],
-            cwd=ROOT,
+        return subprocess.run(
+            [sys.executable, *argv],
+            cwd=cwd,
             env=env,
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
+
+
+@needs_executor_contexts
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction(backend: str) -> None:
+    """In a Django `TestCase`, the tasks of views called by Django's test client (under
+    `requests_wait_for_tasks()` or `capture_tasks(run=True)`) use the test's connection:
+    on PostgreSQL, a connection of their own would not see the rows the test created.
+    Django's test runner runs the suite (tests/apps/django_testcase.py)."""
+    done = run_suite(backend, ["-m", "tests.apps.django_testcase"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^Ran [56] tests", done.stderr, re.MULTILINE)  # 5: one skipped on Django 5
+
+
+@needs_executor_contexts
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pytest_django_suite_sees_its_tasks_use_the_test_transaction(backend: str) -> None:
+    """With pytest-django's `django_db` mark or `db` fixture and the pytest plugin, a view's
+    tasks see the test's rows, and their writes are rolled back with the test
+    (tests/doc_examples/pytest_django/). `--reuse-db`: pytest-django's test database is the
+    one just made, on PostgreSQL (SQLite's is in memory)."""
+    project = ROOT / "tests" / "doc_examples" / "pytest_django"
+    done = run_suite(backend, ["-m", "pytest", "-q", "--reuse-db"], cwd=project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 passed" in done.stdout

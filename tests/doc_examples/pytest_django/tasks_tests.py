@@ -45,4 +45,3 @@ def test_which_rolled_its_writes_back() -> None:
 def test_a_transactional_test(client: Client) -> None:
     client.get("/join", {"username": "cy"})
     assert active() == ["cy"]
-
