@@ -146,7 +146,9 @@ def thread_connections() -> dict[str, BaseDatabaseWrapper]:
 
 
 def close_thread_connections() -> None:
-    """Close the database connections this thread opened."""
+    """Close the database connections this thread opened, warning of a transaction a task
+    left open (closing rolls it back)."""
+    drop_open_transactions()
     for connection in connections.all(initialized_only=True):
         connection.close()
 
