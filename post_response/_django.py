@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -163,11 +164,14 @@ class SharedConnections:
     tasks that run at once (`concurrency` above 1) share them as the threads of Django's
     `LiveServerTestCase` do. None is closed here: they are the test's. A `transaction.atomic()`
     block a task leaves open is rolled back, as it would be in production: the test's
-    transaction would end in it, and its rollback miss the test's rows.
+    transaction would end in it, and its rollback miss the test's rows. Only a task that
+    ends alone can tell the blocks it left from those of another task still running.
     """
 
     def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
         self._shared = shared
+        self._lock = threading.Lock()  # no task starts while one ends
+        self._running = 0
 
     def run_sync(self, call: Callable[[], _T]) -> _T:
         own = self._share()
@@ -186,18 +190,23 @@ class SharedConnections:
         """This thread's own connections, and how deep in atomic blocks each shared one is."""
         own = thread_connections()
         depths = {}
-        for alias, connection in self._shared.items():
-            connection.inc_thread_sharing()
-            connections[alias] = connection
-            depths[alias] = len(connection.atomic_blocks)
+        with self._lock:
+            self._running += 1
+            for alias, connection in self._shared.items():
+                connection.inc_thread_sharing()
+                connections[alias] = connection
+                depths[alias] = len(connection.atomic_blocks)
         return own, depths
 
     def _unshare(self, shared: tuple[dict[str, BaseDatabaseWrapper], dict[str, int]]) -> None:
         own, depths = shared
-        for alias, connection in self._shared.items():
-            roll_back_blocks_left_open(connection, depths[alias])  # while `connections` has it
-            connections[alias] = own[alias]
-            connection.dec_thread_sharing()
+        with self._lock:
+            self._running -= 1
+            for alias, connection in self._shared.items():
+                if not self._running:  # while `connections` has it: its blocks look it up
+                    roll_back_blocks_left_open(connection, depths[alias])
+                connections[alias] = own[alias]
+                connection.dec_thread_sharing()
 
 
 def roll_back_blocks_left_open(connection: BaseDatabaseWrapper, depth: int) -> None:

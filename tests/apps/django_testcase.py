@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
+import time
 import unittest
 
 import django
@@ -42,11 +44,11 @@ from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test import TestCase  # noqa: E402
+from django.test import TestCase, override_settings  # noqa: E402
 from django.test.utils import get_runner  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from post_response import add_task  # noqa: E402
+from post_response import TaskHandle, TaskState, add_task  # noqa: E402
 from post_response.testing import capture_tasks, requests_wait_for_tasks  # noqa: E402
 
 # Django 5's `AsyncClient` sends `request_started` with `Signal.asend()`, which runs the
@@ -101,7 +103,37 @@ def careless(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Welcome!")
 
 
-urlpatterns = [path("leave", leave), path("join", join), path("careless", careless)]
+IN_A_BLOCK = threading.Event()
+QUICK: list[TaskHandle] = []
+
+
+def join_in_a_block(username: str) -> None:
+    """Writes in an atomic block it leaves once the quick task has ended (10 s at most)."""
+    with transaction.atomic():
+        User.objects.create(username=username)
+        IN_A_BLOCK.set()
+        deadline = time.monotonic() + 10
+        while QUICK[0].state is not TaskState.COMPLETED and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def quick() -> None:
+    """Ends while `join_in_a_block` is in its atomic block (10 s at most)."""
+    IN_A_BLOCK.wait(10)
+
+
+def two_at_once(request: HttpRequest) -> HttpResponse:
+    add_task(join_in_a_block, "in-a-block")
+    QUICK[:] = [add_task(quick)]
+    return HttpResponse("Welcome!")
+
+
+urlpatterns = [
+    path("leave", leave),
+    path("join", join),
+    path("careless", careless),
+    path("two-at-once", two_at_once),
+]
 
 
 class TasksInATestCase(TestCase):
@@ -150,6 +182,14 @@ class TasksInATestCase(TestCase):
         assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
         left_open = "A task left a transaction open on database 'default': rolled back"
         assert [record.getMessage() for record in logs.records] == [left_open] * 2
+
+    @override_settings(POST_RESPONSE={"concurrency": 2})
+    def test_a_task_ending_leaves_the_atomic_block_of_one_still_running(self) -> None:
+        """With `concurrency=2`, a task that ends while another is inside its atomic block
+        (on the same, shared, connection) leaves that block alone: it is not one left open."""
+        with self.assertNoLogs("post_response", "WARNING"), requests_wait_for_tasks():
+            assert self.client.get("/two-at-once").status_code == 200
+        assert User.objects.filter(username="in-a-block").exists()
 
     @unittest.skipIf(django.VERSION < (6, 0), ASYNC_CLIENT_SIGNALS)
     async def test_async_client_under_requests_wait_for_tasks(self) -> None:
