@@ -17,7 +17,7 @@ from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import got_request_exception, request_finished, request_started
-from django.db import close_old_connections, connections, transaction
+from django.db import DatabaseError, close_old_connections, connections, transaction
 
 from . import _batch, _context
 from ._backend import asyncio_loop
@@ -164,8 +164,10 @@ class SharedConnections:
     tasks that run at once (`concurrency` above 1) share them as the threads of Django's
     `LiveServerTestCase` do. None is closed here: they are the test's. A `transaction.atomic()`
     block a task leaves open is rolled back, as it would be in production: the test's
-    transaction would end in it, and its rollback miss the test's rows. Only a task that
-    ends alone can tell the blocks it left from those of another task still running.
+    transaction would end in it, and its rollback miss the test's rows. A task whose query
+    fails has its writes rolled back (to a savepoint taken before it), not the test's
+    transaction spoiled. Only a task that runs alone can tell its blocks and savepoint from
+    those of another task still running.
     """
 
     def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
@@ -186,27 +188,57 @@ class SharedConnections:
     def _share_until(self) -> Callable[[], None]:
         return functools.partial(self._unshare, self._share())
 
-    def _share(self) -> tuple[dict[str, BaseDatabaseWrapper], dict[str, int]]:
-        """This thread's own connections, and how deep in atomic blocks each shared one is."""
+    def _share(self) -> _Shared:
+        """This thread's own connections; how deep in atomic blocks each shared one is, and
+        the savepoint taken on it for the task, if any."""
         own = thread_connections()
-        depths = {}
+        depths, savepoints = {}, {}
         with self._lock:
             self._running += 1
             for alias, connection in self._shared.items():
                 connection.inc_thread_sharing()
                 connections[alias] = connection
                 depths[alias] = len(connection.atomic_blocks)
-        return own, depths
+                alone = self._running == 1 and connection.in_atomic_block
+                if alone and not connection.needs_rollback:
+                    savepoints[alias] = connection.savepoint()
+        return own, depths, savepoints
 
-    def _unshare(self, shared: tuple[dict[str, BaseDatabaseWrapper], dict[str, int]]) -> None:
-        own, depths = shared
+    def _unshare(self, shared: _Shared) -> None:
+        own, depths, savepoints = shared
         with self._lock:
             self._running -= 1
-            for alias, connection in self._shared.items():
-                if not self._running:  # while `connections` has it: its blocks look it up
-                    roll_back_blocks_left_open(connection, depths[alias])
-                connections[alias] = own[alias]
-                connection.dec_thread_sharing()
+            try:
+                if not self._running:  # alone: what is above the task's start is the task's
+                    for alias, connection in self._shared.items():
+                        roll_back_blocks_left_open(connection, depths[alias])  # via `connections`
+                        end_savepoint(connection, savepoints.get(alias))
+            finally:  # even if the database failed us: this thread's own again
+                for alias, connection in self._shared.items():
+                    connections[alias] = own[alias]
+                    connection.dec_thread_sharing()
+
+
+# A task's view of the shared connections: this thread's own connections, and the depth
+# and savepoint of each shared one when the task started.
+_Shared = tuple[dict[str, "BaseDatabaseWrapper"], dict[str, int], dict[str, "str | None"]]
+
+
+def end_savepoint(connection: BaseDatabaseWrapper, savepoint: str | None) -> None:
+    """Release the savepoint a task ran after; roll back to it if a query of the task
+    failed: Django then marks the transaction for rollback, or PostgreSQL aborts it."""
+    if savepoint is None:
+        return
+    if not connection.needs_rollback:
+        try:
+            connection.savepoint_commit(savepoint)
+        except DatabaseError:  # "current transaction is aborted"
+            pass
+        else:
+            return
+    connection.needs_rollback = False  # as it was (no savepoint is taken when it is set),
+    connection.savepoint_rollback(savepoint)  # and first: Django refuses queries till then
+    connection.savepoint_commit(savepoint)
 
 
 def roll_back_blocks_left_open(connection: BaseDatabaseWrapper, depth: int) -> None:

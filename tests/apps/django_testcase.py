@@ -103,6 +103,29 @@ def careless(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Welcome!")
 
 
+def fail_to_join(username: str) -> None:
+    """A task whose write fails (the user exists), after one that went through."""
+    User.objects.create(username=f"{username}-first")
+    User.objects.create(username=username)
+
+
+async def fail_to_join_async(username: str) -> None:
+    await sync_to_async(fail_to_join)(username)
+
+
+def fail_a_query() -> None:
+    """A task whose raw query fails (on PostgreSQL, that aborts the transaction)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table")
+
+
+def failing(request: HttpRequest) -> HttpResponse:
+    add_task(fail_to_join, "ada")
+    add_task(fail_to_join_async, "ADA")
+    add_task(fail_a_query)
+    return HttpResponse("Welcome!")
+
+
 IN_A_BLOCK = threading.Event()
 QUICK: list[TaskHandle] = []
 
@@ -133,6 +156,7 @@ urlpatterns = [
     path("join", join),
     path("careless", careless),
     path("two-at-once", two_at_once),
+    path("failing", failing),
 ]
 
 
@@ -182,6 +206,16 @@ class TasksInATestCase(TestCase):
         assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
         left_open = "A task left a transaction open on database 'default': rolled back"
         assert [record.getMessage() for record in logs.records] == [left_open] * 2
+
+    def test_a_task_whose_query_fails_leaves_the_test_transaction_usable(self) -> None:
+        """A task that fails on a query (logged) undoes its own writes only, as a failed
+        request in production: the test goes on querying in its transaction, which
+        neither Django's rollback flag nor PostgreSQL's aborted state spoils."""
+        with self.assertLogs("post_response", "ERROR") as logs, requests_wait_for_tasks():
+            assert self.client.get("/failing").status_code == 200
+        assert len(logs.records) == 3  # each task failed
+        assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
+        User.objects.create(username="bo")
 
     @override_settings(POST_RESPONSE={"concurrency": 2})
     def test_a_task_ending_leaves_the_atomic_block_of_one_still_running(self) -> None:

@@ -204,7 +204,7 @@ def test_a_django_test_suite_sees_its_tasks_use_the_test_transaction(backend: st
     Django's test runner runs the suite (tests/apps/django_testcase.py)."""
     done = run_suite(backend, ["-m", "tests.apps.django_testcase"])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^Ran [67] tests", done.stderr, re.MULTILINE)  # 6: one skipped on Django 5
+    assert re.search(r"^Ran [78] tests", done.stderr, re.MULTILINE)  # 7: one skipped on Django 5
 
 
 @needs_executor_contexts
