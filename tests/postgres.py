@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from .servers import require_service
 
@@ -50,5 +51,5 @@ def sessions(database: str, state: str | None = None) -> int:
     return int(row[0]) if row else 0
 
 
-def _admin() -> psycopg.Connection[tuple[object, ...]]:
+def _admin() -> psycopg.Connection[TupleRow]:
     return psycopg.connect(f"{SERVER}/postgres", autocommit=True)
