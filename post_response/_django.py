@@ -154,6 +154,11 @@ def close_thread_connections() -> None:
         connection.close()
 
 
+# A task's view of the shared connections: this thread's own connections, and the depth
+# and savepoint of each shared one when the task started.
+_Shared = tuple[dict[str, "BaseDatabaseWrapper"], dict[str, int], dict[str, "str | None"]]
+
+
 class SharedConnections:
     """Run each task on the database connections of the thread it was added from, as
     Django's test client runs a view: inside a `TestCase`'s transaction.
@@ -217,11 +222,6 @@ class SharedConnections:
                 for alias, connection in self._shared.items():
                     connections[alias] = own[alias]
                     connection.dec_thread_sharing()
-
-
-# A task's view of the shared connections: this thread's own connections, and the depth
-# and savepoint of each shared one when the task started.
-_Shared = tuple[dict[str, "BaseDatabaseWrapper"], dict[str, int], dict[str, "str | None"]]
 
 
 def end_savepoint(connection: BaseDatabaseWrapper, savepoint: str | None) -> None:

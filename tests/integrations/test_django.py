@@ -31,7 +31,7 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 @contextlib.contextmanager
-def new_database(backend: str, directory: Path) -> Iterator[str]:
+def example_database(backend: str, directory: Path) -> Iterator[str]:
     """The example's `EXAMPLE_DATABASE`: an SQLite file in `directory`, or a new database
     on the machine's PostgreSQL (tests/postgres.py)."""
     if backend == "sqlite":
@@ -43,7 +43,7 @@ def new_database(backend: str, directory: Path) -> Iterator[str]:
 
 @pytest.fixture(params=BACKENDS)
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with new_database(request.param, tmp_path) as location:
+    with example_database(request.param, tmp_path) as location:
         yield location
 
 
@@ -52,7 +52,7 @@ def django(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     with (
-        new_database(request.param, tmp_path_factory.mktemp("django")) as location,
+        example_database(request.param, tmp_path_factory.mktemp("django")) as location,
         run("uvicorn-h11", "django_orm:app", env={"EXAMPLE_DATABASE": location}) as server,
     ):
         yield server
