@@ -1,6 +1,7 @@
 """A one-file Django project over ASGI: tasks that use the ORM after the response.
 
 Run:  python -m uvicorn examples.django_app:application
+      (EXAMPLE_DATABASE=postgresql://user@host:port/name for PostgreSQL, with psycopg)
 Try:  curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'
       curl 'http://127.0.0.1:8000/emails'
 
@@ -14,11 +15,27 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import django
 from django.conf import settings
 
-DATABASE = Path(os.environ.get("EXAMPLE_DATABASE", Path(tempfile.gettempdir()) / "example.sqlite3"))
+DATABASE = os.environ.get("EXAMPLE_DATABASE", str(Path(tempfile.gettempdir()) / "example.sqlite3"))
+
+
+def database(location: str) -> dict[str, object]:
+    """Django's settings for an SQLite file, or for a `postgresql://` URL."""
+    url = urlsplit(location)
+    if url.scheme != "postgresql":
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": location}
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": url.path.lstrip("/"),
+        "USER": url.username or "",
+        "HOST": url.hostname or "",
+        "PORT": url.port or "",
+    }
+
 
 settings.configure(
     DEBUG=False,
@@ -27,7 +44,7 @@ settings.configure(
     ALLOWED_HOSTS=["127.0.0.1", "localhost"],
     INSTALLED_APPS=["examples.django_app"],
     MIDDLEWARE=[],
-    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": DATABASE}},
+    DATABASES={"default": database(DATABASE)},
     DEFAULT_AUTO_FIELD="django.db.models.AutoField",
     POST_RESPONSE={"timeout": 30, "policy": "no_error", "max_tasks": 5},
 )

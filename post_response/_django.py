@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -16,7 +17,7 @@ from asgiref.sync import ThreadSensitiveContext as _ThreadSensitiveContext
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import got_request_exception, request_finished, request_started
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections, transaction
 
 from . import _batch, _context
 from ._backend import asyncio_loop
@@ -43,6 +44,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 logger = logging.getLogger("post_response")
+LEFT_OPEN = "A task left a transaction open on database %r: rolled back"
 # asgiref before 3.13 has no type hints here, nor the `executor` argument.
 ThreadSensitiveContext = cast(
     "Callable[..., AbstractAsyncContextManager[object]]", _ThreadSensitiveContext
@@ -92,9 +94,7 @@ def drop_open_transactions() -> None:
     query on the old one ("Cannot operate on a closed database"), for every later task."""
     for connection in connections.all(initialized_only=True):
         if connection.in_atomic_block:
-            logger.warning(
-                "A task left a transaction open on database %r: rolled back", connection.alias
-            )
+            logger.warning(LEFT_OPEN, connection.alias)
             connection.close()
             del connections[connection.alias]
 
@@ -147,9 +147,16 @@ def thread_connections() -> dict[str, BaseDatabaseWrapper]:
 
 
 def close_thread_connections() -> None:
-    """Close the database connections this thread opened."""
+    """Close the database connections this thread opened, warning of a transaction a task
+    left open (closing rolls it back)."""
+    drop_open_transactions()
     for connection in connections.all(initialized_only=True):
         connection.close()
+
+
+# A task's view of the shared connections: this thread's own connections, and the depth
+# and savepoint of each shared one when the task started.
+_Shared = tuple[dict[str, "BaseDatabaseWrapper"], dict[str, int], dict[str, "str | None"]]
 
 
 class SharedConnections:
@@ -160,11 +167,18 @@ class SharedConnections:
     outside its rollback, and would wait on its locks while the test waits for the task
     (SQLite: "database table is locked"). The test's thread waits for the tasks meanwhile;
     tasks that run at once (`concurrency` above 1) share them as the threads of Django's
-    `LiveServerTestCase` do. None is closed here: they are the test's.
+    `LiveServerTestCase` do. None is closed here: they are the test's. A `transaction.atomic()`
+    block a task leaves open is rolled back, as it would be in production: the test's
+    transaction would end in it, and its rollback miss the test's rows. A task whose query
+    fails has its writes rolled back (to a savepoint taken before it), not the test's
+    transaction spoiled. Only a task that runs alone can tell its blocks and savepoint from
+    those of another task still running.
     """
 
     def __init__(self, shared: dict[str, BaseDatabaseWrapper]) -> None:
         self._shared = shared
+        self._lock = threading.Lock()  # no task starts while one ends
+        self._running = 0
 
     def run_sync(self, call: Callable[[], _T]) -> _T:
         own = self._share()
@@ -179,17 +193,63 @@ class SharedConnections:
     def _share_until(self) -> Callable[[], None]:
         return functools.partial(self._unshare, self._share())
 
-    def _share(self) -> dict[str, BaseDatabaseWrapper]:
+    def _share(self) -> _Shared:
+        """This thread's own connections; how deep in atomic blocks each shared one is, and
+        the savepoint taken on it for the task, if any."""
         own = thread_connections()
-        for alias, connection in self._shared.items():
-            connection.inc_thread_sharing()
-            connections[alias] = connection
-        return own
+        depths, savepoints = {}, {}
+        with self._lock:
+            self._running += 1
+            for alias, connection in self._shared.items():
+                connection.inc_thread_sharing()
+                connections[alias] = connection
+                depths[alias] = len(connection.atomic_blocks)
+                alone = self._running == 1 and connection.in_atomic_block
+                if alone and not connection.needs_rollback:
+                    savepoints[alias] = connection.savepoint()
+        return own, depths, savepoints
 
-    def _unshare(self, own: dict[str, BaseDatabaseWrapper]) -> None:
-        for alias, connection in self._shared.items():
-            connections[alias] = own[alias]
-            connection.dec_thread_sharing()
+    def _unshare(self, shared: _Shared) -> None:
+        own, depths, savepoints = shared
+        with self._lock:
+            self._running -= 1
+            try:
+                if not self._running:  # alone: what is above the task's start is the task's
+                    for alias, connection in self._shared.items():
+                        roll_back_blocks_left_open(connection, depths[alias])  # via `connections`
+                        end_savepoint(connection, savepoints.get(alias))
+            finally:  # even if the database failed us: this thread's own again
+                for alias, connection in self._shared.items():
+                    connections[alias] = own[alias]
+                    connection.dec_thread_sharing()
+
+
+def end_savepoint(connection: BaseDatabaseWrapper, savepoint: str | None) -> None:
+    """Release the savepoint a task ran after; roll back to it if a query of the task
+    failed: Django then marks the transaction for rollback, or PostgreSQL aborts it."""
+    if savepoint is None:
+        return
+    if not connection.needs_rollback:
+        try:
+            connection.savepoint_commit(savepoint)
+        except DatabaseError:  # "current transaction is aborted"
+            pass
+        else:
+            return
+    connection.needs_rollback = False  # as it was (no savepoint is taken when it is set),
+    connection.savepoint_rollback(savepoint)  # and first: Django refuses queries till then
+    connection.savepoint_commit(savepoint)
+
+
+def roll_back_blocks_left_open(connection: BaseDatabaseWrapper, depth: int) -> None:
+    """Roll back and leave the atomic blocks of `connection` above `depth` (a task's), as
+    Django's `TestCase` leaves its own."""
+    left_open = connection.atomic_blocks[depth:]
+    if left_open:
+        logger.warning(LEFT_OPEN, connection.alias)
+    for block in reversed(left_open):
+        transaction.set_rollback(True, using=connection.alias)
+        block.__exit__(None, None, None)
 
 
 def run_test_client_tasks() -> Callable[[], None]:

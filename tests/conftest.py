@@ -11,9 +11,10 @@ from post_response._task import lost
 
 from . import harness
 
-# The README's migration examples are a suite of their own, with the plugin in their
-# conftest.py; tests/test_migrating.py runs them in a process of their own.
-collect_ignore = ["doc_examples/migrating"]
+# The README's migration examples and its pytest-django project are suites of their own,
+# with the plugin in their conftest.py; tests/test_migrating.py and
+# tests/integrations/test_django.py run them in processes of their own.
+collect_ignore = ["doc_examples/migrating", "doc_examples/pytest_django"]
 
 
 @pytest.fixture(autouse=True)

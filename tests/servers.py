@@ -18,6 +18,7 @@ from typing import Any
 
 import h11
 import httpx
+import pytest
 
 ROOT = Path(__file__).parent.parent  # servers import the apps as `tests.apps.<module>`
 STARTUP_LIMIT = 30.0  # seconds a server may take to accept connections
@@ -156,6 +157,18 @@ def background(argv: list[str], ready: str, env: dict[str, str] | None = None) -
                 except subprocess.TimeoutExpired:
                     popen.kill()
                     popen.wait()
+
+
+def require_service(port: int, message: str) -> None:
+    """Return once something answers on 127.0.0.1:`port`; else skip the test with `message`
+    (how to start the service), or fail under CI (`CI` set), which starts it (.ci/run)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return
+    except OSError:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def uvicorn(target: str, *options: str) -> contextlib.AbstractContextManager[Server]:

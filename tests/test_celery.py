@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import redis
 
 from .load import hammer
-from .servers import Process, Server, background, free_port, run
+from .servers import Process, Server, background, free_port, require_service, run
 
 DB = 13  # a database of the machine's Redis for these tests
 # This run's own queue and list of records: two runs at once on one machine (two Pythons,
@@ -40,17 +39,11 @@ def redis_url(port: int = 6379, db: int = DB) -> str:
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
     """The machine's Redis (database 13, emptied), or a skip that says how to get one."""
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            pass
-    except OSError:
-        message = (
-            "the Celery tests need Redis on 127.0.0.1:6379: start one with "
-            "`redis-server --daemonize yes --bind 127.0.0.1 --save ''` (CI does)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service(
+        6379,
+        "the Celery tests need Redis on 127.0.0.1:6379: start one with "
+        "`redis-server --daemonize yes --bind 127.0.0.1 --save ''` (CI does)",
+    )
     store = redis.Redis.from_url(redis_url())
     # Also Kombu's note of the queue's exchange bindings: nothing of the run is left behind.
     keys = (QUEUE, RECORDS, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")

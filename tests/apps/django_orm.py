@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import connections as databases
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -44,9 +45,14 @@ def leave_a_transaction_open(to: str) -> None:
     django_app.SentEmail.objects.create(to=to, sent_by="open transaction")
 
 
+async def leave_a_transaction_open_async(to: str) -> None:
+    await sync_to_async(leave_a_transaction_open)(to)
+
+
 @csrf_exempt
 def open_transaction(request: HttpRequest) -> HttpResponse:
     add_task(leave_a_transaction_open, request.GET["email"])
+    add_task(leave_a_transaction_open_async, request.GET["email"])
     return HttpResponse("Welcome!\n")
 
 

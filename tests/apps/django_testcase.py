@@ -3,12 +3,16 @@
 test client inside `TestCase`, whose transaction the tasks must see into.
 
 Run: python -m tests.apps.django_testcase
+(POSTGRES_DATABASE=name: on the machine's PostgreSQL, in that existing, empty database)
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import threading
+import time
 import unittest
 
 import django
@@ -21,20 +25,30 @@ settings.configure(
     ALLOWED_HOSTS=["testserver"],
     MIDDLEWARE=[],
     INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
-    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    if "POSTGRES_DATABASE" not in os.environ
+    else {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",  # where Django connects from to set the test database up
+            "USER": "postgres",
+            "HOST": "127.0.0.1",
+            "TEST": {"NAME": os.environ["POSTGRES_DATABASE"]},
+        }
+    },
     DEFAULT_AUTO_FIELD="django.db.models.AutoField",
 )
 django.setup()
 
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
-from django.db import transaction  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test import TestCase  # noqa: E402
+from django.test import TestCase, override_settings  # noqa: E402
 from django.test.utils import get_runner  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from post_response import add_task  # noqa: E402
+from post_response import TaskHandle, TaskState, add_task  # noqa: E402
 from post_response.testing import capture_tasks, requests_wait_for_tasks  # noqa: E402
 
 # Django 5's `AsyncClient` sends `request_started` with `Signal.asend()`, which runs the
@@ -73,7 +87,77 @@ def join(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Welcome!")
 
 
-urlpatterns = [path("leave", leave), path("join", join)]
+def join_and_leave_open(username: str) -> None:
+    """A task that writes in a `transaction.atomic()` block it never leaves."""
+    transaction.atomic().__enter__()
+    User.objects.create(username=username)
+
+
+async def join_and_leave_open_async(username: str) -> None:
+    await sync_to_async(join_and_leave_open)(username)
+
+
+def careless(request: HttpRequest) -> HttpResponse:
+    add_task(join_and_leave_open, "sync-task")
+    add_task(join_and_leave_open_async, "async-task")
+    return HttpResponse("Welcome!")
+
+
+def fail_to_join(username: str) -> None:
+    """A task whose write fails (the user exists), after one that went through."""
+    User.objects.create(username=f"{username}-first")
+    User.objects.create(username=username)
+
+
+async def fail_to_join_async(username: str) -> None:
+    await sync_to_async(fail_to_join)(username)
+
+
+def fail_a_query() -> None:
+    """A task whose raw query fails (on PostgreSQL, that aborts the transaction)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table")
+
+
+def failing(request: HttpRequest) -> HttpResponse:
+    add_task(fail_to_join, "ada")
+    add_task(fail_to_join_async, "ADA")
+    add_task(fail_a_query)
+    return HttpResponse("Welcome!")
+
+
+IN_A_BLOCK = threading.Event()
+QUICK: list[TaskHandle] = []
+
+
+def join_in_a_block(username: str) -> None:
+    """Writes in an atomic block it leaves once the quick task has ended (10 s at most)."""
+    with transaction.atomic():
+        User.objects.create(username=username)
+        IN_A_BLOCK.set()
+        deadline = time.monotonic() + 10
+        while QUICK[0].state is not TaskState.COMPLETED and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def quick() -> None:
+    """Ends while `join_in_a_block` is in its atomic block (10 s at most)."""
+    IN_A_BLOCK.wait(10)
+
+
+def two_at_once(request: HttpRequest) -> HttpResponse:
+    add_task(join_in_a_block, "in-a-block")
+    QUICK[:] = [add_task(quick)]
+    return HttpResponse("Welcome!")
+
+
+urlpatterns = [
+    path("leave", leave),
+    path("join", join),
+    path("careless", careless),
+    path("two-at-once", two_at_once),
+    path("failing", failing),
+]
 
 
 class TasksInATestCase(TestCase):
@@ -111,6 +195,36 @@ class TasksInATestCase(TestCase):
         tasks.run()
         assert not User.objects.get(username="bo").is_active
 
+    def test_a_task_that_leaves_a_transaction_open_leaves_the_test_s_intact(self) -> None:
+        """A task's atomic block left open on the test's connection is rolled back (as in
+        production): the test's transaction stays as it was, and its rollback, at the end,
+        still undoes the test's rows."""
+        depth = len(connection.atomic_blocks)
+        with self.assertLogs("post_response", "WARNING") as logs, requests_wait_for_tasks():
+            assert self.client.get("/careless").status_code == 200
+        assert len(connection.atomic_blocks) == depth
+        assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
+        left_open = "A task left a transaction open on database 'default': rolled back"
+        assert [record.getMessage() for record in logs.records] == [left_open] * 2
+
+    def test_a_task_whose_query_fails_leaves_the_test_transaction_usable(self) -> None:
+        """A task that fails on a query (logged) undoes its own writes only, as a failed
+        request in production: the test goes on querying in its transaction, which
+        neither Django's rollback flag nor PostgreSQL's aborted state spoils."""
+        with self.assertLogs("post_response", "ERROR") as logs, requests_wait_for_tasks():
+            assert self.client.get("/failing").status_code == 200
+        assert len(logs.records) == 3  # each task failed
+        assert sorted(User.objects.values_list("username", flat=True)) == ["ADA", "ada"]
+        User.objects.create(username="bo")
+
+    @override_settings(POST_RESPONSE={"concurrency": 2})
+    def test_a_task_ending_leaves_the_atomic_block_of_one_still_running(self) -> None:
+        """With `concurrency=2`, a task that ends while another is inside its atomic block
+        (on the same, shared, connection) leaves that block alone: it is not one left open."""
+        with self.assertNoLogs("post_response", "WARNING"), requests_wait_for_tasks():
+            assert self.client.get("/two-at-once").status_code == 200
+        assert User.objects.filter(username="in-a-block").exists()
+
     @unittest.skipIf(django.VERSION < (6, 0), ASYNC_CLIENT_SIGNALS)
     async def test_async_client_under_requests_wait_for_tasks(self) -> None:
         """Django's `AsyncClient` in an async test, as `Client` in a sync one."""
@@ -127,5 +241,5 @@ class TasksInATestCase(TestCase):
 
 
 if __name__ == "__main__":
-    runner = get_runner(settings)(verbosity=2)
+    runner = get_runner(settings)(verbosity=2, keepdb=True)  # the caller drops the database
     sys.exit(bool(runner.run_tests([f"{__name__}.TasksInATestCase"])))
