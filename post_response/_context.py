@@ -15,6 +15,7 @@ module that imports contextvars-extras.
 from __future__ import annotations
 
 import enum
+import os
 import threading
 from contextvars import Context, ContextVar, copy_context
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
@@ -55,6 +56,17 @@ class Phase(enum.Enum):
 # Guards the hand-over between add_task() (from any thread a request left behind) and the
 # end of a drain: a task is either seen by the drain or refused, never left pending.
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    """A fork taken while another thread held the lock (a task calling add_task(), say)
+    would leave it held for ever in the child, whose every request then hangs."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class RequestTasks:

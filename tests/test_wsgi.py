@@ -306,6 +306,52 @@ print("parent joined", middleware.join(20), flush=True)
 """
 
 
+# Another thread of the parent is inside add_task() (it holds the lock that guards task
+# lists) at the moment of the fork; the child then serves a request that adds a task.
+FORK_WITH_THE_LOCK_HELD = """
+import os, signal, sys, threading
+from post_response import _context, add_task
+from post_response.wsgi import PostResponseWSGIMiddleware
+
+def app(environ, start_response):
+    add_task(print, "ran in child")
+    start_response("200 OK", [])
+    return [b"ok"]
+
+middleware = PostResponseWSGIMiddleware(app)
+held, release = threading.Event(), threading.Event()
+
+def hold_the_lock():
+    with _context._lock:
+        held.set()
+        release.wait(20)
+
+threading.Thread(target=hold_the_lock).start()
+held.wait(20)
+child = os.fork()
+if child == 0:
+    signal.alarm(20)  # a deadlock ends the child, not the test
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    list(body)
+    body.close()
+    print("child joined", middleware.join(5), flush=True)
+    sys.exit(0)
+_, status = os.waitpid(child, 0)
+release.set()
+print("child exit status", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_child_forked_while_a_task_list_was_locked_serves_requests() -> None:
+    result = run_script(FORK_WITH_THE_LOCK_HELD, 60, "-W", "ignore::DeprecationWarning")
+    assert sorted(result.stdout.splitlines()) == [
+        "child exit status 0",
+        "child joined True",
+        "ran in child",
+    ], result.stdout + result.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
 def test_a_forked_child_runs_its_own_tasks_and_none_of_its_parents() -> None:
     """After a fork, the child neither waits for nor reports the parent's running task, and
