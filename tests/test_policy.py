@@ -64,6 +64,21 @@ CASES: dict[str, tuple[tuple[Message | str, ...], bool, bool, TaskState]] = {
     "raised after a 500": ((start(500), BODY, "raise"), True, False, SKIP),
     "client went away mid-body": ((start(200), CHUNK, "receive", "receive"), False, True, RUN),
     "client went away before start": (("receive", "receive"), False, True, RUN),
+    # The app raises because the client left (Starlette's ClientDisconnect): the client went
+    # away, the app did not fail, as for a WebSocket.
+    "raised once the client went away": (
+        (start(200), CHUNK, "receive", "receive", "raise"),
+        True,
+        True,
+        RUN,
+    ),
+    "raised before start, client gone": (("receive", "receive", "raise"), True, True, RUN),
+    "raised after a 500, client gone": (
+        (start(500), CHUNK, "receive", "receive", "raise"),
+        True,
+        True,
+        SKIP,
+    ),
     "returned without a response": ((), False, False, SKIP),
 }
 
