@@ -459,6 +459,11 @@ class HeldBatch(Batch):
 
 def _summary(exc: BaseException) -> str:
     """`ValueError: message`, for a line that says an attempt failed (the traceback comes
-    with the last attempt's failure)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    with the last attempt's failure). Never raises: an exception whose `str()` raises is
+    named by its class alone, as `traceback` does, and the task is still retried."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException:  # a line about a failure must not fail
+        return f"{name} (its str() raised)"
+    return f"{name}: {text}" if text else name

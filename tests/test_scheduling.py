@@ -801,3 +801,36 @@ def test_a_retry_abandoned_as_the_loop_closes_says_why(
         "abandoned: the event loop closed without a lifespan shutdown while it waited for "
         "its next attempt, after 1 failed"
     )
+
+
+async def test_an_exception_whose_str_raises_is_still_retried(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """The line saying an attempt failed names the exception by its class when its `str()`
+    raises: the task is retried, then fails once, and nothing reaches the server (it had
+    stayed `running` for ever, counted so, and inline the error escaped the request)."""
+    handles: list[TaskHandle] = []
+    errors: list[BaseException] = []
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    async def failing() -> None:
+        raise Unprintable
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(failing).set(retries=1, backoff=0), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, len(errors)) == (TaskState.FAILED, 2, 1)
+    assert any(
+        "failed (attempt 1 of 2): Unprintable (its str() raised); retrying in" in m
+        for m in messages(caplog, logging.WARNING)
+    )
+    assert (app.stats.running, app.stats.snapshot()["failed"]) == (0, 1)
