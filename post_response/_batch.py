@@ -337,6 +337,17 @@ class Batch:
         plan = task._planned()
         if plan.tries >= retries or not isinstance(exc, plan.retry_on):
             return False
+        owner = self.owner
+        if owner is not None and not owner.can_hold(task):
+            task._log(
+                logging.WARNING,
+                "failed (attempt %d of %d): not retried, max_queued=%d tasks already wait "
+                "for a delay, a key or a retry",
+                task.attempt,
+                retries + 1,
+                owner._max_queued,
+            )
+            return False
         backoff = settings.backoff if plan.backoff is None else plan.backoff
         wait = backoff_delay(backoff, plan.tries + 1)
         task._log(
@@ -348,7 +359,6 @@ class Batch:
             wait,
         )
         task._pause()
-        owner = self.owner
         if owner is not None:
             owner.retry_later(task, wait, self)
             return False

@@ -23,6 +23,7 @@ from post_response import (
     add_task,
 )
 from post_response._batch import BACKOFF_CAP, backoff_delay
+from post_response._pressure import pressure
 from post_response._types import Receive, Scope, Send
 from post_response.testing import capture_tasks, requests_wait_for_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
@@ -834,3 +835,60 @@ async def test_an_exception_whose_str_raises_is_still_retried(
         for m in messages(caplog, logging.WARNING)
     )
     assert (app.stats.running, app.stats.snapshot()["failed"]) == (0, 1)
+
+
+async def test_tasks_waiting_for_a_delay_a_key_or_a_retry_are_bounded_by_max_queued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of requests that each delay a task under a key of its own (taken from the
+    client: `key=f"user:{id}"`) holds at most `max_queued` of them, seen in `stats.held`;
+    the others are dropped, logged and counted (they were held without bound, and counted
+    nowhere). A task replacing one that waits for its key takes its place; a failing task
+    is then not retried but fails at once. At shutdown the held ones run; the counters add up."""
+    pressure.reset()
+    log: list[str] = []
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(100))
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    def adds() -> TaskHandle:
+        n = next(count)
+        if n < 30:
+            return add_task(log.append, f"user {n}").set(key=f"user:{n}", delay=600)
+        if n == 30:
+            return add_task(log.append, "user 0 again").set(key="user:0", delay=600)
+        return add_task(failing).set(retries=3, backoff=600)
+
+    app = PostResponseMiddleware(
+        app_adding(adds, handles), max_queued=10, on_error=lambda task, exc: errors.append(exc)
+    )
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            for _ in range(32):
+                await request(app)
+                await until(lambda: app.stats.queued == 0 and app.stats.running == 0)
+            held = app.stats.snapshot().get("held")
+    assert sorted(log) == sorted([f"user {n}" for n in range(1, 10)] + ["user 0 again"])
+    assert [h.state for h in handles] == (
+        [TaskState.SUPERSEDED]
+        + [TaskState.COMPLETED] * 9
+        + [TaskState.DROPPED] * 20
+        + [TaskState.COMPLETED, TaskState.FAILED]
+    )
+    assert (handles[-1].attempt, len(errors), held) == (1, 1, 10)
+    text = messages(caplog)
+    dropped = "dropped: max_queued=10 tasks already wait for a delay, a key or a retry"
+    assert sum(dropped in m for m in text) == 20
+    assert sum("failed (attempt 1 of 4): not retried, max_queued=10" in m for m in text) == 1
+    assert sum("a key or a retry reached half of max_queued=10" in m for m in text) == 1
+    stats = app.stats.snapshot()
+    assert (stats["held"], stats["queued"], stats["running"]) == (0, 0, 0)
+    assert (stats["completed"], stats["dropped"], stats["superseded"], stats["failed"]) == (
+        10,
+        20,
+        1,
+        1,
+    )
