@@ -786,7 +786,7 @@ class Owner:
     def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
         if self.life is Life.CLOSED:  # no timer will ever serve it
             held.abandon(_ABANDONED, "the server had already shut down")
-            self._drop(held)
+            self._forget(held)
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))

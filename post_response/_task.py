@@ -623,7 +623,15 @@ def cancel(key: str) -> int:
 
     Raises:
         OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
+        ConfigurationError: `key` is not a non-empty string: no task can have it (a `ValueError`).
     """
+    if not isinstance(key, str) or not key:  # `cancel(user.id)` for `key=f"user:{user.id}"`
+        shown = "an empty string" if key == "" else kind(key)
+        msg = (
+            "cancel() takes a task's key, the non-empty string given to `set(key=...)`; "
+            f"got {shown}, which no task can have."
+        )
+        raise ConfigurationError(msg)
     tasks = _context.current()
     if tasks is None:
         if not _context.captures:

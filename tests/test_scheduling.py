@@ -145,6 +145,29 @@ async def test_cancel_takes_back_the_requests_tasks_with_a_key() -> None:
     assert (log, counts) == (["b"], [1, 0])
 
 
+async def test_cancel_with_a_key_that_is_not_a_string_names_the_fix() -> None:
+    """`cancel(user_id)` for a task added with `set(key=f"user:{user_id}")` raises, as
+    `set(key=42)` does, instead of cancelling nothing without a word."""
+    raised: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> TaskHandle:
+        handle = add_task(print, "mail").set(key="user:42")
+        try:
+            post_response.cancel(42)  # type: ignore[arg-type]
+        except ConfigurationError as exc:
+            raised.append(exc)
+        return handle
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    await request(app)
+    await app.join()
+    [exc] = raised
+    assert "cancel() takes a task's key, the non-empty string given to `set(key=...)`" in str(exc)
+    assert "of type int" in str(exc)
+    assert handles[0].state is TaskState.COMPLETED
+
+
 def test_cancel_outside_a_request_names_the_fix() -> None:
     """`cancel(key)` outside a request raises, as `add_task()` does."""
     with pytest.raises(post_response.OutsideRequestError, match=r"^cancel\(\) was called"):
