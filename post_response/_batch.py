@@ -246,7 +246,8 @@ class Batch:
         if owner is None:  # run inside the request: wait here
             if plan.delay:
                 await anyio.sleep(plan.delay)
-            await self._run(task)
+            if task.state is _PENDING:  # not cancelled (or superseded) meanwhile
+                await self._run(task)
             return
         if plan.cleared:  # the owner's batch for it, which frees its key after it
             await self._run(task)
@@ -325,7 +326,8 @@ class Batch:
     async def _again(self, task: TaskHandle) -> None:
         """Run a task whose attempt failed once more, after its backoff, here."""
         await anyio.sleep(task._planned().pause)
-        await self._run(task)
+        if task.state is _PENDING:  # not cancelled meanwhile
+            await self._run(task)
 
     def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
         """Whether `task`, whose attempt just raised `exc`, gets another: then it is pending

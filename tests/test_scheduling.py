@@ -915,3 +915,41 @@ async def test_tasks_waiting_for_a_delay_a_key_or_a_retry_are_bounded_by_max_que
         1,
         1,
     )
+
+
+@pytest.mark.parametrize("wait", ["delay", "backoff"])
+async def test_inline_a_task_cancelled_while_it_waits_does_not_run(wait: str) -> None:
+    """With `detach=False` a task's delay and backoff are slept in the request; cancelled
+    then (here by a task of the same request, run alongside), it ends `cancelled`, counted
+    once, and is not run: it ran once its wait was over, counted `cancelled` and then
+    `completed` too, although `cancel()` had returned True."""
+    calls: list[str] = []
+    cancelled: list[bool] = []
+    failed = anyio.Event()
+    handles: list[TaskHandle] = []
+
+    async def waiting() -> None:
+        calls.append("waiting")
+        if wait == "backoff" and len(calls) == 1:
+            failed.set()
+            raise ConnectionError("once")
+
+    async def canceller() -> None:
+        if wait == "backoff":
+            await failed.wait()
+        cancelled.append(handles[0].cancel())
+
+    def adds() -> list[TaskHandle]:
+        options: dict[str, Any] = (
+            {"delay": 0.5} if wait == "delay" else {"retries": 1, "backoff": 0.5}
+        )
+        return [add_task(waiting).set(**options), add_task(canceller)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), detach=False, concurrency=2)
+    with anyio.fail_after(10):
+        await request(app)
+    assert cancelled == [True]
+    assert calls == ([] if wait == "delay" else ["waiting"])
+    assert [h.state for h in handles] == [TaskState.CANCELLED, TaskState.COMPLETED]
+    stats = app.stats.snapshot()
+    assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, 1, 0)
