@@ -391,7 +391,7 @@ class Batch:
             task._start()
         if self._retry(task, exc):
             return True
-        if task.state is _PENDING:  # retried by the owner
+        if task.state is not _RUNNING:  # the owner retries it (shutting down: abandoned it)
             return False
         task._end(TaskState.FAILED)
         if task._plan is not None and task._plan.tries:
@@ -403,7 +403,7 @@ class Batch:
     async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> bool:
         if self._retry(task, error):
             return True
-        if task.state is _PENDING:  # retried by the owner
+        if task.state is not _RUNNING:  # the owner retries it (shutting down: abandoned it)
             return False
         task._end(TaskState.TIMED_OUT)
         if is_async(task.func) and task.dispatch is None:

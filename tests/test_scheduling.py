@@ -953,3 +953,48 @@ async def test_inline_a_task_cancelled_while_it_waits_does_not_run(wait: str) ->
     assert [h.state for h in handles] == [TaskState.CANCELLED, TaskState.COMPLETED]
     stats = app.stats.snapshot()
     assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("ends", ["raises", "times out"])
+async def test_an_attempt_failing_during_the_shutdown_ends_abandoned_once(
+    caplog: pytest.LogCaptureFixture, ends: str
+) -> None:
+    """A task with retries whose attempt fails (or times out) while the shutdown drains is
+    not retried but abandoned, as one waiting for its next attempt is: one state, counted
+    once, `on_error` not called. It was counted `abandoned`, then ended `failed` (or
+    `timed_out`) as well, logged and reported twice."""
+    gate = anyio.Event()
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    async def flaky() -> None:
+        with anyio.CancelScope(shield=True):  # past its timeout only once the gate opens
+            await gate.wait()  # opened once the shutdown has begun
+        if ends == "raises":
+            raise ConnectionError("down")
+        await anyio.sleep_forever()
+
+    async def open_the_gate() -> None:
+        gate.set()
+
+    def adds() -> list[TaskHandle]:
+        timeout = 0.01 if ends == "times out" else None
+        return [
+            add_task(flaky).set(retries=3, backoff=600, timeout=timeout),
+            add_task(open_the_gate).set(delay=600),  # runs at once when the shutdown begins
+        ]
+
+    app = PostResponseMiddleware(
+        app_adding(adds, handles), on_error=lambda task, exc: errors.append(exc), concurrency=2
+    )
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: handles[0].state is TaskState.RUNNING)
+    assert [h.state for h in handles] == [TaskState.ABANDONED, TaskState.COMPLETED]
+    assert errors == []
+    stats = app.stats.snapshot()
+    assert (stats["abandoned"], stats["failed"], stats["timed_out"]) == (1, 0, 0)
+    assert stats["completed"] == 1
+    [line] = [m for m in messages(caplog, logging.ERROR) if "flaky" in m]
+    assert "abandoned: the server shut down while it waited for its next attempt" in line
