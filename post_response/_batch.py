@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from . import _backend, _context, _registry
-from ._call import OwnCancellation, call, is_async
+from ._call import NotStarted, OwnCancellation, call, is_async
 from ._task import UNSET, TaskState
 from ._threads import THREADS
 
@@ -305,6 +305,8 @@ class Batch:
                     error = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
                     again = await self._timed_out(task, timeout, error)
                     return
+        except NotStarted:
+            return  # cancelled while it waited for a thread, and logged then
         except OwnCancellation as own:
             error = own.error
             await self._fail(task, own.error, "failed: it raised a cancellation of its own")
@@ -316,7 +318,8 @@ class Batch:
             error = exc
             again = await self._fail(task, exc, "failed")
         else:
-            task._end(TaskState.COMPLETED)  # and logged there
+            if task.state is _RUNNING:  # not cancelled as its thread took it
+                task._end(TaskState.COMPLETED)  # and logged there
         finally:
             if spans is not None and span is not None:
                 spans.end(span, task, error)
@@ -369,6 +372,8 @@ class Batch:
 
     def _interrupted(self, task: TaskHandle) -> None:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
+        if _over(task):  # cancelled as its thread took it
+            return
         why = self._why()
         if task.state is _PENDING:
             task._lose(
@@ -387,6 +392,8 @@ class Batch:
 
     async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> bool:
         """End `task` failed, unless it is retried; True when it is retried here."""
+        if _over(task):  # cancelled as its thread took it
+            return False
         if task.state is _PENDING:  # failed before it started (a thread could not be had)
             task._start()
         if self._retry(task, exc):
@@ -401,6 +408,8 @@ class Batch:
         return False
 
     async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> bool:
+        if _over(task):  # cancelled as its thread took it
+            return False
         if self._retry(task, error):
             return True
         if task.state is not _RUNNING:  # the owner retries it (shutting down: abandoned it)
@@ -467,6 +476,12 @@ class HeldBatch(Batch):
             ended = task.state is not _PENDING  # not waiting for its next attempt
             if plan.key is not None and plan.cleared and ended and owner is not None:
                 owner.release(plan.key)
+
+
+def _over(task: TaskHandle) -> bool:
+    """Whether `task` ended already: cancelled while it waited for a worker thread, in the
+    moment a thread took it (the thread calls it all the same: see `_call._unless_ended`)."""
+    return task.state is not _PENDING and task.state is not _RUNNING
 
 
 def _summary(exc: BaseException) -> str:

@@ -528,12 +528,14 @@ class Owner:
         batch, task = job.batch, job.task
         if batch.runner is not job:  # left to its thread at shutdown, and logged then
             return
-        if returned is not None or error is not None:
+        ran = task.state is _RUNNING  # else cancelled while it waited for a thread: ended
+        if ran and (returned is not None or error is not None):
             after = self._after_thread(batch, task, returned, error)
             batch.runner = self._backend.start(after, _EMPTY_CONTEXT())
             return
         try:
-            task._end(_COMPLETED)
+            if ran:
+                task._end(_COMPLETED)
             self._next(batch)
         except BaseException:  # a loop callback: nobody above would end the batch
             self._give_up(batch)
@@ -967,6 +969,9 @@ class _ThreadJob(Job):
         tell = owner._backend.call_from_thread
         try:
             if self.waited:
+                if task.state is not _PENDING:  # cancelled while it waited for a thread
+                    tell(owner._thread_ended, self, None, None)
+                    return
                 tell(owner._thread_started, self)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass

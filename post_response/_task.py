@@ -393,6 +393,8 @@ class TaskHandle:
             stats.metrics.queued(1)
 
     def _start(self) -> None:
+        if self.state is not _PENDING:  # cancelled while it waited for a worker thread
+            return
         stats = self.request_tasks.stats
         if self._queued:
             self._queued = False

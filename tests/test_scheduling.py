@@ -24,6 +24,7 @@ from post_response import (
 )
 from post_response._batch import BACKOFF_CAP, backoff_delay
 from post_response._pressure import pressure
+from post_response._threads import THREADS, pool
 from post_response._types import Receive, Scope, Send
 from post_response.testing import capture_tasks, requests_wait_for_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
@@ -998,3 +999,34 @@ async def test_an_attempt_failing_during_the_shutdown_ends_abandoned_once(
     assert stats["completed"] == 1
     [line] = [m for m in messages(caplog, logging.ERROR) if "flaky" in m]
     assert "abandoned: the server shut down while it waited for its next attempt" in line
+
+
+@pytest.mark.parametrize("options", [{}, {"key": "k"}], ids=["plain", "keyed"])
+async def test_a_sync_task_cancelled_while_it_waits_for_a_thread_does_not_run(
+    options: dict[str, Any],
+) -> None:
+    """All worker threads are busy, so a sync task waits for one (pending, queued);
+    `cancel()` then returns True, and the task must not run once a thread is free: it ran,
+    ended `completed`, and was counted `cancelled` and `completed` both."""
+    gate = threading.Event()
+    ran: list[str] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        holding = [add_task(gate.wait, 10) for _ in range(THREADS)]
+        return [*holding, add_task(ran.append, "waiting").set(**options)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), concurrency=THREADS + 1)
+    try:
+        with anyio.fail_after(10):
+            await request(app)
+            await until(lambda: app.stats.running == THREADS and app.stats.queued == 1)
+            assert handles[-1].cancel()
+    finally:
+        gate.set()
+    with anyio.fail_after(10):
+        await app.join()
+        await until(lambda: pool.busy() == 0)  # the threads are parked: the job was not run
+    assert (ran, handles[-1].state) == ([], TaskState.CANCELLED)
+    stats = app.stats.snapshot()
+    assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, THREADS, 0)
