@@ -287,8 +287,9 @@ class Batch:
             def started() -> None:
                 nonlocal span
                 task._start()
-                if scope is not None and timeout is not None:
-                    scope.deadline = anyio.current_time() + timeout  # counts from the start
+                if scope is not None and timeout is not None:  # counts from the start; on
+                    # asyncio, maybe in a loop callback (a thread took it): not anyio's clock
+                    scope.deadline = self.backend.now() + timeout
                 if spans is not None:
                     span = spans.start(task)
 

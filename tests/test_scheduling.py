@@ -1030,3 +1030,28 @@ async def test_a_sync_task_cancelled_while_it_waits_for_a_thread_does_not_run(
     assert (ran, handles[-1].state) == ([], TaskState.CANCELLED)
     stats = app.stats.snapshot()
     assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, THREADS, 0)
+
+
+async def test_a_sync_task_that_waited_for_a_thread_still_times_out() -> None:
+    """A sync task with a timeout that had to wait for a worker thread times out once it
+    runs past it: on asyncio its deadline was set from a loop callback with
+    `anyio.current_time()`, which raised there (logged by asyncio), so it had none."""
+    gate, stuck = threading.Event(), threading.Event()
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        holding = [add_task(gate.wait, 10) for _ in range(THREADS)]
+        return [*holding, add_task(stuck.wait, 10).set(timeout=0.05)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), concurrency=THREADS + 1)
+    try:
+        with anyio.fail_after(10):
+            await request(app)
+            await until(lambda: app.stats.running == THREADS and app.stats.queued == 1)
+            gate.set()
+            await until(lambda: handles[-1].state not in (TaskState.PENDING, TaskState.RUNNING))
+    finally:
+        gate.set()
+        stuck.set()
+    assert handles[-1].state is TaskState.TIMED_OUT
+    assert app.stats.snapshot()["timed_out"] == 1
