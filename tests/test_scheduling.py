@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -384,6 +385,11 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
             r"set\(delay=...\) must be a number .*; got a negative int of 16610 bits",
         ),
         ({"retries": -(10**5000)}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"retries": 10**5000}, r"set\(retries=...\) must be a whole .*; got an int of 16610 bits"),
+        (
+            {"retries": sys.maxsize + 1},
+            r"set\(retries=...\) must be a whole number of retries, 0 to",
+        ),
     ],
 )
 async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
