@@ -77,6 +77,11 @@ class Backend(Protocol):
         Cancelled before that, the call never runs; after it, the thread runs on.
         """
 
+    def now(self) -> float:
+        """The event loop's clock, as cancel scopes' deadlines read it; callable where
+        `anyio.current_time()` is not (an asyncio callback, which anyio cannot tell from
+        code outside any loop)."""
+
     def own_task(self) -> Any:
         """The current asyncio task, whose `_must_cancel` is set while it runs only when it
         called `cancel()` on itself (the loop's own cancellations reach a task while it is
@@ -121,6 +126,7 @@ class AsyncioBackend:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.call_from_thread = loop.call_soon_threadsafe
+        self.now = loop.time
 
     @contextlib.asynccontextmanager
     async def workers(self) -> AsyncIterator[Workers]:
@@ -207,6 +213,7 @@ class TrioBackend:
 
     delivers_by_throw = False
     runs_tasks_alone = False
+    now = staticmethod(anyio.current_time)  # `started()` is called in a task on trio
 
     @property
     def cancelled(self) -> type[BaseException]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from . import _backend, _context, _registry
-from ._call import OwnCancellation, call, is_async
+from ._call import NotStarted, OwnCancellation, call, is_async
 from ._task import UNSET, TaskState
 from ._threads import THREADS
 
@@ -246,7 +246,8 @@ class Batch:
         if owner is None:  # run inside the request: wait here
             if plan.delay:
                 await anyio.sleep(plan.delay)
-            await self._run(task)
+            if task.state is _PENDING:  # not cancelled (or superseded) meanwhile
+                await self._run(task)
             return
         if plan.cleared:  # the owner's batch for it, which frees its key after it
             await self._run(task)
@@ -286,8 +287,9 @@ class Batch:
             def started() -> None:
                 nonlocal span
                 task._start()
-                if scope is not None and timeout is not None:
-                    scope.deadline = anyio.current_time() + timeout  # counts from the start
+                if scope is not None and timeout is not None:  # counts from the start; on
+                    # asyncio, maybe in a loop callback (a thread took it): not anyio's clock
+                    scope.deadline = self.backend.now() + timeout
                 if spans is not None:
                     span = spans.start(task)
 
@@ -304,6 +306,8 @@ class Batch:
                     error = TimeoutError(f"Task {task.name!r} timed out after {timeout:g}s")
                     again = await self._timed_out(task, timeout, error)
                     return
+        except NotStarted:
+            return  # cancelled while it waited for a thread, and logged then
         except OwnCancellation as own:
             error = own.error
             await self._fail(task, own.error, "failed: it raised a cancellation of its own")
@@ -315,7 +319,8 @@ class Batch:
             error = exc
             again = await self._fail(task, exc, "failed")
         else:
-            task._end(TaskState.COMPLETED)  # and logged there
+            if task.state is _RUNNING:  # not cancelled as its thread took it
+                task._end(TaskState.COMPLETED)  # and logged there
         finally:
             if spans is not None and span is not None:
                 spans.end(span, task, error)
@@ -325,7 +330,8 @@ class Batch:
     async def _again(self, task: TaskHandle) -> None:
         """Run a task whose attempt failed once more, after its backoff, here."""
         await anyio.sleep(task._planned().pause)
-        await self._run(task)
+        if task.state is _PENDING:  # not cancelled meanwhile
+            await self._run(task)
 
     def _retry(self, task: TaskHandle, exc: BaseException) -> bool:
         """Whether `task`, whose attempt just raised `exc`, gets another: then it is pending
@@ -336,6 +342,17 @@ class Batch:
             return False
         plan = task._planned()
         if plan.tries >= retries or not isinstance(exc, plan.retry_on):
+            return False
+        owner = self.owner
+        if owner is not None and not owner.can_hold(task):
+            task._log(
+                logging.WARNING,
+                "failed (attempt %d of %d): not retried, max_queued=%d tasks already wait "
+                "for a delay, a key or a retry",
+                task.attempt,
+                retries + 1,
+                owner._max_queued,
+            )
             return False
         backoff = settings.backoff if plan.backoff is None else plan.backoff
         wait = backoff_delay(backoff, plan.tries + 1)
@@ -348,7 +365,6 @@ class Batch:
             wait,
         )
         task._pause()
-        owner = self.owner
         if owner is not None:
             owner.retry_later(task, wait, self)
             return False
@@ -357,6 +373,8 @@ class Batch:
 
     def _interrupted(self, task: TaskHandle) -> None:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
+        if _over(task):  # cancelled as its thread took it
+            return
         why = self._why()
         if task.state is _PENDING:
             task._lose(
@@ -375,11 +393,13 @@ class Batch:
 
     async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> bool:
         """End `task` failed, unless it is retried; True when it is retried here."""
+        if _over(task):  # cancelled as its thread took it
+            return False
         if task.state is _PENDING:  # failed before it started (a thread could not be had)
             task._start()
         if self._retry(task, exc):
             return True
-        if task.state is _PENDING:  # retried by the owner
+        if task.state is not _RUNNING:  # the owner retries it (shutting down: abandoned it)
             return False
         task._end(TaskState.FAILED)
         if task._plan is not None and task._plan.tries:
@@ -389,9 +409,11 @@ class Batch:
         return False
 
     async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> bool:
+        if _over(task):  # cancelled as its thread took it
+            return False
         if self._retry(task, error):
             return True
-        if task.state is _PENDING:  # retried by the owner
+        if task.state is not _RUNNING:  # the owner retries it (shutting down: abandoned it)
             return False
         task._end(TaskState.TIMED_OUT)
         if is_async(task.func) and task.dispatch is None:
@@ -457,8 +479,19 @@ class HeldBatch(Batch):
                 owner.release(plan.key)
 
 
+def _over(task: TaskHandle) -> bool:
+    """Whether `task` ended already: cancelled while it waited for a worker thread, in the
+    moment a thread took it (the thread calls it all the same: see `_call._unless_ended`)."""
+    return task.state is not _PENDING and task.state is not _RUNNING
+
+
 def _summary(exc: BaseException) -> str:
     """`ValueError: message`, for a line that says an attempt failed (the traceback comes
-    with the last attempt's failure)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    with the last attempt's failure). Never raises: an exception whose `str()` raises is
+    named by its class alone, as `traceback` does, and the task is still retried."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException:  # a line about a failure must not fail
+        return f"{name} (its str() raised)"
+    return f"{name}: {text}" if text else name

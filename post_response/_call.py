@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from asgiref.sync import iscoroutinefunction
 
 from ._checks import GENERATORS, returned_generator
-from ._task import NO_KWARGS
+from ._task import NO_KWARGS, TaskState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -25,9 +25,18 @@ if TYPE_CHECKING:
     from ._backend import Backend
     from ._task import TaskHandle
 
-__all__ = ["OwnCancellation", "TaskEnvironment", "call", "call_sync", "in_context", "is_async"]
+__all__ = [
+    "NotStarted",
+    "OwnCancellation",
+    "TaskEnvironment",
+    "call",
+    "call_sync",
+    "in_context",
+    "is_async",
+]
 
 _T = TypeVar("_T")
+_PENDING, _RUNNING = TaskState.PENDING, TaskState.RUNNING
 
 
 class TaskEnvironment(Protocol):
@@ -38,6 +47,10 @@ class TaskEnvironment(Protocol):
 
     def run_async(self, awaitable: Awaitable[_T]) -> Awaitable[_T]:
         """Wrap an async task; awaited inside the task's context."""
+
+
+class NotStarted(Exception):
+    """The task was cancelled while it waited for a worker thread: it is not called."""
 
 
 class OwnCancellation(Exception):
@@ -60,7 +73,8 @@ async def call(
     """Run `task` to its end; `started()` is called once it has started."""
     context, func = task.context, task.func
     if task.dispatch is not None:  # handed to a queue (post_response.celery)
-        await backend.run_in_thread(functools.partial(context.run, task.dispatch), started)
+        dispatch = functools.partial(context.run, task.dispatch)
+        await backend.run_in_thread(functools.partial(_unless_ended, task, dispatch), started)
         return
     if is_async(func):
         started()
@@ -73,9 +87,17 @@ async def call(
     call = functools.partial(call_sync, context, func, task.args, task._kwargs or NO_KWARGS)
     if environment is not None:
         call = functools.partial(environment.run_sync, call)
-    returned = await backend.run_in_thread(call, started)
+    returned = await backend.run_in_thread(functools.partial(_unless_ended, task, call), started)
     if returned is not None:  # e.g. `add_task(lambda: notify(user))`
         await _InContext(context, returned[0], backend)
+
+
+def _unless_ended(task: TaskHandle, call: Callable[[], _T]) -> _T:
+    """In the worker thread: `call()`, unless the task was cancelled while it waited for
+    the thread (it is pending until the loop hears that a thread took it)."""
+    if task.state is not _PENDING and task.state is not _RUNNING:
+        raise NotStarted
+    return call()
 
 
 def call_sync(

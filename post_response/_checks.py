@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING
 
@@ -166,9 +167,15 @@ def check_backoff(value: object, where: str) -> float:
 
 
 def check_retries(value: object, where: str) -> int:
-    """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        msg = f"{where} must be a whole number of retries, 0 or more; got {_shown(value)}."
+    """Return `value` as a number of retries, or raise a `ConfigurationError` naming `where`.
+
+    At most `sys.maxsize`: the log line of each failed attempt writes the count, and past
+    4,300 digits an int cannot be written (the line was lost, "--- Logging error ---")."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= sys.maxsize:
+        msg = (
+            f"{where} must be a whole number of retries, 0 to sys.maxsize ({sys.maxsize}); "
+            f"got {_shown(value)}."
+        )
         raise ConfigurationError(msg)
     return value
 

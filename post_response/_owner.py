@@ -528,12 +528,14 @@ class Owner:
         batch, task = job.batch, job.task
         if batch.runner is not job:  # left to its thread at shutdown, and logged then
             return
-        if returned is not None or error is not None:
+        ran = task.state is _RUNNING  # else cancelled while it waited for a thread: ended
+        if ran and (returned is not None or error is not None):
             after = self._after_thread(batch, task, returned, error)
             batch.runner = self._backend.start(after, _EMPTY_CONTEXT())
             return
         try:
-            task._end(_COMPLETED)
+            if ran:
+                task._end(_COMPLETED)
             self._next(batch)
         except BaseException:  # a loop callback: nobody above would end the batch
             self._give_up(batch)
@@ -613,6 +615,9 @@ class Owner:
         return False to let `batch` run it now, with its key marked busy."""
         key = task.key
         if task.delay and not self._flushing:
+            if not self.can_hold(task, key):
+                self._drop_held(task)
+                return True
             held = self._held(task, batch)
             if key is not None:
                 self._wait_for_key(key, held, due=False)
@@ -628,8 +633,33 @@ class Owner:
             self._supersede(state)
             state.busy = True
             return False
+        if not self.can_hold(task, key):
+            self._drop_held(task)
+            return True
         self._wait_for_key(key, self._held(task, batch), due=True)
         return True
+
+    def can_hold(self, task: TaskHandle, key: str | None = None) -> bool:
+        """Whether `task` may wait here (for its delay, its key or its next attempt): at
+        most `max_queued` tasks do, so that a flood of distinct keys, long delays or failing
+        tasks cannot exhaust memory. One that replaces the task waiting for its `key` takes
+        its place; a replay always may (dropped, it would stay in the journal until the
+        next start: see `room`)."""
+        limit, stats = self._max_queued, task.request_tasks.stats
+        if limit is None or stats.held < limit // 2:
+            return True
+        if key is not None and (state := self._keys.get(key)) and state.next is not None:
+            return True
+        pressure.note("held", limit, stats.held)
+        return stats.held < limit or task.replayed
+
+    def _drop_held(self, task: TaskHandle) -> None:
+        task._lose(
+            _DROPPED,
+            logging.ERROR,
+            "dropped: max_queued=%d tasks already wait for a delay, a key or a retry",
+            self._max_queued,
+        )
 
     def release(self, key: str) -> None:
         """The task that had `key` ended: start the one waiting for it, if it is due."""
@@ -662,7 +692,15 @@ class Owner:
         self._hold(held)  # joined and drained like any batch
         plan = task._planned()
         plan.held, plan.taken = held, True
+        task.request_tasks.stats.held += 1
         return held
+
+    def _unhold(self, held: HeldBatch) -> None:
+        """`held`'s task no longer waits here: it starts, or ended while it waited."""
+        plan = held.task._planned()
+        if plan.held is held:
+            plan.held = None
+            held.task.request_tasks.stats.held -= 1
 
     def let_go(self, held: HeldBatch) -> None:
         """`held`'s task ended while it waited here (cancelled, or superseded within its
@@ -708,8 +746,8 @@ class Owner:
 
     def _start(self, held: HeldBatch) -> None:
         task = held.task
-        plan = task._planned()
-        plan.cleared, plan.held = True, None
+        task._planned().cleared = True
+        self._unhold(held)
         self.submit(held)
         if task.state is not _PENDING:  # dropped, or too late: it will not run
             self._drop(held)  # else joins and the shutdown would wait for it for ever
@@ -718,9 +756,7 @@ class Owner:
 
     def _forget(self, batch: HeldBatch) -> None:
         """A held batch whose task will not run (it ended while it waited)."""
-        plan = batch.task._planned()
-        if plan.held is batch:
-            plan.held = None
+        self._unhold(batch)
         batch.close()
         self._drop(batch)
 
@@ -752,7 +788,7 @@ class Owner:
     def _at(self, due: float, held: HeldBatch, *, retry: bool) -> None:
         if self.life is Life.CLOSED:  # no timer will ever serve it
             held.abandon(_ABANDONED, "the server had already shut down")
-            self._drop(held)
+            self._forget(held)
             return
         timers = self._timers
         heapq.heappush(timers, (due, next(self._order), held, retry))
@@ -833,6 +869,7 @@ class Owner:
         held += [state.next for state in self._keys.values() if state.next is not None]
         self._timers, self._keys = [], {}
         for batch in held:
+            self._unhold(batch)
             batch.abandon(_ABANDONED, f"{self._cause()} before it started")
             self._drop(batch)
 
@@ -932,6 +969,9 @@ class _ThreadJob(Job):
         tell = owner._backend.call_from_thread
         try:
             if self.waited:
+                if task.state is not _PENDING:  # cancelled while it waited for a thread
+                    tell(owner._thread_ended, self, None, None)
+                    return
                 tell(owner._thread_started, self)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass

@@ -25,6 +25,10 @@ _MESSAGES = {
         "Tasks waiting to run reached half of max_queued=%s (%s waiting); past it, new "
         "tasks are dropped."
     ),
+    "held": (
+        "Tasks waiting for a delay, a key or a retry reached half of max_queued=%s (%s "
+        "waiting); past it, new ones are dropped, and failed attempts not retried."
+    ),
     "threads": (
         "All %s worker threads for sync tasks are busy; sync tasks wait for one (%s waiting "
         "so far). Make long sync tasks async, or bound them with max_running."

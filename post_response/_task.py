@@ -84,22 +84,24 @@ class Metrics(Protocol):
 class Stats:
     """Counters of one middleware's tasks, readable at run time: `middleware.stats`.
 
-    `queued` and `running` are gauges (tasks waiting to run, tasks running now); each
-    final state counts the tasks that ended in it since the middleware was built.
+    `queued`, `running` and `held` are gauges (tasks waiting to run, tasks running now,
+    tasks the owner holds for their delay, their key or their next attempt); each final
+    state counts the tasks that ended in it since the middleware was built.
     With `metrics` (the middleware's `opentelemetry=True`), each change is reported there too.
     """
 
-    __slots__ = ("ended", "metrics", "queued", "running")
+    __slots__ = ("ended", "held", "metrics", "queued", "running")
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.queued = 0
         self.running = 0
+        self.held = 0
         self.ended = dict.fromkeys(FINAL_STATES, 0)
         self.metrics = metrics
 
     def snapshot(self) -> dict[str, int]:
-        """All counters now, by name: `{"queued": 0, "running": 1, "completed": 7, ...}`."""
-        counts = {"queued": self.queued, "running": self.running}
+        """All counters now, by name: `{"queued": 0, "running": 1, "held": 0, ...}`."""
+        counts = {"queued": self.queued, "running": self.running, "held": self.held}
         counts.update((state.value, n) for state, n in self.ended.items())
         return counts
 
@@ -391,6 +393,8 @@ class TaskHandle:
             stats.metrics.queued(1)
 
     def _start(self) -> None:
+        if self.state is not _PENDING:  # cancelled while it waited for a worker thread
+            return
         stats = self.request_tasks.stats
         if self._queued:
             self._queued = False
@@ -621,7 +625,15 @@ def cancel(key: str) -> int:
 
     Raises:
         OutsideRequestError: No request handled by the middleware is running (a `RuntimeError`).
+        ConfigurationError: `key` is not a non-empty string: no task can have it (a `ValueError`).
     """
+    if not isinstance(key, str) or not key:  # `cancel(user.id)` for `key=f"user:{user.id}"`
+        shown = "an empty string" if key == "" else kind(key)
+        msg = (
+            "cancel() takes a task's key, the non-empty string given to `set(key=...)`; "
+            f"got {shown}, which no task can have."
+        )
+        raise ConfigurationError(msg)
     tasks = _context.current()
     if tasks is None:
         if not _context.captures:

@@ -16,6 +16,7 @@ before they can take the next job, and the pool looks full for a few millisecond
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -105,11 +106,27 @@ class _Pool:
                 return True
             self._jobs.append(job)
             if self._threads < self._size:
-                self._threads += 1
-                threading.Thread(target=self._work, name="post_response", daemon=True).start()
-                return True
+                try:
+                    self._start()
+                except RuntimeError:  # at interpreter exit (Python 3.12+) no thread starts
+                    if not self._threads:
+                        self._jobs.pop()  # none will ever take it: its task fails
+                        raise
+                else:
+                    return True
             job.waited = time.monotonic()
             return False
+
+    def keep_one(self) -> None:
+        """Start a thread now if none runs: at interpreter exit, where the WSGI middleware
+        drains its tasks, Python 3.12+ starts no new thread, and sync tasks need one."""
+        with self._lock, contextlib.suppress(RuntimeError):  # else `submit` tries again
+            if not self._threads:
+                self._start()
+
+    def _start(self) -> None:
+        threading.Thread(target=self._work, name="post_response", daemon=True).start()
+        self._threads += 1
 
     def note_wait(self, started: Job | None = None) -> None:
         """Warn (see `pressure`) if a job has waited `PATIENCE` seconds for a thread:

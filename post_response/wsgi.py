@@ -35,6 +35,7 @@ from ._middleware import new_stats, setup
 from ._options import check_app, skip_reason
 from ._owner import Owner, run_to_the_end
 from ._task import TaskState
+from ._threads import pool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -293,6 +294,7 @@ class _TaskLoop:
         if self._failure is not None:
             msg = "post_response could not start its task loop"
             raise RuntimeError(msg) from self._failure
+        pool.keep_one()  # for the sync tasks run at exit (delayed ones, at once)
         atexit.register(self.shutdown)
 
     def _main(self) -> None:

@@ -118,6 +118,7 @@ async def test_every_task_ends_in_one_final_state_and_counts_add_up(
     assert stats == {
         "queued": 0,
         "running": 0,
+        "held": 0,
         **{s.value: counts[s] for s in FINAL_STATES},
     }
     assert max(runs.values()) == 1  # nothing ran twice

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -23,6 +24,8 @@ from post_response import (
     add_task,
 )
 from post_response._batch import BACKOFF_CAP, backoff_delay
+from post_response._pressure import pressure
+from post_response._threads import THREADS, pool
 from post_response._types import Receive, Scope, Send
 from post_response.testing import capture_tasks, requests_wait_for_tasks
 from post_response.wsgi import PostResponseWSGIMiddleware
@@ -142,6 +145,29 @@ async def test_cancel_takes_back_the_requests_tasks_with_a_key() -> None:
     await request(app)
     await app.join()
     assert (log, counts) == (["b"], [1, 0])
+
+
+async def test_cancel_with_a_key_that_is_not_a_string_names_the_fix() -> None:
+    """`cancel(user_id)` for a task added with `set(key=f"user:{user_id}")` raises, as
+    `set(key=42)` does, instead of cancelling nothing without a word."""
+    raised: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> TaskHandle:
+        handle = add_task(print, "mail").set(key="user:42")
+        try:
+            post_response.cancel(42)  # type: ignore[arg-type]
+        except ConfigurationError as exc:
+            raised.append(exc)
+        return handle
+
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    await request(app)
+    await app.join()
+    [exc] = raised
+    assert "cancel() takes a task's key, the non-empty string given to `set(key=...)`" in str(exc)
+    assert "of type int" in str(exc)
+    assert handles[0].state is TaskState.COMPLETED
 
 
 def test_cancel_outside_a_request_names_the_fix() -> None:
@@ -359,6 +385,11 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
             r"set\(delay=...\) must be a number .*; got a negative int of 16610 bits",
         ),
         ({"retries": -(10**5000)}, r"set\(retries=...\) must be a whole number of retries"),
+        ({"retries": 10**5000}, r"set\(retries=...\) must be a whole .*; got an int of 16610 bits"),
+        (
+            {"retries": sys.maxsize + 1},
+            r"set\(retries=...\) must be a whole number of retries, 0 to",
+        ),
     ],
 )
 async def test_invalid_task_options_name_the_fix(options: dict[str, Any], error: str) -> None:
@@ -801,3 +832,232 @@ def test_a_retry_abandoned_as_the_loop_closes_says_why(
         "abandoned: the event loop closed without a lifespan shutdown while it waited for "
         "its next attempt, after 1 failed"
     )
+
+
+async def test_an_exception_whose_str_raises_is_still_retried(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """The line saying an attempt failed names the exception by its class when its `str()`
+    raises: the task is retried, then fails once, and nothing reaches the server (it had
+    stayed `running` for ever, counted so, and inline the error escaped the request)."""
+    handles: list[TaskHandle] = []
+    errors: list[BaseException] = []
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    async def failing() -> None:
+        raise Unprintable
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(failing).set(retries=1, backoff=0), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt, len(errors)) == (TaskState.FAILED, 2, 1)
+    assert any(
+        "failed (attempt 1 of 2): Unprintable (its str() raised); retrying in" in m
+        for m in messages(caplog, logging.WARNING)
+    )
+    assert (app.stats.running, app.stats.snapshot()["failed"]) == (0, 1)
+
+
+async def test_tasks_waiting_for_a_delay_a_key_or_a_retry_are_bounded_by_max_queued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of requests that each delay a task under a key of its own (taken from the
+    client: `key=f"user:{id}"`) holds at most `max_queued` of them, seen in `stats.held`;
+    the others are dropped, logged and counted (they were held without bound, and counted
+    nowhere). A task replacing one that waits for its key takes its place; a failing task
+    is then not retried but fails at once. At shutdown the held ones run; the counters add up."""
+    pressure.reset()
+    log: list[str] = []
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+    count = iter(range(100))
+
+    async def failing() -> None:
+        raise ConnectionError("down")
+
+    def adds() -> TaskHandle:
+        n = next(count)
+        if n < 30:
+            return add_task(log.append, f"user {n}").set(key=f"user:{n}", delay=600)
+        if n == 30:
+            return add_task(log.append, "user 0 again").set(key="user:0", delay=600)
+        return add_task(failing).set(retries=3, backoff=600)
+
+    app = PostResponseMiddleware(
+        app_adding(adds, handles), max_queued=10, on_error=lambda task, exc: errors.append(exc)
+    )
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            for _ in range(32):
+                await request(app)
+                await until(lambda: app.stats.queued == 0 and app.stats.running == 0)
+            held = app.stats.snapshot().get("held")
+    assert sorted(log) == sorted([f"user {n}" for n in range(1, 10)] + ["user 0 again"])
+    assert [h.state for h in handles] == (
+        [TaskState.SUPERSEDED]
+        + [TaskState.COMPLETED] * 9
+        + [TaskState.DROPPED] * 20
+        + [TaskState.COMPLETED, TaskState.FAILED]
+    )
+    assert (handles[-1].attempt, len(errors), held) == (1, 1, 10)
+    text = messages(caplog)
+    dropped = "dropped: max_queued=10 tasks already wait for a delay, a key or a retry"
+    assert sum(dropped in m for m in text) == 20
+    assert sum("failed (attempt 1 of 4): not retried, max_queued=10" in m for m in text) == 1
+    assert sum("a key or a retry reached half of max_queued=10" in m for m in text) == 1
+    stats = app.stats.snapshot()
+    assert (stats["held"], stats["queued"], stats["running"]) == (0, 0, 0)
+    assert (stats["completed"], stats["dropped"], stats["superseded"], stats["failed"]) == (
+        10,
+        20,
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize("wait", ["delay", "backoff"])
+async def test_inline_a_task_cancelled_while_it_waits_does_not_run(wait: str) -> None:
+    """With `detach=False` a task's delay and backoff are slept in the request; cancelled
+    then (here by a task of the same request, run alongside), it ends `cancelled`, counted
+    once, and is not run: it ran once its wait was over, counted `cancelled` and then
+    `completed` too, although `cancel()` had returned True."""
+    calls: list[str] = []
+    cancelled: list[bool] = []
+    failed = anyio.Event()
+    handles: list[TaskHandle] = []
+
+    async def waiting() -> None:
+        calls.append("waiting")
+        if wait == "backoff" and len(calls) == 1:
+            failed.set()
+            raise ConnectionError("once")
+
+    async def canceller() -> None:
+        if wait == "backoff":
+            await failed.wait()
+        cancelled.append(handles[0].cancel())
+
+    def adds() -> list[TaskHandle]:
+        options: dict[str, Any] = (
+            {"delay": 0.5} if wait == "delay" else {"retries": 1, "backoff": 0.5}
+        )
+        return [add_task(waiting).set(**options), add_task(canceller)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), detach=False, concurrency=2)
+    with anyio.fail_after(10):
+        await request(app)
+    assert cancelled == [True]
+    assert calls == ([] if wait == "delay" else ["waiting"])
+    assert [h.state for h in handles] == [TaskState.CANCELLED, TaskState.COMPLETED]
+    stats = app.stats.snapshot()
+    assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("ends", ["raises", "times out"])
+async def test_an_attempt_failing_during_the_shutdown_ends_abandoned_once(
+    caplog: pytest.LogCaptureFixture, ends: str
+) -> None:
+    """A task with retries whose attempt fails (or times out) while the shutdown drains is
+    not retried but abandoned, as one waiting for its next attempt is: one state, counted
+    once, `on_error` not called. It was counted `abandoned`, then ended `failed` (or
+    `timed_out`) as well, logged and reported twice."""
+    gate = anyio.Event()
+    errors: list[BaseException] = []
+    handles: list[TaskHandle] = []
+
+    async def flaky() -> None:
+        with anyio.CancelScope(shield=True):  # past its timeout only once the gate opens
+            await gate.wait()  # opened once the shutdown has begun
+        if ends == "raises":
+            raise ConnectionError("down")
+        await anyio.sleep_forever()
+
+    async def open_the_gate() -> None:
+        gate.set()
+
+    def adds() -> list[TaskHandle]:
+        timeout = 0.01 if ends == "times out" else None
+        return [
+            add_task(flaky).set(retries=3, backoff=600, timeout=timeout),
+            add_task(open_the_gate).set(delay=600),  # runs at once when the shutdown begins
+        ]
+
+    app = PostResponseMiddleware(
+        app_adding(adds, handles), on_error=lambda task, exc: errors.append(exc), concurrency=2
+    )
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+            await until(lambda: handles[0].state is TaskState.RUNNING)
+    assert [h.state for h in handles] == [TaskState.ABANDONED, TaskState.COMPLETED]
+    assert errors == []
+    stats = app.stats.snapshot()
+    assert (stats["abandoned"], stats["failed"], stats["timed_out"]) == (1, 0, 0)
+    assert stats["completed"] == 1
+    [line] = [m for m in messages(caplog, logging.ERROR) if "flaky" in m]
+    assert "abandoned: the server shut down while it waited for its next attempt" in line
+
+
+@pytest.mark.parametrize("options", [{}, {"key": "k"}], ids=["plain", "keyed"])
+async def test_a_sync_task_cancelled_while_it_waits_for_a_thread_does_not_run(
+    options: dict[str, Any],
+) -> None:
+    """All worker threads are busy, so a sync task waits for one (pending, queued);
+    `cancel()` then returns True, and the task must not run once a thread is free: it ran,
+    ended `completed`, and was counted `cancelled` and `completed` both."""
+    gate = threading.Event()
+    ran: list[str] = []
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        holding = [add_task(gate.wait, 10) for _ in range(THREADS)]
+        return [*holding, add_task(ran.append, "waiting").set(**options)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), concurrency=THREADS + 1)
+    try:
+        with anyio.fail_after(10):
+            await request(app)
+            await until(lambda: app.stats.running == THREADS and app.stats.queued == 1)
+            assert handles[-1].cancel()
+    finally:
+        gate.set()
+    with anyio.fail_after(10):
+        await app.join()
+        await until(lambda: pool.busy() == 0)  # the threads are parked: the job was not run
+    assert (ran, handles[-1].state) == ([], TaskState.CANCELLED)
+    stats = app.stats.snapshot()
+    assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, THREADS, 0)
+
+
+async def test_a_sync_task_that_waited_for_a_thread_still_times_out() -> None:
+    """A sync task with a timeout that had to wait for a worker thread times out once it
+    runs past it: on asyncio its deadline was set from a loop callback with
+    `anyio.current_time()`, which raised there (logged by asyncio), so it had none."""
+    gate, stuck = threading.Event(), threading.Event()
+    handles: list[TaskHandle] = []
+
+    def adds() -> list[TaskHandle]:
+        holding = [add_task(gate.wait, 10) for _ in range(THREADS)]
+        return [*holding, add_task(stuck.wait, 10).set(timeout=0.05)]
+
+    app = PostResponseMiddleware(app_adding(adds, handles), concurrency=THREADS + 1)
+    try:
+        with anyio.fail_after(10):
+            await request(app)
+            await until(lambda: app.stats.running == THREADS and app.stats.queued == 1)
+            gate.set()
+            await until(lambda: handles[-1].state not in (TaskState.PENDING, TaskState.RUNNING))
+    finally:
+        gate.set()
+        stuck.set()
+    assert handles[-1].state is TaskState.TIMED_OUT
+    assert app.stats.snapshot()["timed_out"] == 1

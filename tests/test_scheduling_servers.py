@@ -163,3 +163,50 @@ def test_sigterm_runs_delayed_tasks_and_abandons_those_waiting_to_retry(server_n
         "next attempt, after 1 failed"
     ) in output
     assert f"event: {flaky}:attempt 2" not in output
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_a_flood_of_keys_of_its_own_with_a_long_delay_is_bounded(server_name: str) -> None:
+    """Sixty requests, each debouncing a key of its own (taken from the client) with a 600 s
+    delay, under `max_queued=20`: twenty wait, counted as `held`; forty are dropped, logged
+    and counted; a failing task is then not retried. At SIGTERM (waitress: SIGINT) the
+    twenty run at once."""
+    flood, flaky = new_id(), new_id()
+    options = {"max_queued": 20, "shutdown_timeout": 30}
+    target = APPS.get(server_name, "scheduling_app:app")
+    with run(server_name, target, *GRACEFUL.get(server_name, []), middleware=options) as server:
+        paths = [f"/debounce?id={flood}-{n}&n={n}&delay=600" for n in range(60)]
+        assert burst(server, paths) == [200] * 60
+        stats = stats_until(server, "dropped", 40)
+        assert (stats["held"], stats["dropped"], stats["queued"]) == (20, 40, 0)
+        assert httpx.get(f"{server.url}/flaky?id={flaky}&fails=99").status_code == 200
+        stats = stats_until(server, "failed", 1)
+        assert (stats["failed"], stats["held"]) == (1, 20)
+        exit_code_after(server, STOP.get(server_name, signal.SIGTERM), limit=20)
+        output = server.output()
+    assert output.count("dropped: max_queued=20 tasks already wait for a delay, a key") == 40
+    assert "failed (attempt 1 of 4): not retried, max_queued=20 tasks already wait" in output
+    assert f"event: {flaky}:attempt 2" not in output
+    assert output.count(f"event: {flood}-") == 20
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_at_sigterm_delayed_sync_tasks_run_though_no_task_ran_before(server_name: str) -> None:
+    """A server whose only tasks are sync and delayed, so none has needed a worker thread
+    yet: at SIGTERM (waitress: SIGINT) they run at once. Under WSGI they run at interpreter
+    exit, where Python 3.12+ starts no new thread: each failed with `RuntimeError: can't
+    create new thread at interpreter shutdown`, and the pool, counting threads that had not
+    started, left the others waiting for one until the exit gave up on them."""
+    delayed, index = new_id(), new_id()
+    target = APPS.get(server_name, "scheduling_app:app")
+    graceful = GRACEFUL.get(server_name, [])
+    with run(server_name, target, *graceful, middleware={"shutdown_timeout": 30}) as server:
+        paths = [f"/delayed?id={delayed}-{n}&delay=600" for n in range(50)]
+        paths.append(f"/debounce?id={index}&n=0&delay=600")
+        assert burst(server, paths) == [200] * 51
+        assert stats_until(server, "held", 51)["held"] == 51
+        exit_code_after(server, STOP.get(server_name, signal.SIGTERM), limit=20)
+        output = server.output()
+    assert output.count(f"event: {delayed}-") == 50, output
+    assert f"event: {index}:ran 0" in output
+    assert "can't create new thread" not in output
