@@ -61,7 +61,7 @@ _lock = threading.Lock()
 def _new_lock_after_fork() -> None:
     """A fork taken while another thread held the lock (a task calling add_task(), say)
     would leave it held for ever in the child, whose every request then hangs."""
-    global _lock
+    global _lock  # noqa: PLW0603  (rebound in a forked child only)
     _lock = threading.Lock()
 
 
