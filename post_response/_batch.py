@@ -432,7 +432,13 @@ class Batch:
             result = hook(task, exc)
             if inspect.isawaitable(result):
                 await result
-        except _backend.current().cancelled:
+        except _backend.current().cancelled:  # the runtime's: the shutdown deadline, say
+            task._log(
+                logging.WARNING,
+                "%s, and its on_error hook was cancelled: %s",
+                task.state.value,
+                self._why(),
+            )
             raise
         except BaseException:
             logger.exception(

@@ -228,6 +228,35 @@ async def test_shutdown_timeout_cancels_running_and_abandons_queued(
     assert any(".never_reached' of GET / abandoned: the server shut down" in m for m in messages)
 
 
+async def test_an_on_error_hook_cut_by_the_shutdown_deadline_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A slow async `on_error` still running at the deadline is cancelled, and that is said:
+    the operator otherwise never learns that the hook's report was not made."""
+    hooked = anyio.Event()
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    async def slow_hook(task: TaskHandle, exc: BaseException) -> None:
+        hooked.set()
+        await anyio.sleep_forever()
+
+    app = PostResponseMiddleware(adding(fails), shutdown_timeout=0.05, on_error=slow_hook)
+    with anyio.fail_after(10):
+        async with lifespan(app):
+            await request(app)
+            await hooked.wait()
+    (task,) = app_handles(app)
+    assert task.state is TaskState.FAILED
+    assert app.stats.snapshot()["failed"] == 1
+    cut = [r.getMessage() for r in caplog.records if "on_error hook" in r.getMessage()]
+    assert len(cut) == 1, cut
+    assert cut[0].endswith(
+        ".fails' of GET / failed, and its on_error hook was cancelled: the server shut down"
+    ), cut
+
+
 async def test_a_request_after_shutdown_has_its_tasks_abandoned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
