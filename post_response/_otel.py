@@ -1,5 +1,5 @@
 """OpenTelemetry: a span per task, a child of the request's span when there is one, and
-metrics: tasks by final state, tasks queued and running, and how long tasks ran.
+metrics: tasks by final state, tasks queued, running and held, and how long tasks ran.
 
 Imported by the middleware only with `opentelemetry=True` (the `post_response[otel]` extra).
 """
@@ -61,7 +61,8 @@ class TaskSpans:
 class TaskMetrics:
     """The middleware's counters as OpenTelemetry instruments, named by its conventions:
     `post_response.tasks` (tasks that ended, by `post_response.task.outcome`),
-    `post_response.tasks.queued` and `post_response.tasks.running` (up-down counters),
+    `post_response.tasks.queued`, `post_response.tasks.running` and `post_response.tasks.held`
+    (up-down counters),
     and `post_response.task.duration` (a histogram, in seconds, of tasks that ran)."""
 
     def __init__(self) -> None:
@@ -77,6 +78,11 @@ class TaskMetrics:
         self._running = meter.create_up_down_counter(
             "post_response.tasks.running", unit="{task}", description="Tasks running now."
         )
+        self._held = meter.create_up_down_counter(
+            "post_response.tasks.held",
+            unit="{task}",
+            description="Tasks waiting for their delay, their key or their next attempt.",
+        )
         self._duration = meter.create_histogram(
             "post_response.task.duration", unit="s", description="How long tasks ran."
         )
@@ -87,6 +93,9 @@ class TaskMetrics:
 
     def running(self, change: int) -> None:
         self._running.add(change)
+
+    def held(self, change: int) -> None:
+        self._held.add(change)
 
     def ended(self, state: TaskState, duration: float | None) -> None:
         attributes = self._outcomes[state]

@@ -692,7 +692,7 @@ class Owner:
         self._hold(held)  # joined and drained like any batch
         plan = task._planned()
         plan.held, plan.taken = held, True
-        task.request_tasks.stats.held += 1
+        task.request_tasks.stats.hold(1)
         return held
 
     def _unhold(self, held: HeldBatch) -> None:
@@ -700,7 +700,7 @@ class Owner:
         plan = held.task._planned()
         if plan.held is held:
             plan.held = None
-            held.task.request_tasks.stats.held -= 1
+            held.task.request_tasks.stats.hold(-1)
 
     def let_go(self, held: HeldBatch) -> None:
         """`held`'s task ended while it waited here (cancelled, or superseded within its

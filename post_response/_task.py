@@ -78,6 +78,8 @@ class Metrics(Protocol):
 
     def running(self, change: int) -> None: ...
 
+    def held(self, change: int) -> None: ...
+
     def ended(self, state: TaskState, duration: float | None) -> None: ...
 
 
@@ -98,6 +100,12 @@ class Stats:
         self.held = 0
         self.ended = dict.fromkeys(FINAL_STATES, 0)
         self.metrics = metrics
+
+    def hold(self, change: int) -> None:
+        """One task more (1) or fewer (-1) waits for its delay, its key or its next attempt."""
+        self.held += change
+        if self.metrics is not None:
+            self.metrics.held(change)
 
     def snapshot(self) -> dict[str, int]:
         """All counters now, by name: `{"queued": 0, "running": 1, "held": 0, ...}`."""

@@ -21,7 +21,7 @@ from post_response import ConfigurationError, PostResponseMiddleware, add_task
 from post_response._otel import OUTCOME
 from post_response._types import Receive, Scope, Send
 
-from .harness import Exchange
+from .harness import Exchange, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -246,6 +246,37 @@ async def test_metrics_count_tasks_by_outcome_and_time_them(reader: InMemoryMetr
     assert delta("post_response.task.duration", "completed") == 3  # a count of durations
     assert after["post_response.task.duration", "completed"][0] == "s"
     assert after["post_response.tasks", "completed"][0] == "{task}"
+
+
+async def test_metrics_count_the_tasks_held_for_their_key(reader: InMemoryMetricReader) -> None:
+    """`post_response.tasks.held` follows `stats.held`: a task waiting for its key's
+    running task is counted while it waits, and no more once it ran."""
+    before = points(reader)
+    gate = anyio.Event()
+
+    async def rebuild(label: str) -> None:
+        if label == "first":
+            await gate.wait()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_task(rebuild, scope["path"].strip("/")).set(key="cache")
+        await send_ok(send)
+
+    middleware = PostResponseMiddleware(app, opentelemetry=True)
+    async with anyio.create_task_group() as group:
+        group.start_soon(Exchange().run, middleware, http_scope(path="/first"))
+        while middleware.stats.running == 0:
+            await anyio.sleep(0)
+        group.start_soon(Exchange().run, middleware, http_scope(path="/second"))
+        while middleware.stats.held == 0:
+            await anyio.sleep(0)
+        during = points(reader)
+        gate.set()
+    after = points(reader)
+    name = "post_response.tasks.held"
+    assert value(during, name) - value(before, name) == 1
+    assert value(after, name) - value(before, name) == 0
+    assert middleware.stats.snapshot()["completed"] == 2
 
 
 async def test_a_retried_attempts_span_says_retried(exporter: InMemorySpanExporter) -> None:
