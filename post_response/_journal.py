@@ -112,6 +112,13 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 """
 
+# Every column the code reads or writes, per table: a file that has a table of that name
+# without them (another app's database) is refused when it is opened, not at each write.
+_COLUMNS = {
+    "owners": "id, pid, host, beat",
+    "entries": "origin, seq, owner, func, payload, options, method, path, deliveries, added, dead",
+}
+
 # Many rows per statement: the sqlite3 module lets go of the GIL around each step, and a
 # writer thread that must take it back from a busy event loop waits for it each time (up
 # to the interpreter's switch interval), so one step per chunk, not one per row.
@@ -795,6 +802,15 @@ class _Writer(threading.Thread):
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, columns in _COLUMNS.items():
+                try:
+                    db.execute(f"SELECT {columns} FROM {table} LIMIT 0")  # noqa: S608  (constants)
+                except sqlite3.OperationalError as exc:
+                    msg = (
+                        f"its table {table!r} is not a journal's ({exc}): the file belongs to "
+                        "something else; give the journal a file of its own"
+                    )
+                    raise sqlite3.DatabaseError(msg) from exc
             db.execute(
                 "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
                 (self.origin, self.pid, self.host, time.time()),

@@ -884,6 +884,24 @@ async def test_a_journal_that_cannot_be_opened_fails_the_lifespan_startup(
     assert "Make its folder exist" in failed["message"]
 
 
+async def test_a_file_with_another_apps_entries_table_fails_the_startup_and_is_left_as_is(
+    tmp_path: Path,
+) -> None:
+    """A journal pointed at another app's database, which has a table `entries` of its own,
+    is refused at startup, naming the table and the fix: before, the app started, and each
+    write and each heartbeat failed (its tasks not journaled), logged for ever."""
+    path = tmp_path / "app.db"
+    with opened(path) as db:
+        db.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO entries (text) VALUES ('theirs')")
+    sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "its table 'entries' is not a journal's" in sent[0]["message"]
+    assert "give the journal a file of its own" in sent[0]["message"]
+    with opened(path) as db:
+        assert db.execute("SELECT id, text FROM entries").fetchall() == [(1, "theirs")]
+
+
 async def test_a_journal_that_opens_completes_the_lifespan_startup(tmp_path: Path) -> None:
     sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=tmp_path / "j.db"))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
