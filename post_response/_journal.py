@@ -416,7 +416,7 @@ class Journal:
             return _NO_ARGUMENTS
         try:
             payload: object = self.serializer.dumps([list(args), kwargs])
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # too deep
             raise _not_durable(func, f"its arguments cannot be encoded ({exc})") from exc
         if isinstance(payload, bytes) or (isinstance(payload, str) and self.serializer is _JSON):
             return payload  # JSON's text is ASCII

@@ -61,6 +61,16 @@ class Unencodable:
     pass
 
 
+def nested(depth: int) -> list[Any]:
+    """A list in a list... `depth` deep: past the recursion limit, JSON cannot encode it."""
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
 @pytest.fixture(autouse=True)
 def _forget_runs() -> None:
     RAN.clear()
@@ -253,8 +263,9 @@ class _Holder:
         ((_local(),), "not a module-level function"),
         ((_Holder().method,), "does not give it back"),
         ((remember, Unencodable()), "arguments cannot be encoded"),
+        ((remember, nested(100_000)), "arguments cannot be encoded"),
     ],
-    ids=["lambda", "local function", "bound method", "object argument"],
+    ids=["lambda", "local function", "bound method", "object argument", "nested too deep"],
 )
 async def test_a_task_that_cannot_be_journaled_is_refused_at_add_task(
     tmp_path: Path, call: tuple[Any, ...], why: str
