@@ -349,7 +349,8 @@ class Journal:
         sink(entries)
 
     async def close(self) -> None:
-        """Commit what is pending, remove this process's owner record, stop the writer.
+        """Commit what is pending, remove this process's owner record, stop the writer;
+        wait `CLOSE_LIMIT` seconds at most (the file may be locked by another connection).
 
         Entries of tasks that did not finish stay, claimable at once by the next start.
         """
@@ -357,7 +358,10 @@ class Journal:
         if writer is None or writer.pid != os.getpid():
             return
         seq = writer.stop()
-        await writer.committed(seq)
+        with anyio.move_on_after(CLOSE_LIMIT) as scope:
+            await writer.committed(seq)
+        if scope.cancelled_caught:
+            self._not_closed(CLOSE_LIMIT)
         self._writer = None
 
     async def startup_failure(self) -> str | None:
@@ -379,8 +383,18 @@ class Journal:
         writer = self._writer
         if writer is None or writer.pid != os.getpid():
             return
-        writer.wait_sync(writer.stop(), timeout)
+        if not writer.wait_sync(writer.stop(), timeout):
+            self._not_closed(timeout)
         self._writer = None
+
+    def _not_closed(self, timeout: float | None) -> None:
+        logger.error(
+            "Journal %s: its last writes were not committed within %ss of the shutdown (the "
+            "file is locked by another connection?); the process goes on without them. What "
+            "is in the file is replayed by the next start: tasks that ran may run again",
+            escape(self.path),
+            timeout,
+        )
 
     # What can be journaled.
 
@@ -551,6 +565,10 @@ STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not
 MIN_LEASE = 0.1  # seconds: below it, the writer would do little but beat
 LONGEST_WAIT = 3600.0  # seconds the idle writer sleeps at most (a long lease's next beat)
 LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
+# Seconds a statement waits for another connection's write lock (SQLite's busy timeout),
+# and that a commit is tried for at most: a file locked longer holds responses no longer.
+BUSY_TIMEOUT = 30.0
+CLOSE_LIMIT = 10.0  # seconds a shutdown waits for the last commit (a locked file)
 
 
 class _Writer(threading.Thread):
@@ -765,7 +783,7 @@ class _Writer(threading.Thread):
     def _connect(self) -> sqlite3.Connection:
         journal = self.journal
         db = sqlite3.connect(
-            journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            journal.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         db.text_factory = _text  # for reads only: claims (see `_OWNERS`)
         try:
@@ -795,7 +813,7 @@ class _Writer(threading.Thread):
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         journal = self.journal
-        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000):d}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if journal.durability == 'full' else 'NORMAL'}")
         with _transaction(db):
@@ -865,7 +883,7 @@ class _Writer(threading.Thread):
         else:
             deletes = []
         by_origin = _by_origin(deletes)
-        fixed = False
+        fixed, start = False, time.monotonic()
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
@@ -904,9 +922,14 @@ class _Writer(threading.Thread):
                     left,
                     attempt,
                 )
-                if attempt >= 5:
+                # A lock held past the busy timeout was waited for already: once more would
+                # hold the responses waiting for this commit that long again, and again.
+                if attempt >= 5 or time.monotonic() - start >= BUSY_TIMEOUT:
                     logger.error(
-                        "Journal %s: %d writes were not journaled", escape(self.journal.path), left
+                        "Journal %s: %d writes were not journaled%s",
+                        escape(self.journal.path),
+                        left,
+                        _locked_for() if "locked" in str(exc) else "",
                     )
                     break
                 time.sleep(0.1 * attempt)
@@ -1043,6 +1066,13 @@ class _Writer(threading.Thread):
             self._plain, self._rich, self._ended, self._deletes = [], [], [], []
             self._dropped = set()
         self._wake_waiters()
+
+
+def _locked_for() -> str:
+    return (
+        f": another connection held a write lock on the file for over {BUSY_TIMEOUT:g}s "
+        "(a `sqlite3` shell left in a transaction?)"
+    )
 
 
 def _decoded(

@@ -991,3 +991,35 @@ async def test_a_very_long_lease_leaves_the_writer_waiting_not_stopped(tmp_path:
     await exchange.run(middleware)
     assert [row[1] for row in exchange.at_body] == ['[["still"],{}]']
     await journal.close()
+
+
+async def test_a_file_locked_past_the_busy_timeout_holds_a_response_once_not_five_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds a write transaction on the file (a `sqlite3` shell left in
+    `BEGIN`): the response waits one busy timeout for its commit, then goes, its task run
+    and not journaled, logged once saying why. Before, the writer tried five times, each
+    waiting the busy timeout (30 s): responses were held two and a half minutes."""
+    from post_response import _journal
+
+    monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    middleware = PostResponseMiddleware(app_adding((remember, "x")), journal=journal)
+    await Exchange().run(middleware)  # open, and commit once
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.ERROR, "post_response"):
+            exchange = Exchange()
+            await exchange.run(middleware)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert exchange.status == 200
+    assert [what for what, _, _ in RAN] == ["x", "x"]
+    messages = [r.getMessage() for r in caplog.records if "commit" in r.getMessage()]
+    assert messages == [f"Journal {path}: could not commit 1 writes (attempt 1)"]
+    [given_up] = [r.getMessage() for r in caplog.records if "not journaled" in r.getMessage()]
+    assert "another connection held a write lock on the file for over 0.2s" in given_up
+    await journal.close()
