@@ -592,6 +592,8 @@ class _Writer(threading.Thread):
         self._rich_sql = functools.partial(_inserting, True, self.origin)
         self._dropped: set[int] = set()  # seqs of entries to delete before they are written
         self._stopping = False
+        self._db: sqlite3.Connection  # the connection, once open (in the thread)
+        self._file: tuple[int, int] | None = None  # which file it has open
         self._takes = 0  # how many times the writer took what was queued
         self._lock = threading.Lock()
         # A token per wake-up (a C queue: a threading.Event costs several Python calls on
@@ -760,7 +762,7 @@ class _Writer(threading.Thread):
         # entries it leaves may still run here, and must not be replayed beside them.
         _running.add(self.origin)
         try:
-            db = self._connect()
+            db = self._db = self._connect()
         except Exception as exc:
             logger.exception(
                 "Journal %s could not be opened; tasks are not journaled", escape(self.journal.path)
@@ -778,7 +780,7 @@ class _Writer(threading.Thread):
         else:
             _running.discard(self.origin)  # its owner record is gone with it
         finally:
-            db.close()
+            self._db.close()  # the one open now (see `_reopened`)
 
     def _connect(self) -> sqlite3.Connection:
         journal = self.journal
@@ -809,6 +811,7 @@ class _Writer(threading.Thread):
         except BaseException:
             db.close()
             raise
+        self._file = _identity(journal.path)  # the file `db` has open (see `_reopened`)
         return db
 
     def _prepare(self, db: sqlite3.Connection) -> None:
@@ -829,8 +832,8 @@ class _Writer(threading.Thread):
                         "something else; give the journal a file of its own"
                     )
                     raise sqlite3.DatabaseError(msg) from exc
-            db.execute(
-                "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
+            db.execute(  # OR REPLACE: a file opened again may have it (see `_reopened`)
+                "INSERT OR REPLACE INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
                 (self.origin, self.pid, self.host, time.time()),
             )
 
@@ -840,6 +843,7 @@ class _Writer(threading.Thread):
         while True:
             now = time.monotonic()
             if now >= next_beat:
+                db = self._reopened(db)
                 self._beat(db)
                 next_beat = time.monotonic() + beat_every
             until = next_beat - time.monotonic()
@@ -869,6 +873,27 @@ class _Writer(threading.Thread):
             self._wake_waiters()
             if stop:
                 return
+
+    def _reopened(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """`db`, or a connection to the file now at the journal's path if it is not the
+        one `db` has open: deleted (`rm tasks.db*`) or replaced while in use, the file
+        `db` writes to is one no other process will ever open."""
+        path = self.journal.path
+        if _identity(path) == self._file:
+            return db
+        logger.error(
+            "Journal %s was deleted or replaced while in use: opening the file now at that "
+            "path. This process's tasks journaled before it that have not run yet are only "
+            "in the old file: a crash now loses them",
+            escape(path),
+        )
+        try:
+            self._db = self._connect()
+        except Exception:
+            logger.exception("Journal %s could not be opened again", escape(path))
+            return db
+        db.close()
+        return self._db
 
     def _write(self, db: sqlite3.Connection, plain: list[Any], rich: list[Any], stop: bool) -> None:
         """Commit the rows taken, and the deletions if due (all of them on `stop`).
@@ -1195,6 +1220,15 @@ def _resolve_all(futures: list[_Commit]) -> None:
 def _set_all(events: list[trio.Event] | list[threading.Event]) -> None:
     for event in events:
         event.set()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file is at `path` (None: none)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _alive(pid: int) -> bool:

@@ -1023,3 +1023,27 @@ async def test_a_file_locked_past_the_busy_timeout_holds_a_response_once_not_fiv
     [given_up] = [r.getMessage() for r in caplog.records if "not journaled" in r.getMessage()]
     assert "another connection held a write lock on the file for over 0.2s" in given_up
     await journal.close()
+
+
+async def test_a_file_deleted_while_in_use_is_noticed_logged_and_made_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm j.db*` while the app serves: the writer notices at its next heartbeat, logs an
+    error, and opens a new file at the path, where the next request's entry is. Before,
+    it wrote on to the deleted file, which no process would ever open again: silently,
+    every task after it was lost on a crash."""
+    path = tmp_path / "j.db"
+    journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+    middleware = PostResponseMiddleware(app_adding((remember, "a")), journal=journal)
+    await Exchange().run(middleware)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        for file in tmp_path.glob("j.db*"):
+            file.unlink()
+        with anyio.fail_after(DEADLINE):
+            while not any("deleted or replaced" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.01)
+    exchange = DiskAtBody(path)
+    await exchange.run(middleware)
+    assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
+    assert [what for what, _, _ in RAN] == ["a", "a"]
+    await journal.close()
