@@ -592,6 +592,7 @@ class _Writer(threading.Thread):
         self._rich_sql = functools.partial(_inserting, True, self.origin)
         self._dropped: set[int] = set()  # seqs of entries to delete before they are written
         self._stopping = False
+        self._failing = False  # the last commit failed every attempt (see `_write`)
         self._db: sqlite3.Connection  # the connection, once open (in the thread)
         self._file: tuple[int, int] | None = None  # which file it has open
         self._takes = 0  # how many times the writer took what was queued
@@ -926,6 +927,7 @@ class _Writer(threading.Thread):
                     by_origin.pop()  # committed: not written again
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
+                self._failing = False
                 break
             except (sqlite3.Error, ValueError, OverflowError) as exc:
                 if not fixed and not isinstance(exc, sqlite3.OperationalError):
@@ -941,19 +943,25 @@ class _Writer(threading.Thread):
                     )
                     continue
                 left = len(plain) // _PLAIN_WIDTH + len(rich) // _RICH_WIDTH + _count(by_origin)
-                logger.exception(
-                    "Journal %s: could not commit %d writes (attempt %d)",
-                    escape(self.journal.path),
-                    left,
-                    attempt,
-                )
-                # A lock held past the busy timeout was waited for already: once more would
-                # hold the responses waiting for this commit that long again, and again.
-                if attempt >= 5 or time.monotonic() - start >= BUSY_TIMEOUT:
-                    logger.error(
-                        "Journal %s: %d writes were not journaled%s",
+                if not self._failing:
+                    logger.exception(
+                        "Journal %s: could not commit %d writes (attempt %d)",
                         escape(self.journal.path),
                         left,
+                        attempt,
+                    )
+                # A lock held past the busy timeout was waited for already: once more would
+                # hold the responses waiting for this commit that long again, and again. A
+                # file that failed every attempt of a commit (a full disk) is tried once per
+                # commit until one succeeds: each retry would hold every response meanwhile.
+                if attempt >= 5 or self._failing or time.monotonic() - start >= BUSY_TIMEOUT:
+                    self._failing = True
+                    logger.error(
+                        "Journal %s: %d writes were not journaled (%s: %s)%s",
+                        escape(self.journal.path),
+                        left,
+                        type(exc).__name__,
+                        escape(str(exc)),
                         _locked_for() if "locked" in str(exc) else "",
                     )
                     break

@@ -344,3 +344,26 @@ def test_a_server_stops_while_another_connection_holds_the_file_locked(tmp_path:
         assert "its last writes were not committed within 10.0s of the shutdown" in (
             server.output()
         )
+
+
+def test_on_a_full_disk_each_commit_is_tried_once_until_one_succeeds(tmp_path: Path) -> None:
+    """No file may grow past 64 KB (`RLIMIT_FSIZE`, as a full disk does it): the entry of
+    each `/big` request cannot be written. The first commit that fails is tried five times;
+    the next ones once each, each logged, the response and its task going on without the
+    entry; a write that fits succeeds and is journaled. Before, every commit was tried five
+    times, holding every response for a second: the server answered a few requests a
+    second, and logged five tracebacks for each commit."""
+    env = {**environment(tmp_path), "JOURNAL_FILE_SIZE": "65536"}
+    (tmp_path / "gate").touch()
+    with run("uvicorn-h11", "journal_app:app", "--no-access-log", middleware=OPTIONS, env=env) as (
+        server
+    ):
+        with httpx.Client(base_url=server.url, timeout=DEADLINE) as client:
+            for n in range(10):
+                assert client.get(f"/big?n={n}").status_code == 200
+            assert client.get("/add?n=10").status_code == 200
+        wait_for_runs(tmp_path, set(range(11)))
+        output = server.output()
+    assert output.count("writes were not journaled (OperationalError: ") == 10
+    assert output.count("(attempt 1)") == 1  # the first failing commit's tries, logged
+    assert output.count("(attempt 5)") == 1
