@@ -197,12 +197,9 @@ _ORPHANS = (
     "SELECT origin, seq, COALESCE(CAST(func AS TEXT), ''), payload, CAST(options AS TEXT), "
     "COALESCE(CAST(method AS TEXT), ''), COALESCE(CAST(path AS TEXT), ''), "
     "COALESCE(CAST(deliveries AS INTEGER), 0) FROM entries "
-    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added"
+    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added LIMIT ?"
 )
-_ADOPT = (
-    "UPDATE entries SET owner = ?, deliveries = deliveries + 1 "
-    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL"
-)
+_ADOPT = "UPDATE entries SET owner = ?, deliveries = deliveries + 1 WHERE origin = ? AND seq = ?"
 
 
 def _text(data: bytes) -> str:
@@ -569,6 +566,9 @@ LINGER = 0.05  # seconds a write no one waits for may wait for others to join it
 # and that a commit is tried for at most: a file locked longer holds responses no longer.
 BUSY_TIMEOUT = 30.0
 CLOSE_LIMIT = 10.0  # seconds a shutdown waits for the last commit (a locked file)
+# Entries claimed at once; the next ones once these have all gone to the runner: a backlog
+# is held in memory a chunk at a time, and the other processes on the file may share it.
+CLAIM_CHUNK = 10_000
 
 
 class _Writer(threading.Thread):
@@ -593,6 +593,9 @@ class _Writer(threading.Thread):
         self._dropped: set[int] = set()  # seqs of entries to delete before they are written
         self._stopping = False
         self._failing = False  # the last commit failed every attempt (see `_write`)
+        self._claim_due = False  # entries of owners that are gone may wait (see `_take_over`)
+        self._replays: list[Entry] = []  # the last claimed, emptied as they go to the runner
+        self._gone_pids: list[int] = []  # the pids of the owners found gone by the last claim
         self._db: sqlite3.Connection  # the connection, once open (in the thread)
         self._file: tuple[int, int] | None = None  # which file it has open
         self._takes = 0  # how many times the writer took what was queued
@@ -845,10 +848,12 @@ class _Writer(threading.Thread):
             now = time.monotonic()
             if now >= next_beat:
                 db = self._reopened(db)
-                self._beat(db)
+                self._claim_due = self._beat(db) or self._claim_due
                 next_beat = time.monotonic() + beat_every
+            if self._claim_due and not self._replays:
+                self._take_over(db)
             until = next_beat - time.monotonic()
-            if self._plain or self._rich or self._ended or self._deletes:
+            if self._plain or self._rich or self._ended or self._deletes or self._claim_due:
                 until = min(until, LINGER)  # writes no one waits for: commit them soon anyway
             with contextlib.suppress(queue.Empty):
                 self._wake.get(timeout=min(max(until, 0.0), LONGEST_WAIT))
@@ -967,8 +972,8 @@ class _Writer(threading.Thread):
                     break
                 time.sleep(0.1 * attempt)
 
-    def _beat(self, db: sqlite3.Connection) -> None:
-        """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
+    def _beat(self, db: sqlite3.Connection) -> bool:
+        """Refresh this owner's heartbeat; whether it was."""
         try:
             with _transaction(db, immediate=True):
                 updated = db.execute(
@@ -987,11 +992,20 @@ class _Writer(threading.Thread):
                     )
         except sqlite3.Error:
             logger.exception("Journal %s: the heartbeat failed", escape(self.journal.path))
-            return
+            return False
+        return True
+
+    def _take_over(self, db: sqlite3.Connection) -> None:
+        """Claim and deliver what owners that are gone left: `CLAIM_CHUNK` entries at most,
+        the next ones once these have all gone to the runner (`_replays` is empty)."""
         # A transaction of its own: whatever a claim meets, the heartbeat is committed.
+        self._claim_due = False
         try:
             with _transaction(db, immediate=True):
                 claimed, gone = self._claim(db)
+            more = self._claim_due = len(claimed) >= CLAIM_CHUNK
+            gone = gone or self._gone_pids  # a chunk after the first: the same processes
+            self._gone_pids = gone if more else []
             if claimed:
                 self._deliver(db, claimed, gone)
         except Exception:  # the writer goes on: it has this process's writes to commit
@@ -1009,9 +1023,8 @@ class _Writer(threading.Thread):
             if owner not in _running and self._gone(pid, host, now - beat):
                 db.execute("DELETE FROM owners WHERE id = ?", (owner,))
                 gone.append(pid)
-        claimed = db.execute(_ORPHANS).fetchall()
-        if claimed:
-            db.execute(_ADOPT, (self.origin,))
+        claimed = db.execute(_ORPHANS, (CLAIM_CHUNK,)).fetchall()
+        db.executemany(_ADOPT, [(self.origin, origin, seq) for origin, seq, *_ in claimed])
         return claimed, gone
 
     def _gone(self, pid: int, host: str, silent: float) -> bool:
@@ -1088,6 +1101,7 @@ class _Writer(threading.Thread):
                 len(entries),
                 ", ".join(map(str, sorted(set(gone)))) or "unknown: their owners had shut down",
             )
+            self._replays = entries  # `replay()` empties it
             journal.deliver(entries)
 
     def _give_up_forever(self) -> None:
@@ -1280,7 +1294,8 @@ def replay(
     through the same runner. Called on the event loop that runs them."""
     from ._task import TaskHandle  # noqa: PLC0415
 
-    for entry in entries:
+    while entries:  # emptied as it goes: the writer claims more once it is (`_take_over`)
+        entry = entries.pop(0)
         request = make_request(entry.method, entry.path)
         context = contextvars.Context()
         context.run(_enter, request, entry.replays)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import math
+import re
 import socket
 import sqlite3
 import subprocess
@@ -1047,3 +1049,46 @@ async def test_a_file_deleted_while_in_use_is_noticed_logged_and_made_anew(
     assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
     assert [what for what, _, _ in RAN] == ["a", "a"]
     await journal.close()
+
+
+async def test_a_backlog_is_claimed_a_chunk_at_a_time_as_the_runner_takes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that died left 25 entries; `CLAIM_CHUNK` is 10 here (10,000 by default).
+    While the runner is full, this process holds the first 10 and leaves the other 15 in
+    the file, unclaimed (another worker may take them); as the runner takes them, the
+    next chunks follow, until all 25 ran. Before, one claim took and decoded the whole
+    backlog: a million entries held in memory at once (an out-of-memory crash at each start,
+    until `max_replays` gave every entry up), and the process's commits waited meanwhile."""
+    from post_response import _journal
+
+    monkeypatch.setattr(_journal, "CLAIM_CHUNK", 10, raising=False)
+    path = tmp_path / "j.db"
+    journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+    middleware = PostResponseMiddleware(
+        app_adding((held,)), journal=journal, max_running=1, max_queued=1
+    )
+    HOLD[:] = [anyio.Event()]
+    with caplog.at_level(logging.WARNING, "post_response"), anyio.fail_after(DEADLINE):
+        await middleware(http_scope(), Exchange().receive, Exchange().send)  # holds the runner
+        dead = uuid.uuid4().int >> 65
+        backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(25)]
+        pid = dead_pid()
+        plant_rows(path, (dead, pid, socket.gethostname(), time.time()), backlog)
+        while not any("replaying" in r.getMessage() for r in caplog.records):
+            await anyio.sleep(0.01)
+        await heartbeats(path, journal, 3)  # each one could claim
+        owned = collections.Counter(owner for _, _, _, owner, _ in rows(path))
+        assert owned == {journal.writer().origin: 11, dead: 15}  # `held`'s entry, 10 replays
+        HOLD[0].set()
+        await wait_for_runs(25)
+        await middleware.join()
+    assert sorted(int(what) for what, _, _ in RAN) == list(range(25))
+    replaying = [r.getMessage() for r in caplog.records if "replaying" in r.getMessage()]
+    assert [re.findall(r"replaying (\d+) tasks .* \(pids (\d+)\)", m) for m in replaying] == [
+        [("10", str(pid))],
+        [("10", str(pid))],
+        [("5", str(pid))],
+    ]
+    await journal.close()
+    assert rows(path) == []
