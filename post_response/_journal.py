@@ -14,7 +14,8 @@ counter), so a task's delete can be queued before its insert is committed.
 
 Several processes may share one file. Each registers as an owner, with its pid, host and
 a heartbeat the writer refreshes every `lease / 3` seconds. An owner is gone when its
-heartbeat is older than the lease, or, on the same host, when its pid no longer exists;
+heartbeat is older than the lease, or, on the same host (`this_host()`: its name and pid
+namespace), when its pid no longer exists;
 its entries are claimed in one `BEGIN IMMEDIATE` transaction, so two processes never
 claim the same entry, and the entries of a live owner are never taken.
 """
@@ -578,7 +579,7 @@ class _Writer(threading.Thread):
         super().__init__(name="post_response-journal", daemon=True)
         self.journal = journal
         self.pid = os.getpid()
-        self.host = socket.gethostname()
+        self.host = this_host()
         # This process's owner id, and its entries' origin: 63 random bits (an index on
         # `owner` would cost every write; claims scan the table, a few times a minute).
         self.origin = uuid.uuid4().int >> 65
@@ -1251,6 +1252,17 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+def this_host() -> str:
+    """Where pids mean the same, as owner records name it: the host name, and on Linux the
+    pid namespace. Containers with one host name (host networking, a name set alike for
+    replicas) each have pids of their own: a pid there says nothing of a process here."""
+    host = socket.gethostname()
+    try:
+        return f"{host} {os.readlink('/proc/self/ns/pid')}"  # "web pid:[4026531836]"
+    except OSError:  # not Linux
+        return host
 
 
 def _alive(pid: int) -> bool:

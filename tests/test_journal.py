@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
-import socket
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from post_response import (
     PostResponseMiddleware,
     TaskHandle,
     TaskNotDurableError,
+    _journal,
     add_task,
 )
 from post_response._types import Message, Receive, Scope, Send
@@ -162,7 +165,7 @@ def plant(
             (
                 owner,
                 pid,
-                socket.gethostname() if host is None else host,
+                _journal.this_host() if host is None else host,
                 time.time() if beat is None else beat,
             ),
         )
@@ -175,8 +178,6 @@ def plant(
 
 
 def _schema() -> str:
-    from post_response import _journal
-
     return _journal._SCHEMA
 
 
@@ -439,8 +440,6 @@ async def test_a_tasks_options_are_journaled_with_it(tmp_path: Path) -> None:
 async def test_entries_are_deleted_by_primary_key_one_origin_at_a_time() -> None:
     """A deletion searches the primary key for each entry, one statement per origin: the
     row-value form `(origin, seq) IN (VALUES ...)` scans every waiting task's entry."""
-    from post_response import _journal
-
     with contextlib.closing(sqlite3.connect(":memory:")) as db:  # 3.13 warns if left open
         db.executescript(_journal._SCHEMA)
         plan = db.execute("EXPLAIN QUERY PLAN " + _journal._deleting(4), [1] * 5).fetchall()
@@ -719,7 +718,7 @@ async def test_damaged_entries_are_kept_as_dead_and_the_rest_still_replay(
     entries = [row[:3] for row in BAD_ENTRIES] + [
         ("tests.test_journal:remember", '[["good"], {}]', "GET")
     ]
-    plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), entries)
+    plant_rows(journal, (owner, dead_pid(), _journal.this_host(), time.time()), entries)
     the_journal = Journal(journal, lease=0.3)
     middleware = PostResponseMiddleware(app_adding((remember, "new")), journal=the_journal)
     with caplog.at_level(logging.ERROR, "post_response"):
@@ -751,7 +750,7 @@ async def test_an_owner_record_of_the_wrong_types_is_judged_by_its_heartbeat(
     owner = uuid.uuid4().int >> 65
     plant_rows(
         journal,
-        (owner, "not a pid", socket.gethostname(), "not a time"),
+        (owner, "not a pid", _journal.this_host(), "not a time"),
         [("tests.test_journal:remember", '[["odd owner"], {}]', "GET")],
     )
     the_journal = Journal(journal, lease=0.3)
@@ -937,7 +936,7 @@ async def test_a_backlog_larger_than_the_limits_is_replayed_in_full_not_dropped(
         # Its task now holds the one running slot; then a process that died leaves 12.
         owner = uuid.uuid4().int >> 65
         backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(12)]
-        plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), backlog)
+        plant_rows(journal, (owner, dead_pid(), _journal.this_host(), time.time()), backlog)
         with anyio.fail_after(DEADLINE):
             while not any("replaying 12 tasks" in r.getMessage() for r in caplog.records):
                 await anyio.sleep(0.01)
@@ -1002,8 +1001,6 @@ async def test_a_file_locked_past_the_busy_timeout_holds_a_response_once_not_fiv
     `BEGIN`): the response waits one busy timeout for its commit, then goes, its task run
     and not journaled, logged once saying why. Before, the writer tried five times, each
     waiting the busy timeout (30 s): responses were held two and a half minutes."""
-    from post_response import _journal
-
     monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.2)
     path = tmp_path / "j.db"
     journal = Journal(path)
@@ -1060,8 +1057,6 @@ async def test_a_backlog_is_claimed_a_chunk_at_a_time_as_the_runner_takes_it(
     next chunks follow, until all 25 ran. Before, one claim took and decoded the whole
     backlog: a million entries held in memory at once (an out-of-memory crash at each start,
     until `max_replays` gave every entry up), and the process's commits waited meanwhile."""
-    from post_response import _journal
-
     monkeypatch.setattr(_journal, "CLAIM_CHUNK", 10, raising=False)
     path = tmp_path / "j.db"
     journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
@@ -1074,7 +1069,7 @@ async def test_a_backlog_is_claimed_a_chunk_at_a_time_as_the_runner_takes_it(
         dead = uuid.uuid4().int >> 65
         backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(25)]
         pid = dead_pid()
-        plant_rows(path, (dead, pid, socket.gethostname(), time.time()), backlog)
+        plant_rows(path, (dead, pid, _journal.this_host(), time.time()), backlog)
         while not any("replaying" in r.getMessage() for r in caplog.records):
             await anyio.sleep(0.01)
         await heartbeats(path, journal, 3)  # each one could claim
@@ -1092,3 +1087,61 @@ async def test_a_backlog_is_claimed_a_chunk_at_a_time_as_the_runner_takes_it(
     ]
     await journal.close()
     assert rows(path) == []
+
+
+LIVE_OWNER = """
+import sqlite3, sys, time
+from post_response import Journal
+journal = Journal(sys.argv[1], lease=0.3)  # as the test's
+writer = journal.writer()
+writer.opened.wait()
+with sqlite3.connect(sys.argv[1]) as db:
+    db.execute(
+        "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
+        "VALUES (?, 1, ?, 'tests.test_journal:remember', '[[\\"theirs\\"],{}]', 'GET', '/', ?)",
+        (writer.origin, writer.origin, time.time()),
+    )
+print(writer.pid, writer.origin, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root and unshare(1) to start a process in a pid namespace of its own",
+)
+async def test_a_live_owner_in_another_pid_namespace_with_this_host_name_keeps_its_entries(
+    tmp_path: Path,
+) -> None:
+    """Two containers with one host name (host networking) and one file: a process of the
+    other one, alive, with a pid that does not exist here. Before, host names alike meant
+    pids alike: it was taken for dead at the first heartbeat and its entries replayed here
+    while it ran them too. Now the pid namespace is part of the host: its heartbeat decides."""
+    path, script = tmp_path / "j.db", tmp_path / "live_owner.py"
+    script.write_text(LIVE_OWNER)
+    free = next(pid for pid in range(300, 30000) if not _journal._alive(pid))
+    inner = f'echo {free - 1} > /proc/sys/kernel/ns_last_pid && "$0" "$@"'
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    with subprocess.Popen(
+        [*argv, sys.executable, str(script), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environ,
+        start_new_session=True,
+    ) as other:
+        try:
+            assert other.stdout is not None
+            pid, origin = map(int, other.stdout.readline().split())
+            assert (pid, _journal._alive(pid)) == (free, False)  # its pid means nothing here
+            journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+            middleware = PostResponseMiddleware(app_adding(), journal=journal)
+            await Exchange().run(middleware)
+            await heartbeats(path, journal, 4)  # each one looks for owners that are gone
+            assert [(func, owner) for func, _, _, owner, _ in rows(path)] == [
+                ("tests.test_journal:remember", origin)
+            ]
+            assert RAN == []
+            await journal.close()
+        finally:
+            os.killpg(other.pid, signal.SIGKILL)
