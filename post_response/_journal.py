@@ -793,6 +793,7 @@ class _Writer(threading.Thread):
             journal.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         db.text_factory = _text  # for reads only: claims (see `_OWNERS`)
+        start = time.monotonic()
         try:
             for attempt in itertools.count(1):
                 try:
@@ -802,8 +803,10 @@ class _Writer(threading.Thread):
                     # Processes opening a new file at once (`--workers 2`) both switch it to
                     # WAL, which rewrites its header: one that holds the read lock and finds
                     # the other holding the write lock is refused at once, busy_timeout or
-                    # not (waiting for it could deadlock). Seen in ~5% of opens.
-                    if attempt >= 20 or "locked" not in str(exc):
+                    # not (waiting for it could deadlock). Seen in ~5% of opens. A lock
+                    # waited for the busy timeout is another connection's write: not again.
+                    waited = time.monotonic() - start >= BUSY_TIMEOUT
+                    if attempt >= 20 or "locked" not in str(exc) or waited:
                         raise
                     pause = 0.05 * attempt
                     logger.debug(

@@ -1145,3 +1145,26 @@ async def test_a_live_owner_in_another_pid_namespace_with_this_host_name_keeps_i
             await journal.close()
         finally:
             os.killpg(other.pid, signal.SIGKILL)
+
+
+async def test_a_file_locked_at_startup_fails_it_after_one_busy_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds a write transaction on the file as the app starts: the
+    startup fails once the busy timeout (30 s) has passed, saying the file is locked.
+    Before, the open was tried again 20 times, each waiting the busy timeout: the server
+    hung in its startup for ten minutes."""
+    monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "j.db"
+    await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))  # made, closed
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.DEBUG, "post_response"):
+            sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "(OperationalError: database is locked)" in sent[0]["message"]
+    assert [r for r in caplog.records if "opening it again" in r.getMessage()] == []
