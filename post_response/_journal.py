@@ -14,7 +14,8 @@ counter), so a task's delete can be queued before its insert is committed.
 
 Several processes may share one file. Each registers as an owner, with its pid, host and
 a heartbeat the writer refreshes every `lease / 3` seconds. An owner is gone when its
-heartbeat is older than the lease, or, on the same host, when its pid no longer exists;
+heartbeat is older than the lease, or, on the same host (`this_host()`: its name and pid
+namespace), when its pid no longer exists;
 its entries are claimed in one `BEGIN IMMEDIATE` transaction, so two processes never
 claim the same entry, and the entries of a live owner are never taken.
 """
@@ -112,6 +113,13 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 """
 
+# Every column the code reads or writes, per table: a file that has a table of that name
+# without them (another app's database) is refused when it is opened, not at each write.
+_COLUMNS = {
+    "owners": "id, pid, host, beat",
+    "entries": "origin, seq, owner, func, payload, options, method, path, deliveries, added, dead",
+}
+
 # Many rows per statement: the sqlite3 module lets go of the GIL around each step, and a
 # writer thread that must take it back from a busy event loop waits for it each time (up
 # to the interpreter's switch interval), so one step per chunk, not one per row.
@@ -190,12 +198,9 @@ _ORPHANS = (
     "SELECT origin, seq, COALESCE(CAST(func AS TEXT), ''), payload, CAST(options AS TEXT), "
     "COALESCE(CAST(method AS TEXT), ''), COALESCE(CAST(path AS TEXT), ''), "
     "COALESCE(CAST(deliveries AS INTEGER), 0) FROM entries "
-    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added"
+    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL ORDER BY added LIMIT ?"
 )
-_ADOPT = (
-    "UPDATE entries SET owner = ?, deliveries = deliveries + 1 "
-    "WHERE owner NOT IN (SELECT id FROM owners) AND dead IS NULL"
-)
+_ADOPT = "UPDATE entries SET owner = ?, deliveries = deliveries + 1 WHERE origin = ? AND seq = ?"
 
 
 def _text(data: bytes) -> str:
@@ -342,7 +347,8 @@ class Journal:
         sink(entries)
 
     async def close(self) -> None:
-        """Commit what is pending, remove this process's owner record, stop the writer.
+        """Commit what is pending, remove this process's owner record, stop the writer;
+        wait `CLOSE_LIMIT` seconds at most (the file may be locked by another connection).
 
         Entries of tasks that did not finish stay, claimable at once by the next start.
         """
@@ -350,7 +356,10 @@ class Journal:
         if writer is None or writer.pid != os.getpid():
             return
         seq = writer.stop()
-        await writer.committed(seq)
+        with anyio.move_on_after(CLOSE_LIMIT) as scope:
+            await writer.committed(seq)
+        if scope.cancelled_caught:
+            self._not_closed(CLOSE_LIMIT)
         self._writer = None
 
     async def startup_failure(self) -> str | None:
@@ -372,8 +381,18 @@ class Journal:
         writer = self._writer
         if writer is None or writer.pid != os.getpid():
             return
-        writer.wait_sync(writer.stop(), timeout)
+        if not writer.wait_sync(writer.stop(), timeout):
+            self._not_closed(timeout)
         self._writer = None
+
+    def _not_closed(self, timeout: float | None) -> None:
+        logger.error(
+            "Journal %s: its last writes were not committed within %ss of the shutdown (the "
+            "file is locked by another connection?); the process goes on without them. What "
+            "is in the file is replayed by the next start: tasks that ran may run again",
+            escape(self.path),
+            timeout,
+        )
 
     # What can be journaled.
 
@@ -409,7 +428,7 @@ class Journal:
             return _NO_ARGUMENTS
         try:
             payload: object = self.serializer.dumps([list(args), kwargs])
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # too deep
             raise _not_durable(func, f"its arguments cannot be encoded ({exc})") from exc
         if isinstance(payload, bytes) or (isinstance(payload, str) and self.serializer is _JSON):
             return payload  # JSON's text is ASCII
@@ -544,6 +563,13 @@ STALE_LEASES = 10  # on the same host, a live pid silent this many leases is not
 MIN_LEASE = 0.1  # seconds: below it, the writer would do little but beat
 LONGEST_WAIT = 3600.0  # seconds the idle writer sleeps at most (a long lease's next beat)
 LINGER = 0.05  # seconds a write no one waits for may wait for others to join its commit
+# Seconds a statement waits for another connection's write lock (SQLite's busy timeout),
+# and that a commit is tried for at most: a file locked longer holds responses no longer.
+BUSY_TIMEOUT = 30.0
+CLOSE_LIMIT = 10.0  # seconds a shutdown waits for the last commit (a locked file)
+# Entries claimed at once; the next ones once these have all gone to the runner: a backlog
+# is held in memory a chunk at a time, and the other processes on the file may share it.
+CLAIM_CHUNK = 10_000
 
 
 class _Writer(threading.Thread):
@@ -553,7 +579,7 @@ class _Writer(threading.Thread):
         super().__init__(name="post_response-journal", daemon=True)
         self.journal = journal
         self.pid = os.getpid()
-        self.host = socket.gethostname()
+        self.host = this_host()
         # This process's owner id, and its entries' origin: 63 random bits (an index on
         # `owner` would cost every write; claims scan the table, a few times a minute).
         self.origin = uuid.uuid4().int >> 65
@@ -567,6 +593,12 @@ class _Writer(threading.Thread):
         self._rich_sql = functools.partial(_inserting, True, self.origin)
         self._dropped: set[int] = set()  # seqs of entries to delete before they are written
         self._stopping = False
+        self._failing = False  # the last commit failed every attempt (see `_write`)
+        self._claim_due = False  # entries of owners that are gone may wait (see `_take_over`)
+        self._replays: list[Entry] = []  # the last claimed, emptied as they go to the runner
+        self._gone_pids: list[int] = []  # the pids of the owners found gone by the last claim
+        self._db: sqlite3.Connection  # the connection, once open (in the thread)
+        self._file: tuple[int, int] | None = None  # which file it has open
         self._takes = 0  # how many times the writer took what was queued
         self._lock = threading.Lock()
         # A token per wake-up (a C queue: a threading.Event costs several Python calls on
@@ -735,7 +767,7 @@ class _Writer(threading.Thread):
         # entries it leaves may still run here, and must not be replayed beside them.
         _running.add(self.origin)
         try:
-            db = self._connect()
+            db = self._db = self._connect()
         except Exception as exc:
             logger.exception(
                 "Journal %s could not be opened; tasks are not journaled", escape(self.journal.path)
@@ -753,14 +785,15 @@ class _Writer(threading.Thread):
         else:
             _running.discard(self.origin)  # its owner record is gone with it
         finally:
-            db.close()
+            self._db.close()  # the one open now (see `_reopened`)
 
     def _connect(self) -> sqlite3.Connection:
         journal = self.journal
         db = sqlite3.connect(
-            journal.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            journal.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         db.text_factory = _text  # for reads only: claims (see `_OWNERS`)
+        start = time.monotonic()
         try:
             for attempt in itertools.count(1):
                 try:
@@ -770,8 +803,10 @@ class _Writer(threading.Thread):
                     # Processes opening a new file at once (`--workers 2`) both switch it to
                     # WAL, which rewrites its header: one that holds the read lock and finds
                     # the other holding the write lock is refused at once, busy_timeout or
-                    # not (waiting for it could deadlock). Seen in ~5% of opens.
-                    if attempt >= 20 or "locked" not in str(exc):
+                    # not (waiting for it could deadlock). Seen in ~5% of opens. A lock
+                    # waited for the busy timeout is another connection's write: not again.
+                    waited = time.monotonic() - start >= BUSY_TIMEOUT
+                    if attempt >= 20 or "locked" not in str(exc) or waited:
                         raise
                     pause = 0.05 * attempt
                     logger.debug(
@@ -784,19 +819,29 @@ class _Writer(threading.Thread):
         except BaseException:
             db.close()
             raise
+        self._file = _identity(journal.path)  # the file `db` has open (see `_reopened`)
         return db
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         journal = self.journal
-        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000):d}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if journal.durability == 'full' else 'NORMAL'}")
         with _transaction(db):
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute(
-                "INSERT INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
+            for table, columns in _COLUMNS.items():
+                try:
+                    db.execute(f"SELECT {columns} FROM {table} LIMIT 0")  # noqa: S608  (constants)
+                except sqlite3.OperationalError as exc:
+                    msg = (
+                        f"its table {table!r} is not a journal's ({exc}): the file belongs to "
+                        "something else; give the journal a file of its own"
+                    )
+                    raise sqlite3.DatabaseError(msg) from exc
+            db.execute(  # OR REPLACE: a file opened again may have it (see `_reopened`)
+                "INSERT OR REPLACE INTO owners (id, pid, host, beat) VALUES (?, ?, ?, ?)",
                 (self.origin, self.pid, self.host, time.time()),
             )
 
@@ -806,10 +851,13 @@ class _Writer(threading.Thread):
         while True:
             now = time.monotonic()
             if now >= next_beat:
-                self._beat(db)
+                db = self._reopened(db)
+                self._claim_due = self._beat(db) or self._claim_due
                 next_beat = time.monotonic() + beat_every
+            if self._claim_due and not self._replays:
+                self._take_over(db)
             until = next_beat - time.monotonic()
-            if self._plain or self._rich or self._ended or self._deletes:
+            if self._plain or self._rich or self._ended or self._deletes or self._claim_due:
                 until = min(until, LINGER)  # writes no one waits for: commit them soon anyway
             with contextlib.suppress(queue.Empty):
                 self._wake.get(timeout=min(max(until, 0.0), LONGEST_WAIT))
@@ -836,6 +884,27 @@ class _Writer(threading.Thread):
             if stop:
                 return
 
+    def _reopened(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """`db`, or a connection to the file now at the journal's path if it is not the
+        one `db` has open: deleted (`rm tasks.db*`) or replaced while in use, the file
+        `db` writes to is one no other process will ever open."""
+        path = self.journal.path
+        if _identity(path) == self._file:
+            return db
+        logger.error(
+            "Journal %s was deleted or replaced while in use: opening the file now at that "
+            "path. This process's tasks journaled before it that have not run yet are only "
+            "in the old file: a crash now loses them",
+            escape(path),
+        )
+        try:
+            self._db = self._connect()
+        except Exception:
+            logger.exception("Journal %s could not be opened again", escape(path))
+            return db
+        db.close()
+        return self._db
+
     def _write(self, db: sqlite3.Connection, plain: list[Any], rich: list[Any], stop: bool) -> None:
         """Commit the rows taken, and the deletions if due (all of them on `stop`).
 
@@ -849,7 +918,7 @@ class _Writer(threading.Thread):
         else:
             deletes = []
         by_origin = _by_origin(deletes)
-        fixed = False
+        fixed, start = False, time.monotonic()
         for attempt in itertools.count(1):
             try:
                 # Each statement is a transaction of its own: the writes are independent,
@@ -867,6 +936,7 @@ class _Writer(threading.Thread):
                     by_origin.pop()  # committed: not written again
                 if stop:
                     db.execute("DELETE FROM owners WHERE id = ?", (self.origin,))
+                self._failing = False
                 break
             except (sqlite3.Error, ValueError, OverflowError) as exc:
                 if not fixed and not isinstance(exc, sqlite3.OperationalError):
@@ -882,21 +952,32 @@ class _Writer(threading.Thread):
                     )
                     continue
                 left = len(plain) // _PLAIN_WIDTH + len(rich) // _RICH_WIDTH + _count(by_origin)
-                logger.exception(
-                    "Journal %s: could not commit %d writes (attempt %d)",
-                    escape(self.journal.path),
-                    left,
-                    attempt,
-                )
-                if attempt >= 5:
+                if not self._failing:
+                    logger.exception(
+                        "Journal %s: could not commit %d writes (attempt %d)",
+                        escape(self.journal.path),
+                        left,
+                        attempt,
+                    )
+                # A lock held past the busy timeout was waited for already: once more would
+                # hold the responses waiting for this commit that long again, and again. A
+                # file that failed every attempt of a commit (a full disk) is tried once per
+                # commit until one succeeds: each retry would hold every response meanwhile.
+                if attempt >= 5 or self._failing or time.monotonic() - start >= BUSY_TIMEOUT:
+                    self._failing = True
                     logger.error(
-                        "Journal %s: %d writes were not journaled", escape(self.journal.path), left
+                        "Journal %s: %d writes were not journaled (%s: %s)%s",
+                        escape(self.journal.path),
+                        left,
+                        type(exc).__name__,
+                        escape(str(exc)),
+                        _locked_for() if "locked" in str(exc) else "",
                     )
                     break
                 time.sleep(0.1 * attempt)
 
-    def _beat(self, db: sqlite3.Connection) -> None:
-        """Refresh this owner's heartbeat; claim and deliver what dead owners left."""
+    def _beat(self, db: sqlite3.Connection) -> bool:
+        """Refresh this owner's heartbeat; whether it was."""
         try:
             with _transaction(db, immediate=True):
                 updated = db.execute(
@@ -915,11 +996,20 @@ class _Writer(threading.Thread):
                     )
         except sqlite3.Error:
             logger.exception("Journal %s: the heartbeat failed", escape(self.journal.path))
-            return
+            return False
+        return True
+
+    def _take_over(self, db: sqlite3.Connection) -> None:
+        """Claim and deliver what owners that are gone left: `CLAIM_CHUNK` entries at most,
+        the next ones once these have all gone to the runner (`_replays` is empty)."""
         # A transaction of its own: whatever a claim meets, the heartbeat is committed.
+        self._claim_due = False
         try:
             with _transaction(db, immediate=True):
                 claimed, gone = self._claim(db)
+            more = self._claim_due = len(claimed) >= CLAIM_CHUNK
+            gone = gone or self._gone_pids  # a chunk after the first: the same processes
+            self._gone_pids = gone if more else []
             if claimed:
                 self._deliver(db, claimed, gone)
         except Exception:  # the writer goes on: it has this process's writes to commit
@@ -937,9 +1027,8 @@ class _Writer(threading.Thread):
             if owner not in _running and self._gone(pid, host, now - beat):
                 db.execute("DELETE FROM owners WHERE id = ?", (owner,))
                 gone.append(pid)
-        claimed = db.execute(_ORPHANS).fetchall()
-        if claimed:
-            db.execute(_ADOPT, (self.origin,))
+        claimed = db.execute(_ORPHANS, (CLAIM_CHUNK,)).fetchall()
+        db.executemany(_ADOPT, [(self.origin, origin, seq) for origin, seq, *_ in claimed])
         return claimed, gone
 
     def _gone(self, pid: int, host: str, silent: float) -> bool:
@@ -1016,6 +1105,7 @@ class _Writer(threading.Thread):
                 len(entries),
                 ", ".join(map(str, sorted(set(gone)))) or "unknown: their owners had shut down",
             )
+            self._replays = entries  # `replay()` empties it
             journal.deliver(entries)
 
     def _give_up_forever(self) -> None:
@@ -1027,6 +1117,13 @@ class _Writer(threading.Thread):
             self._plain, self._rich, self._ended, self._deletes = [], [], [], []
             self._dropped = set()
         self._wake_waiters()
+
+
+def _locked_for() -> str:
+    return (
+        f": another connection held a write lock on the file for over {BUSY_TIMEOUT:g}s "
+        "(a `sqlite3` shell left in a transaction?)"
+    )
 
 
 def _decoded(
@@ -1151,6 +1248,26 @@ def _set_all(events: list[trio.Event] | list[threading.Event]) -> None:
         event.set()
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file is at `path` (None: none)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def this_host() -> str:
+    """Where pids mean the same, as owner records name it: the host name, and on Linux the
+    pid namespace. Containers with one host name (host networking, a name set alike for
+    replicas) each have pids of their own: a pid there says nothing of a process here."""
+    host = socket.gethostname()
+    try:
+        return f"{host} {os.readlink('/proc/self/ns/pid')}"  # "web pid:[4026531836]"
+    except OSError:  # not Linux
+        return host
+
+
 def _alive(pid: int) -> bool:
     """Whether a process with `pid` exists on this host. On Windows, `os.kill(pid, 0)`
     would send CTRL_C_EVENT: there the heartbeat alone decides."""
@@ -1192,7 +1309,8 @@ def replay(
     through the same runner. Called on the event loop that runs them."""
     from ._task import TaskHandle  # noqa: PLC0415
 
-    for entry in entries:
+    while entries:  # emptied as it goes: the writer claims more once it is (`_take_over`)
+        entry = entries.pop(0)
         request = make_request(entry.method, entry.path)
         context = contextvars.Context()
         context.run(_enter, request, entry.replays)

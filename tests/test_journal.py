@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import math
-import socket
+import os
+import re
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +30,7 @@ from post_response import (
     PostResponseMiddleware,
     TaskHandle,
     TaskNotDurableError,
+    _journal,
     add_task,
 )
 from post_response._types import Message, Receive, Scope, Send
@@ -59,6 +64,16 @@ def remember_sync(what: str) -> None:
 
 class Unencodable:
     pass
+
+
+def nested(depth: int) -> list[Any]:
+    """A list in a list... `depth` deep: past the recursion limit, JSON cannot encode it."""
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +165,7 @@ def plant(
             (
                 owner,
                 pid,
-                socket.gethostname() if host is None else host,
+                _journal.this_host() if host is None else host,
                 time.time() if beat is None else beat,
             ),
         )
@@ -163,8 +178,6 @@ def plant(
 
 
 def _schema() -> str:
-    from post_response import _journal
-
     return _journal._SCHEMA
 
 
@@ -253,8 +266,9 @@ class _Holder:
         ((_local(),), "not a module-level function"),
         ((_Holder().method,), "does not give it back"),
         ((remember, Unencodable()), "arguments cannot be encoded"),
+        ((remember, nested(100_000)), "arguments cannot be encoded"),
     ],
-    ids=["lambda", "local function", "bound method", "object argument"],
+    ids=["lambda", "local function", "bound method", "object argument", "nested too deep"],
 )
 async def test_a_task_that_cannot_be_journaled_is_refused_at_add_task(
     tmp_path: Path, call: tuple[Any, ...], why: str
@@ -426,8 +440,6 @@ async def test_a_tasks_options_are_journaled_with_it(tmp_path: Path) -> None:
 async def test_entries_are_deleted_by_primary_key_one_origin_at_a_time() -> None:
     """A deletion searches the primary key for each entry, one statement per origin: the
     row-value form `(origin, seq) IN (VALUES ...)` scans every waiting task's entry."""
-    from post_response import _journal
-
     with contextlib.closing(sqlite3.connect(":memory:")) as db:  # 3.13 warns if left open
         db.executescript(_journal._SCHEMA)
         plan = db.execute("EXPLAIN QUERY PLAN " + _journal._deleting(4), [1] * 5).fetchall()
@@ -706,7 +718,7 @@ async def test_damaged_entries_are_kept_as_dead_and_the_rest_still_replay(
     entries = [row[:3] for row in BAD_ENTRIES] + [
         ("tests.test_journal:remember", '[["good"], {}]', "GET")
     ]
-    plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), entries)
+    plant_rows(journal, (owner, dead_pid(), _journal.this_host(), time.time()), entries)
     the_journal = Journal(journal, lease=0.3)
     middleware = PostResponseMiddleware(app_adding((remember, "new")), journal=the_journal)
     with caplog.at_level(logging.ERROR, "post_response"):
@@ -738,7 +750,7 @@ async def test_an_owner_record_of_the_wrong_types_is_judged_by_its_heartbeat(
     owner = uuid.uuid4().int >> 65
     plant_rows(
         journal,
-        (owner, "not a pid", socket.gethostname(), "not a time"),
+        (owner, "not a pid", _journal.this_host(), "not a time"),
         [("tests.test_journal:remember", '[["odd owner"], {}]', "GET")],
     )
     the_journal = Journal(journal, lease=0.3)
@@ -884,6 +896,24 @@ async def test_a_journal_that_cannot_be_opened_fails_the_lifespan_startup(
     assert "Make its folder exist" in failed["message"]
 
 
+async def test_a_file_with_another_apps_entries_table_fails_the_startup_and_is_left_as_is(
+    tmp_path: Path,
+) -> None:
+    """A journal pointed at another app's database, which has a table `entries` of its own,
+    is refused at startup, naming the table and the fix: before, the app started, and each
+    write and each heartbeat failed (its tasks not journaled), logged for ever."""
+    path = tmp_path / "app.db"
+    with opened(path) as db:
+        db.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO entries (text) VALUES ('theirs')")
+    sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "its table 'entries' is not a journal's" in sent[0]["message"]
+    assert "give the journal a file of its own" in sent[0]["message"]
+    with opened(path) as db:
+        assert db.execute("SELECT id, text FROM entries").fetchall() == [(1, "theirs")]
+
+
 async def test_a_journal_that_opens_completes_the_lifespan_startup(tmp_path: Path) -> None:
     sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=tmp_path / "j.db"))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
@@ -906,7 +936,7 @@ async def test_a_backlog_larger_than_the_limits_is_replayed_in_full_not_dropped(
         # Its task now holds the one running slot; then a process that died leaves 12.
         owner = uuid.uuid4().int >> 65
         backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(12)]
-        plant_rows(journal, (owner, dead_pid(), socket.gethostname(), time.time()), backlog)
+        plant_rows(journal, (owner, dead_pid(), _journal.this_host(), time.time()), backlog)
         with anyio.fail_after(DEADLINE):
             while not any("replaying 12 tasks" in r.getMessage() for r in caplog.records):
                 await anyio.sleep(0.01)
@@ -962,3 +992,179 @@ async def test_a_very_long_lease_leaves_the_writer_waiting_not_stopped(tmp_path:
     await exchange.run(middleware)
     assert [row[1] for row in exchange.at_body] == ['[["still"],{}]']
     await journal.close()
+
+
+async def test_a_file_locked_past_the_busy_timeout_holds_a_response_once_not_five_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds a write transaction on the file (a `sqlite3` shell left in
+    `BEGIN`): the response waits one busy timeout for its commit, then goes, its task run
+    and not journaled, logged once saying why. Before, the writer tried five times, each
+    waiting the busy timeout (30 s): responses were held two and a half minutes."""
+    monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    middleware = PostResponseMiddleware(app_adding((remember, "x")), journal=journal)
+    await Exchange().run(middleware)  # open, and commit once
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.ERROR, "post_response"):
+            exchange = Exchange()
+            await exchange.run(middleware)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert exchange.status == 200
+    assert [what for what, _, _ in RAN] == ["x", "x"]
+    messages = [r.getMessage() for r in caplog.records if "commit" in r.getMessage()]
+    assert messages == [f"Journal {path}: could not commit 1 writes (attempt 1)"]
+    [given_up] = [r.getMessage() for r in caplog.records if "not journaled" in r.getMessage()]
+    assert "another connection held a write lock on the file for over 0.2s" in given_up
+    await journal.close()
+
+
+async def test_a_file_deleted_while_in_use_is_noticed_logged_and_made_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm j.db*` while the app serves: the writer notices at its next heartbeat, logs an
+    error, and opens a new file at the path, where the next request's entry is. Before,
+    it wrote on to the deleted file, which no process would ever open again: silently,
+    every task after it was lost on a crash."""
+    path = tmp_path / "j.db"
+    journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+    middleware = PostResponseMiddleware(app_adding((remember, "a")), journal=journal)
+    await Exchange().run(middleware)
+    with caplog.at_level(logging.ERROR, "post_response"):
+        for file in tmp_path.glob("j.db*"):
+            file.unlink()
+        with anyio.fail_after(DEADLINE):
+            while not any("deleted or replaced" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.01)
+    exchange = DiskAtBody(path)
+    await exchange.run(middleware)
+    assert [func for func, *_ in exchange.at_body] == ["tests.test_journal:remember"]
+    assert [what for what, _, _ in RAN] == ["a", "a"]
+    await journal.close()
+
+
+async def test_a_backlog_is_claimed_a_chunk_at_a_time_as_the_runner_takes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that died left 25 entries; `CLAIM_CHUNK` is 10 here (10,000 by default).
+    While the runner is full, this process holds the first 10 and leaves the other 15 in
+    the file, unclaimed (another worker may take them); as the runner takes them, the
+    next chunks follow, until all 25 ran. Before, one claim took and decoded the whole
+    backlog: a million entries held in memory at once (an out-of-memory crash at each start,
+    until `max_replays` gave every entry up), and the process's commits waited meanwhile."""
+    monkeypatch.setattr(_journal, "CLAIM_CHUNK", 10, raising=False)
+    path = tmp_path / "j.db"
+    journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+    middleware = PostResponseMiddleware(
+        app_adding((held,)), journal=journal, max_running=1, max_queued=1
+    )
+    HOLD[:] = [anyio.Event()]
+    with caplog.at_level(logging.WARNING, "post_response"), anyio.fail_after(DEADLINE):
+        await middleware(http_scope(), Exchange().receive, Exchange().send)  # holds the runner
+        dead = uuid.uuid4().int >> 65
+        backlog = [("tests.test_journal:remember", f'[["{n}"], {{}}]', "GET") for n in range(25)]
+        pid = dead_pid()
+        plant_rows(path, (dead, pid, _journal.this_host(), time.time()), backlog)
+        while not any("replaying" in r.getMessage() for r in caplog.records):
+            await anyio.sleep(0.01)
+        await heartbeats(path, journal, 3)  # each one could claim
+        owned = collections.Counter(owner for _, _, _, owner, _ in rows(path))
+        assert owned == {journal.writer().origin: 11, dead: 15}  # `held`'s entry, 10 replays
+        HOLD[0].set()
+        await wait_for_runs(25)
+        await middleware.join()
+    assert sorted(int(what) for what, _, _ in RAN) == list(range(25))
+    replaying = [r.getMessage() for r in caplog.records if "replaying" in r.getMessage()]
+    assert [re.findall(r"replaying (\d+) tasks .* \(pids (\d+)\)", m) for m in replaying] == [
+        [("10", str(pid))],
+        [("10", str(pid))],
+        [("5", str(pid))],
+    ]
+    await journal.close()
+    assert rows(path) == []
+
+
+LIVE_OWNER = """
+import sqlite3, sys, time
+from post_response import Journal
+journal = Journal(sys.argv[1], lease=0.3)  # as the test's
+writer = journal.writer()
+writer.opened.wait()
+with sqlite3.connect(sys.argv[1]) as db:
+    db.execute(
+        "INSERT INTO entries (origin, seq, owner, func, payload, method, path, added) "
+        "VALUES (?, 1, ?, 'tests.test_journal:remember', '[[\\"theirs\\"],{}]', 'GET', '/', ?)",
+        (writer.origin, writer.origin, time.time()),
+    )
+print(writer.pid, writer.origin, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root and unshare(1) to start a process in a pid namespace of its own",
+)
+async def test_a_live_owner_in_another_pid_namespace_with_this_host_name_keeps_its_entries(
+    tmp_path: Path,
+) -> None:
+    """Two containers with one host name (host networking) and one file: a process of the
+    other one, alive, with a pid that does not exist here. Before, host names alike meant
+    pids alike: it was taken for dead at the first heartbeat and its entries replayed here
+    while it ran them too. Now the pid namespace is part of the host: its heartbeat decides."""
+    path, script = tmp_path / "j.db", tmp_path / "live_owner.py"
+    script.write_text(LIVE_OWNER)
+    free = next(pid for pid in range(300, 30000) if not _journal._alive(pid))
+    inner = f'echo {free - 1} > /proc/sys/kernel/ns_last_pid && "$0" "$@"'
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner]
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    with subprocess.Popen(
+        [*argv, sys.executable, str(script), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environ,
+        start_new_session=True,
+    ) as other:
+        try:
+            assert other.stdout is not None
+            pid, origin = map(int, other.stdout.readline().split())
+            assert (pid, _journal._alive(pid)) == (free, False)  # its pid means nothing here
+            journal = Journal(path, lease=0.3)  # a heartbeat every 0.1 s
+            middleware = PostResponseMiddleware(app_adding(), journal=journal)
+            await Exchange().run(middleware)
+            await heartbeats(path, journal, 4)  # each one looks for owners that are gone
+            assert [(func, owner) for func, _, _, owner, _ in rows(path)] == [
+                ("tests.test_journal:remember", origin)
+            ]
+            assert RAN == []
+            await journal.close()
+        finally:
+            os.killpg(other.pid, signal.SIGKILL)
+
+
+async def test_a_file_locked_at_startup_fails_it_after_one_busy_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds a write transaction on the file as the app starts: the
+    startup fails once the busy timeout (30 s) has passed, saying the file is locked.
+    Before, the open was tried again 20 times, each waiting the busy timeout: the server
+    hung in its startup for ten minutes."""
+    monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "j.db"
+    await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))  # made, closed
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.DEBUG, "post_response"):
+            sent = await run_lifespan(PostResponseMiddleware(lifespan_app, journal=path))
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "(OperationalError: database is locked)" in sent[0]["message"]
+    assert [r for r in caplog.records if "opening it again" in r.getMessage()] == []

@@ -22,7 +22,7 @@ import httpx
 
 from .journalfile import opened
 from .load import hammer
-from .servers import Server, free_port, run
+from .servers import STOP_LIMIT, Server, exit_code_after, free_port, run
 
 REQUESTS = 2000
 CONNECTIONS = 50
@@ -322,3 +322,48 @@ def test_uvicorn_does_not_start_with_a_journal_it_cannot_open(tmp_path: Path) ->
     assert f"The journal {env['JOURNAL_FILE']!r} cannot be opened" in done.stderr
     assert "Application startup failed. Exiting." in done.stderr
     assert "Uvicorn running on" not in done.stderr
+
+
+def test_a_server_stops_while_another_connection_holds_the_file_locked(tmp_path: Path) -> None:
+    """A `sqlite3` shell (here, a connection of the test) holds a write transaction on the
+    journal: SIGTERM still stops uvicorn within its limit, its last commit given up on
+    after `CLOSE_LIMIT` and logged. Before, the shutdown waited for that commit as long as
+    the lock was held (five busy timeouts of 30 s: minutes)."""
+    env = environment(tmp_path)
+    (tmp_path / "gate").touch()
+    with run("uvicorn-h11", "journal_app:app", middleware=OPTIONS, env=env) as server:
+        assert httpx.get(f"{server.url}/add?n=1").status_code == 200
+        wait_for_runs(tmp_path, {1})
+        lock = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            exit_code_after(server, signal.SIGTERM, limit=STOP_LIMIT)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert "its last writes were not committed within 10.0s of the shutdown" in (
+            server.output()
+        )
+
+
+def test_on_a_full_disk_each_commit_is_tried_once_until_one_succeeds(tmp_path: Path) -> None:
+    """No file may grow past 64 KB (`RLIMIT_FSIZE`, as a full disk does it): the entry of
+    each `/big` request cannot be written. The first commit that fails is tried five times;
+    the next ones once each, each logged, the response and its task going on without the
+    entry; a write that fits succeeds and is journaled. Before, every commit was tried five
+    times, holding every response for a second: the server answered a few requests a
+    second, and logged five tracebacks for each commit."""
+    env = {**environment(tmp_path), "JOURNAL_FILE_SIZE": "65536"}
+    (tmp_path / "gate").touch()
+    with run("uvicorn-h11", "journal_app:app", "--no-access-log", middleware=OPTIONS, env=env) as (
+        server
+    ):
+        with httpx.Client(base_url=server.url, timeout=DEADLINE) as client:
+            for n in range(10):
+                assert client.get(f"/big?n={n}").status_code == 200
+            assert client.get("/add?n=10").status_code == 200
+        wait_for_runs(tmp_path, set(range(11)))
+        output = server.output()
+    assert output.count("writes were not journaled (OperationalError: ") == 10
+    assert output.count("(attempt 1)") == 1  # the first failing commit's tries, logged
+    assert output.count("(attempt 5)") == 1

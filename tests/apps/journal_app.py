@@ -6,12 +6,16 @@ writes them). The journal file, the gate and the runs file come from environment
 variables; the middleware's other options from `POST_RESPONSE_OPTIONS` (as in control.py).
 `GET /volatile` adds a task that cannot be journaled, opted out with `volatile()`.
 `GET /crash` adds `crash()`, which waits for the gate, records itself as task -1, then
-takes the process down with `os._exit(3)`.
+takes the process down with `os._exit(3)`. `GET /big?n=N` adds `record(N)` with a 100 KB
+argument: with `JOURNAL_FILE_SIZE` set (bytes), no file of the process may grow past it,
+as on a full disk (`RLIMIT_FSIZE`), and its entry cannot be written.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,9 +34,13 @@ RUNS = os.environ.get("JOURNAL_RUNS", "runs.txt")
 LEASE = float(os.environ.get("JOURNAL_LEASE", "10"))
 MAX_REPLAYS = int(os.environ.get("JOURNAL_MAX_REPLAYS", "5"))
 POLL = 0.02  # seconds between two looks at the gate file
+if "JOURNAL_FILE_SIZE" in os.environ:  # a full disk: writes past it fail (EFBIG)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(os.environ["JOURNAL_FILE_SIZE"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
-async def record(n: int) -> None:
+async def record(n: int, padding: str = "") -> None:
     """Wait for the gate file, then append one line saying who ran task `n`."""
     while not GATE.exists():
         await anyio.sleep(POLL)
@@ -62,6 +70,8 @@ async def inner(scope: Scope, receive: Receive, send: Send) -> None:
     query = parse_qs(scope.get("query_string", b"").decode())
     if scope["path"] == "/add":
         add_task(record, int(query["n"][0]))
+    elif scope["path"] == "/big":
+        add_task(record, int(query["n"][0]), "x" * 100_000)
     elif scope["path"] == "/crash":
         add_task(crash)
     elif scope["path"] == "/volatile":
