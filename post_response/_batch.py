@@ -341,7 +341,7 @@ class Batch:
         if not retries or task.dispatch is not None:  # a queue (Celery) retries its own tasks
             return False
         plan = task._planned()
-        if plan.tries >= retries or not isinstance(exc, plan.retry_on):
+        if plan.tries >= retries or not _worth_a_retry(task, exc, plan.retry_on):
             return False
         owner = self.owner
         if owner is not None and not owner.can_hold(task):
@@ -489,6 +489,20 @@ def _over(task: TaskHandle) -> bool:
     """Whether `task` ended already: cancelled while it waited for a worker thread, in the
     moment a thread took it (the thread calls it all the same: see `_call._unless_ended`)."""
     return task.state is not _PENDING and task.state is not _RUNNING
+
+
+def _worth_a_retry(
+    task: TaskHandle, exc: BaseException, retry_on: type[Exception] | tuple[type[Exception], ...]
+) -> bool:
+    """Whether `exc` matches `retry_on`; False, logged, when the check itself raises (a
+    class whose `__instancecheck__` fails): the task then fails as it is."""
+    try:
+        return isinstance(exc, retry_on)
+    except Exception as error:
+        task._log(
+            logging.ERROR, "not retried: its retry_on raised %s", _summary(error), exc_info=error
+        )
+        return False
 
 
 def _summary(exc: BaseException) -> str:

@@ -867,6 +867,42 @@ async def test_an_exception_whose_str_raises_is_still_retried(
     assert (app.stats.running, app.stats.snapshot()["failed"]) == (0, 1)
 
 
+async def test_a_retry_on_whose_check_raises_fails_the_task_once(
+    caplog: pytest.LogCaptureFixture, detach: bool
+) -> None:
+    """A `retry_on` class whose `__instancecheck__` raises ends the task `failed`, not
+    retried, logged with both errors (it stayed `running` for ever, never reported)."""
+    handles: list[TaskHandle] = []
+    errors: list[BaseException] = []
+
+    class Picky(type):
+        def __instancecheck__(cls, instance: object) -> bool:
+            raise RuntimeError("cannot tell")
+
+    class Transient(Exception, metaclass=Picky):
+        pass
+
+    async def failing() -> None:
+        raise ValueError("refused")
+
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(failing).set(retries=3, retry_on=Transient), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    assert (handle.state, handle.attempt) == (TaskState.FAILED, 1)
+    assert [type(error) for error in errors] == [ValueError]
+    assert any(
+        "not retried: its retry_on raised RuntimeError: cannot tell" in m
+        for m in messages(caplog, logging.ERROR)
+    )
+    assert (app.stats.running, app.stats.snapshot()["failed"]) == (0, 1)
+
+
 async def test_tasks_waiting_for_a_delay_a_key_or_a_retry_are_bounded_by_max_queued(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
