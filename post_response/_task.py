@@ -24,6 +24,7 @@ from ._checks import (
     not_callable,
 )
 from ._errors import ConfigurationError, OutsideRequestError, TaskStartedError
+from ._text import clipped
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -381,7 +382,7 @@ class TaskHandle:
     def _supersede(self) -> None:
         """A newer task with this one's key replaced it before it ran."""
         self._end(TaskState.SUPERSEDED)
-        self._log(logging.INFO, "superseded by a newer task with key %r", self.key)
+        self._log(logging.INFO, "superseded by a newer task with key %s", clipped(self.key))
         self._let_go()
 
     def _let_go(self) -> None:

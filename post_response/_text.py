@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["escape", "outline"]
+__all__ = ["clipped", "escape", "outline"]
 
 
 def escape(text: str) -> str:
@@ -26,6 +26,15 @@ def escape(text: str) -> str:
     if text.isprintable():  # nearly always: no copy, no per-character work
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def clipped(text: str, limit: int = 200) -> str:
+    """`text` as a log message shows it: its repr, cut after `limit` characters with its
+    length said, so that a line does not grow with a value a client chose (a key of a
+    megabyte made of a request's body). The whole value stays where it came from (`task.key`)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def outline(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

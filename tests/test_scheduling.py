@@ -95,6 +95,29 @@ async def test_in_one_request_the_last_task_with_a_key_wins(
     assert sum("superseded by a newer task with key 'cache'" in m for m in messages(caplog)) == 2
 
 
+async def test_a_huge_key_is_cut_in_the_line_that_says_its_task_was_superseded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key built from client input (a request's body) can be a megabyte: the INFO line
+    shows its start and its length, not all of it, and the key itself is left whole."""
+    key = "user:" + "9" * 999_995
+    handles: list[TaskHandle] = []
+    ran: list[int] = []
+
+    def adds() -> list[TaskHandle]:
+        return [add_task(ran.append, n).set(key=key) for n in range(2)]
+
+    caplog.set_level(logging.INFO, logger="post_response")
+    app = PostResponseMiddleware(app_adding(adds, handles))
+    with anyio.fail_after(10):
+        await request(app)
+        await app.join()
+    [line] = [m for m in messages(caplog) if "superseded by a newer task" in m]
+    assert len(line) < 500, len(line)
+    assert line.endswith(f"with key {key[:200]!r}... (1,000,000 characters)")
+    assert (ran, handles[0].key) == ([1], key)
+
+
 async def test_single_flight_across_requests() -> None:
     """While a rebuild with a key runs, a burst of requests asking for it ends in one more
     run, with the newest arguments; never two at once."""
