@@ -382,7 +382,7 @@ class TaskHandle:
     def _supersede(self) -> None:
         """A newer task with this one's key replaced it before it ran."""
         self._end(TaskState.SUPERSEDED)
-        self._log(logging.INFO, "superseded by a newer task with key %s", clipped(self.key))
+        self._log(logging.INFO, "superseded by a newer task with key %s", clipped(self.key or ""))
         self._let_go()
 
     def _let_go(self) -> None:
