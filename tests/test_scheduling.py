@@ -61,6 +61,25 @@ def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> lis
     ]
 
 
+async def run_one_task(
+    func: Callable[[], Any], detach: bool, **options: Any
+) -> tuple[TaskHandle, list[BaseException], PostResponseMiddleware]:
+    """One request that adds `func` with `options` set; once its tasks ended: the task's
+    handle, what `on_error` was given, and the middleware (for its `stats`)."""
+    handles: list[TaskHandle] = []
+    errors: list[BaseException] = []
+    app = PostResponseMiddleware(
+        app_adding(lambda: add_task(func).set(**options), handles),
+        detach=detach,
+        on_error=lambda task, exc: errors.append(exc),
+    )
+    with anyio.fail_after(5):
+        await request(app)
+        await app.join()
+    [handle] = handles
+    return handle, errors, app
+
+
 async def test_in_one_request_the_last_task_with_a_key_wins(
     caplog: pytest.LogCaptureFixture, detach: bool
 ) -> None:
@@ -205,23 +224,13 @@ async def test_retries_run_a_flaky_task_until_it_completes(
     """A task that fails twice then works completes on its third attempt; each failed
     attempt is logged with its number and the next delay; `on_error` is not called."""
     attempts: list[int] = []
-    errors: list[BaseException] = []
-    handles: list[TaskHandle] = []
 
     async def flaky() -> None:
         attempts.append(len(attempts) + 1)
         if len(attempts) < 3:
             raise ConnectionError(f"try {len(attempts)}")
 
-    app = PostResponseMiddleware(
-        app_adding(lambda: add_task(flaky).set(retries=3, backoff=0.01), handles),
-        detach=detach,
-        on_error=lambda task, exc: errors.append(exc),
-    )
-    with anyio.fail_after(10):
-        await request(app)
-        await app.join()
-    [handle] = handles
+    handle, errors, app = await run_one_task(flaky, detach, retries=3, backoff=0.01)
     assert (handle.state, handle.attempt, attempts, errors) == (
         TaskState.COMPLETED,
         3,
@@ -863,8 +872,6 @@ async def test_an_exception_whose_str_raises_is_still_retried(
     """The line saying an attempt failed names the exception by its class when its `str()`
     raises: the task is retried, then fails once, and nothing reaches the server (it had
     stayed `running` for ever, counted so, and inline the error escaped the request)."""
-    handles: list[TaskHandle] = []
-    errors: list[BaseException] = []
 
     class Unprintable(Exception):
         def __str__(self) -> str:
@@ -873,15 +880,7 @@ async def test_an_exception_whose_str_raises_is_still_retried(
     async def failing() -> None:
         raise Unprintable
 
-    app = PostResponseMiddleware(
-        app_adding(lambda: add_task(failing).set(retries=1, backoff=0), handles),
-        detach=detach,
-        on_error=lambda task, exc: errors.append(exc),
-    )
-    with anyio.fail_after(5):
-        await request(app)
-        await app.join()
-    [handle] = handles
+    handle, errors, app = await run_one_task(failing, detach, retries=1, backoff=0)
     assert (handle.state, handle.attempt, len(errors)) == (TaskState.FAILED, 2, 1)
     assert any(
         "failed (attempt 1 of 2): Unprintable (its str() raised); retrying in" in m
@@ -895,8 +894,6 @@ async def test_a_retry_on_whose_check_raises_fails_the_task_once(
 ) -> None:
     """A `retry_on` class whose `__instancecheck__` raises ends the task `failed`, not
     retried, logged with both errors (it stayed `running` for ever, never reported)."""
-    handles: list[TaskHandle] = []
-    errors: list[BaseException] = []
 
     class Picky(type):
         def __instancecheck__(cls, instance: object) -> bool:
@@ -908,15 +905,7 @@ async def test_a_retry_on_whose_check_raises_fails_the_task_once(
     async def failing() -> None:
         raise ValueError("refused")
 
-    app = PostResponseMiddleware(
-        app_adding(lambda: add_task(failing).set(retries=3, retry_on=Transient), handles),
-        detach=detach,
-        on_error=lambda task, exc: errors.append(exc),
-    )
-    with anyio.fail_after(5):
-        await request(app)
-        await app.join()
-    [handle] = handles
+    handle, errors, app = await run_one_task(failing, detach, retries=3, retry_on=Transient)
     assert (handle.state, handle.attempt) == (TaskState.FAILED, 1)
     assert [type(error) for error in errors] == [ValueError]
     assert any(
