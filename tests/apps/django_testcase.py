@@ -50,24 +50,14 @@ from django.urls import path  # noqa: E402
 
 from post_response import TaskHandle, TaskState, add_task  # noqa: E402
 from post_response.testing import capture_tasks, requests_wait_for_tasks  # noqa: E402
+from tests.doc_examples.pytest_django.shop import (  # noqa: E402  (the pytest-django suite's views)
+    deactivate,
+    leave,
+)
 
 # Django 5's `AsyncClient` sends `request_started` with `Signal.asend()`, which runs the
 # receivers in a task of its own: the request's task list they set never reaches the view.
 ASYNC_CLIENT_SIGNALS = "Django < 6.0: AsyncClient's request_started runs in a task of its own"
-
-
-def deactivate(username: str) -> None:
-    User.objects.filter(username=username).update(is_active=False)
-
-
-async def deactivate_async(username: str) -> None:
-    await sync_to_async(deactivate)(username)
-
-
-def leave(request: HttpRequest) -> HttpResponse:
-    add_task(deactivate, request.GET["username"])
-    add_task(deactivate_async, request.GET["username"].upper())
-    return HttpResponse("Goodbye!")
 
 
 class Refused(Exception):
