@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from . import _backend, _context, _registry
-from ._call import NotStarted, OwnCancellation, call, is_async
+from ._call import NotStarted, OwnCancellation, call, has_ended, is_async
 from ._task import UNSET, TaskState
 from ._threads import THREADS
 
@@ -373,7 +373,7 @@ class Batch:
 
     def _interrupted(self, task: TaskHandle) -> None:
         """The runtime cancelled the batch while `task` waited for a thread or ran."""
-        if _over(task):  # cancelled as its thread took it
+        if has_ended(task):  # cancelled as its thread took it
             return
         why = self._why()
         if task.state is _PENDING:
@@ -393,7 +393,7 @@ class Batch:
 
     async def _fail(self, task: TaskHandle, exc: BaseException, what: str) -> bool:
         """End `task` failed, unless it is retried; True when it is retried here."""
-        if _over(task):  # cancelled as its thread took it
+        if has_ended(task):  # cancelled as its thread took it
             return False
         if task.state is _PENDING:  # failed before it started (a thread could not be had)
             task._start()
@@ -409,7 +409,7 @@ class Batch:
         return False
 
     async def _timed_out(self, task: TaskHandle, seconds: float, error: TimeoutError) -> bool:
-        if _over(task):  # cancelled as its thread took it
+        if has_ended(task):  # cancelled as its thread took it
             return False
         if self._retry(task, error):
             return True
@@ -483,12 +483,6 @@ class HeldBatch(Batch):
             ended = task.state is not _PENDING  # not waiting for its next attempt
             if plan.key is not None and plan.cleared and ended and owner is not None:
                 owner.release(plan.key)
-
-
-def _over(task: TaskHandle) -> bool:
-    """Whether `task` ended already: cancelled while it waited for a worker thread, in the
-    moment a thread took it (the thread calls it all the same: see `_call._unless_ended`)."""
-    return task.state is not _PENDING and task.state is not _RUNNING
 
 
 def _worth_a_retry(

@@ -31,6 +31,7 @@ __all__ = [
     "TaskEnvironment",
     "call",
     "call_sync",
+    "has_ended",
     "in_context",
     "is_async",
 ]
@@ -92,10 +93,16 @@ async def call(
         await _InContext(context, returned[0], backend)
 
 
+def has_ended(task: TaskHandle) -> bool:
+    """Whether `task` is in a final state already: cancelled while it waited for a worker
+    thread, say, in the moment a thread took it."""
+    return task.state is not _PENDING and task.state is not _RUNNING
+
+
 def _unless_ended(task: TaskHandle, call: Callable[[], _T]) -> _T:
     """In the worker thread: `call()`, unless the task was cancelled while it waited for
     the thread (it is pending until the loop hears that a thread took it)."""
-    if task.state is not _PENDING and task.state is not _RUNNING:
+    if has_ended(task):
         raise NotStarted
     return call()
 
