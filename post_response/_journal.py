@@ -1309,8 +1309,11 @@ def replay(
     through the same runner. Called on the event loop that runs them."""
     from ._task import TaskHandle  # noqa: PLC0415
 
-    while entries:  # emptied as it goes: the writer claims more once it is (`_take_over`)
-        entry = entries.pop(0)
+    # Emptied as it goes, from its end (one pop each, not a shift of the whole list): the
+    # writer claims more once it is empty (`_take_over`).
+    entries.reverse()
+    while entries:
+        entry = entries.pop()
         request = make_request(entry.method, entry.path)
         context = contextvars.Context()
         context.run(_enter, request, entry.replays)
